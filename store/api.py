@@ -1,0 +1,78 @@
+"""The store's entry points: `open` to read, `create` / `open_writer` / `create_or_resume` to write."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from .backends import backend_for_existing, backend_for_new
+from .errors import StoreError
+from .reader import StoreReader
+from .schema import StoreMeta
+from .writer import StoreWriter
+
+# Provenance keys that legitimately differ between the run that created a store and one that resumes it.
+VOLATILE_KEYS = ("created",)
+
+
+def open(path: str | os.PathLike) -> StoreReader:  # noqa: A001 - the store's own `open`, like zarr.open
+    """Open a store for reading; the backend is picked from what is at `path`."""
+    path = os.fspath(path)
+    return StoreReader(backend_for_existing(path).open(path, writable=False))
+
+
+def open_writer(path: str | os.PathLike) -> StoreWriter:
+    """Open an existing store to write its pending units (resume, or another rank of the same run)."""
+    path = os.fspath(path)
+    backend = backend_for_existing(path).open(path, writable=True)
+    return StoreWriter(backend)
+
+
+def _is_store(path: str) -> bool:
+    try:
+        backend_for_existing(path).open(path)
+        return True
+    except StoreError:
+        return False
+
+
+def create(path: str | os.PathLike, meta: StoreMeta, *, backend: str | None = None, overwrite: bool = False,
+           **options: Any) -> StoreWriter:
+    """Create a store at its final size, every unit pending; never clobbers data that is not a dfkd store."""
+    path = os.fspath(path)
+    cls = backend_for_new(path, backend)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise StoreError(f"{path} exists and is a file; choose another path for the store")
+        if os.listdir(path):
+            if not _is_store(path):
+                raise StoreError(f"{path} exists and is not a dfkd store; refusing to overwrite it, choose another path")
+            if not overwrite:
+                raise StoreError(f"a store already exists at {path}; pass --resume to finish it "
+                                 "or --overwrite to replace it")
+            shutil.rmtree(path)
+    return StoreWriter(cls.create(path, meta, **options))
+
+
+def plan_key(meta: StoreMeta) -> dict[str, Any]:
+    """What must match for a resume to continue the same run: everything but volatile provenance."""
+    d = meta.to_json()
+    d["provenance"] = {k: v for k, v in meta.provenance.items() if k not in VOLATILE_KEYS}
+    return d
+
+
+def create_or_resume(path: str | os.PathLike, meta: StoreMeta, *, resume: bool = False, overwrite: bool = False,
+                     backend: str | None = None, **options: Any) -> StoreWriter:
+    """Start a run, or continue one: a resumed store must have been planned exactly like `meta`."""
+    path = os.fspath(path)
+    if resume and os.path.exists(path) and not overwrite:
+        writer = open_writer(path)
+        old, new = plan_key(writer.meta), plan_key(meta)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise StoreError(f"cannot resume {path}: it was made with different settings ({', '.join(diff)}); "
+                             "rerun with the original settings, or pass --overwrite to start again")
+        writer.backend.clear_partials()
+        return writer
+    return create(path, meta, backend=backend, overwrite=overwrite, **options)

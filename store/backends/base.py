@@ -1,0 +1,108 @@
+"""The backend contract and the registry that picks a backend from a path."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import StoreError
+from ..schema import Records, StoreMeta
+
+_REGISTRY: dict[str, type["Backend"]] = {}
+
+
+def register_backend(cls: type["Backend"]) -> type["Backend"]:
+    """Class decorator that makes a backend available by its `name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_backends() -> list[str]:
+    """Names of the registered backends."""
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> type["Backend"]:
+    """The backend class registered under `name`."""
+    if name not in _REGISTRY:
+        raise StoreError(f"unknown store backend {name!r}; choose one of {list_backends()}")
+    return _REGISTRY[name]
+
+
+def backend_for_existing(path: str) -> type["Backend"]:
+    """Pick the backend that wrote the store at `path`, or say why there is no store there."""
+    if not os.path.exists(path):
+        raise StoreError(f"no store at {path}: the path does not exist; check it, or create one with `dfkd synth`")
+    if not os.path.isdir(path):
+        raise StoreError(f"{path} is a file, not a dfkd store (a store is a directory: *.zarr or a WebDataset folder)")
+    for cls in _REGISTRY.values():
+        if cls.recognizes(path):
+            return cls
+    raise StoreError(f"{path} is not a dfkd store (no zarr.json or meta.json inside); "
+                     "point to a store written by dfkd, or create one with `dfkd synth`")
+
+
+def backend_for_new(path: str, name: str | None) -> type["Backend"]:
+    """The backend to create at `path`: the one named, else the one whose suffix the path has, else Zarr."""
+    if name is not None:
+        return get_backend(name)
+    for cls in _REGISTRY.values():
+        if any(path.rstrip("/").endswith(s) for s in cls.suffixes):
+            return cls
+    return get_backend("zarr")
+
+
+class Backend(ABC):
+    """One physical layout of a store. Knows arrays and files, nothing about models."""
+
+    name: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, path: str, meta: StoreMeta, writable: bool) -> None:
+        self.path = path
+        self.meta = meta
+        self.writable = writable
+
+    @classmethod
+    @abstractmethod
+    def recognizes(cls, path: str) -> bool:
+        """Whether the directory at `path` was laid out by this backend."""
+
+    @classmethod
+    @abstractmethod
+    def create(cls, path: str, meta: StoreMeta, **options: Any) -> "Backend":
+        """Create an empty store at its final size (every unit pending)."""
+
+    @classmethod
+    @abstractmethod
+    def open(cls, path: str, writable: bool = False) -> "Backend":
+        """Open an existing store, refusing foreign or mismatched ones with one line."""
+
+    @abstractmethod
+    def done_mask(self) -> np.ndarray:
+        """One bool per write unit: True once the unit is completely written."""
+
+    @abstractmethod
+    def read_unit(self, unit: int) -> Records:
+        """All records of one unit, read as one whole chunk (or shard)."""
+
+    @abstractmethod
+    def write_unit(self, unit: int, records: Records) -> None:
+        """Write one whole unit, then mark it done; a crash before the mark leaves it pending."""
+
+    def finalize(self) -> None:
+        """Called once after the last unit: consolidate metadata where the backend has any."""
+
+    def options(self) -> dict[str, Any]:
+        """Backend-specific layout options (compression, image encoding) for info and convert."""
+        return {}
+
+    def audit(self) -> list[tuple[bool, str]]:
+        """Layout findings beyond what `open` refuses, as (is_problem, message): stray files, leftovers."""
+        return []
+
+    def clear_partials(self) -> None:
+        """Remove leftovers of interrupted writes before a resume."""

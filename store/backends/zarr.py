@@ -1,0 +1,138 @@
+"""Zarr v3 backend: one group, arrays at final size, one write unit = one chunk (or one shard)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from ..errors import StoreError
+from ..schema import Records, StoreMeta
+from .base import Backend, register_backend
+
+ATTR_KEY = "dfkd"
+COMPRESSORS = ("lz4", "zstd", "none")
+
+
+def _codec(name: str) -> Any:
+    """The compressor list for zarr's `compressors=` argument."""
+    if name not in COMPRESSORS:
+        raise StoreError(f"unknown compressor {name!r}; choose one of {COMPRESSORS}")
+    if name == "none":
+        return None
+    return BloscCodec(cname=name, clevel=5, shuffle="shuffle")
+
+
+@register_backend
+class ZarrBackend(Backend):
+    """Arrays images/logits/labels chunked by unit, plus `done` with one chunk per unit."""
+
+    name = "zarr"
+    suffixes = (".zarr",)
+
+    def __init__(self, path: str, meta: StoreMeta, writable: bool, group: zarr.Group) -> None:
+        super().__init__(path, meta, writable)
+        self.group = group
+        self.images = group["images"]
+        self.logits = group["logits"]
+        self.labels = group["labels"]
+        self.done = group["done"]
+
+    @classmethod
+    def recognizes(cls, path: str) -> bool:
+        return os.path.isfile(os.path.join(path, "zarr.json"))
+
+    @classmethod
+    def create(cls, path: str, meta: StoreMeta, *, compressor: str = "lz4", chunk_size: int | None = None,
+               **options: Any) -> "ZarrBackend":
+        if options:
+            raise StoreError(f"the zarr backend has no option(s) {sorted(options)}; it takes compressor and chunk_size")
+        codec = _codec(compressor)
+        u, (c, h, w), k = meta.unit_size, meta.image_shape, meta.num_classes
+        inner = chunk_size or u
+        if inner < 1 or u % inner:
+            raise StoreError(f"chunk_size {inner} must divide the unit size {u} (a unit is one whole shard)")
+        sharded = inner != u
+        layout = {"compressor": compressor, "chunk_size": inner, "sharded": sharded}
+        group = zarr.create_group(store=path, attributes={ATTR_KEY: meta.to_json(), "zarr_layout": layout})
+        n = meta.num_samples
+
+        def array(name: str, shape: tuple[int, ...], dtype: str, fill: Any, comp: Any = codec) -> None:
+            chunks = (inner, *shape[1:])
+            shards = (u, *shape[1:]) if sharded else None
+            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                               compressors=comp, fill_value=fill)
+
+        array("images", (n, c, h, w), "uint8", 0)
+        array("logits", (n, k), meta.logits_dtype, 0.0)
+        array("labels", (n,), "int64", -1)
+        # One uncompressed 1-byte chunk per unit: its appearance is the unit's completion mark.
+        group.create_array("done", shape=(meta.num_units,), dtype="bool", chunks=(1,), compressors=None,
+                           fill_value=False)
+        return cls(path, meta, True, group)
+
+    @classmethod
+    def open(cls, path: str, writable: bool = False) -> "ZarrBackend":
+        try:
+            group = zarr.open_group(store=path, mode="r+" if writable else "r")
+            attrs = dict(group.attrs)
+        except Exception as exc:  # zarr raises many types for unreadable metadata
+            raise StoreError(f"{path} cannot be opened as a Zarr group ({type(exc).__name__}: {exc}); "
+                             "the store is corrupt or foreign, re-create it") from None
+        meta = StoreMeta.from_json(attrs.get(ATTR_KEY), path)
+        cls._check_layout(path, group, meta)
+        return cls(path, meta, writable, group)
+
+    @staticmethod
+    def _check_layout(path: str, group: zarr.Group, meta: StoreMeta) -> None:
+        """Refuse a store whose arrays do not match its own metadata."""
+        n, k = meta.num_samples, meta.num_classes
+        expected = {
+            "images": ((n, *meta.image_shape), np.dtype("uint8")),
+            "logits": ((n, k), np.dtype(meta.logits_dtype)),
+            "labels": ((n,), np.dtype("int64")),
+            "done": ((meta.num_units,), np.dtype("bool")),
+        }
+        for name, (shape, dtype) in expected.items():
+            try:
+                arr = group[name]
+            except KeyError:
+                raise StoreError(f"{path} lacks the '{name}' array; the store is corrupt, re-create it") from None
+            if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
+                raise StoreError(f"{path}: array '{name}' is {arr.dtype}{tuple(arr.shape)} but the metadata "
+                                 f"says {dtype}{shape}; the store is corrupt, re-create it")
+            if name != "done":
+                unit_chunk = (arr.shards or arr.chunks)[0]
+                if unit_chunk != meta.unit_size:
+                    raise StoreError(f"{path}: array '{name}' has write blocks of {unit_chunk} samples but the "
+                                     f"unit size is {meta.unit_size}; the store is corrupt, re-create it")
+
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self.done[:], dtype=bool)
+
+    def read_unit(self, unit: int) -> Records:
+        lo, hi = self.meta.unit_range(unit)
+        try:
+            return Records(self.images[lo:hi], self.logits[lo:hi], self.labels[lo:hi])
+        except Exception as exc:
+            raise StoreError(f"{self.path}: unit {unit} cannot be decoded ({type(exc).__name__}: {exc}); "
+                             "the store is corrupt, re-write the unit with --resume after clearing it") from None
+
+    def write_unit(self, unit: int, records: Records) -> None:
+        lo, hi = self.meta.unit_range(unit)
+        self.images[lo:hi] = records.images
+        self.logits[lo:hi] = records.logits
+        self.labels[lo:hi] = records.labels
+        self.done[unit] = True
+
+    def finalize(self) -> None:
+        with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3; we rely on it
+            warnings.filterwarnings("ignore", message="Consolidated metadata")
+            zarr.consolidate_metadata(self.path)
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.group.attrs.get("zarr_layout", {}))

@@ -1,0 +1,140 @@
+"""The one logical store format shared by every backend: metadata, records and their validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import StoreError
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "dfkd-store"
+LOGITS_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Shape, size and provenance of a store; serialized as plain JSON into the store itself."""
+
+    num_samples: int
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    unit_size: int
+    logits_dtype: str = "float16"
+    base_seed: int = 0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+        if self.mean is not None:
+            object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        if self.std is not None:
+            object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise StoreError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
+        if self.num_samples < 1:
+            raise StoreError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.num_classes < 1:
+            raise StoreError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.unit_size < 1:
+            raise StoreError(f"unit_size must be >= 1, got {self.unit_size}")
+        if self.logits_dtype not in LOGITS_DTYPES:
+            raise StoreError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.image_shape[0]:
+                raise StoreError(f"{name} has {len(value)} values but images have {self.image_shape[0]} channels")
+
+    @property
+    def num_units(self) -> int:
+        """How many write units the store is split into (the last one may be short)."""
+        return math.ceil(self.num_samples / self.unit_size)
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        """Sample index range [lo, hi) covered by one write unit."""
+        if not 0 <= unit < self.num_units:
+            raise StoreError(f"unit {unit} is outside [0, {self.num_units})")
+        lo = unit * self.unit_size
+        return lo, min(lo + self.unit_size, self.num_samples)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form stored as the group attributes / meta.json sidecar."""
+        d = asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        d["mean"] = None if self.mean is None else list(self.mean)
+        d["std"] = None if self.std is None else list(self.std)
+        return {"format": FORMAT_NAME, **d}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "StoreMeta":
+        """Parse stored metadata, refusing foreign stores and other schema versions with one line."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise StoreError(f"{where} is not a dfkd store (no '{FORMAT_NAME}' metadata); "
+                             "point to a store written by dfkd, or make one with `dfkd synth`")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{where} has store schema version {version}, this dfkd reads version "
+                             f"{SCHEMA_VERSION}; use the dfkd release that wrote it, or re-create the store")
+        keys = {k: v for k, v in d.items() if k != "format"}
+        try:
+            return cls(**keys)
+        except TypeError as exc:
+            raise StoreError(f"{where} has malformed dfkd metadata ({exc}); the store is corrupt, re-create it") from None
+
+
+@dataclass
+class Records:
+    """A run of consecutive samples: images uint8 N×C×H×W, logits N×K, labels int64 N (-1: none)."""
+
+    images: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def concat(cls, parts: list["Records"]) -> "Records":
+        """Join several runs of records in order."""
+        return cls(np.concatenate([p.images for p in parts]),
+                   np.concatenate([p.logits for p in parts]),
+                   np.concatenate([p.labels for p in parts]))
+
+    def take(self, index: np.ndarray | slice) -> "Records":
+        """Select samples by position."""
+        return Records(self.images[index], self.logits[index], self.labels[index])
+
+
+def check_records(meta: StoreMeta, rec: Records, n: int, what: str) -> Records:
+    """Validate records before anything is written; returns them in the store's dtypes."""
+    c, h, w = meta.image_shape
+    img, logits, labels = rec.images, np.asarray(rec.logits), np.asarray(rec.labels)
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+        got = getattr(img, "dtype", type(img).__name__)
+        raise StoreError(f"{what}: images must be a uint8 numpy array in pixel space [0, 255], got {got}; "
+                         "quantize with (x * 255).round().clip(0, 255).astype(np.uint8)")
+    if img.shape != (n, c, h, w):
+        raise StoreError(f"{what}: images have shape {tuple(img.shape)}, the store expects {(n, c, h, w)} (N×C×H×W)")
+    if logits.shape != (n, meta.num_classes):
+        raise StoreError(f"{what}: logits have shape {tuple(logits.shape)}, the store expects {(n, meta.num_classes)}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise StoreError(f"{what}: logits must be floating point, got {logits.dtype}")
+    if labels.shape != (n,):
+        raise StoreError(f"{what}: labels have shape {tuple(labels.shape)}, the store expects {(n,)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise StoreError(f"{what}: labels must be integers, got {labels.dtype}")
+    if n and (labels.min() < -1 or labels.max() >= meta.num_classes):
+        raise StoreError(f"{what}: labels must lie in [-1, {meta.num_classes}) (-1 = no label), "
+                         f"got values from {labels.min()} to {labels.max()}")
+    out_logits = logits.astype(meta.logits_dtype, copy=False)
+    if not np.isfinite(out_logits).all():
+        raise StoreError(f"{what}: logits contain NaN or inf (after casting to {meta.logits_dtype}); "
+                         "check the teacher's outputs or store float32 logits")
+    return Records(np.ascontiguousarray(img), np.ascontiguousarray(out_logits),
+                   labels.astype(np.int64, copy=False))

@@ -1,0 +1,59 @@
+"""The crash-safe writer: whole units only, done mark last, per-unit seeds, exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import Backend
+from .errors import StoreError
+from .schema import Records, StoreMeta, check_records
+from .units import share, unit_seed
+
+
+class StoreWriter:
+    """Hands out pending write units and writes each one whole; safe with many disjoint writers."""
+
+    def __init__(self, backend: Backend) -> None:
+        if not backend.writable:
+            raise StoreError(f"{backend.path} was opened read-only; open it with store.open_writer to write")
+        self.backend = backend
+
+    @property
+    def meta(self) -> StoreMeta:
+        return self.backend.meta
+
+    @property
+    def path(self) -> str:
+        return self.backend.path
+
+    def unit_seed(self, unit: int) -> int:
+        """The seed that alone decides the content of `unit`."""
+        return unit_seed(self.meta.base_seed, unit)
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        """Sample indices [lo, hi) of `unit`."""
+        return self.meta.unit_range(unit)
+
+    def done_mask(self) -> np.ndarray:
+        """One flag per unit, read fresh from the store."""
+        return self.backend.done_mask()
+
+    def pending_units(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Units not yet done, in index order, this rank's disjoint share of them."""
+        pending = np.flatnonzero(~self.done_mask()).tolist()
+        return share(pending, rank, world_size)
+
+    def write_unit(self, unit: int, images: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Validate then write one whole unit and mark it done; nothing is written if validation fails."""
+        lo, hi = self.unit_range(unit)
+        rec = check_records(self.meta, Records(images, logits, labels), hi - lo, f"unit {unit} of {self.path}")
+        self.backend.write_unit(unit, rec)
+
+    def finalize(self) -> None:
+        """Finish the run: consolidate metadata (once, after the last unit of every writer)."""
+        self.backend.finalize()
+
+    @property
+    def complete(self) -> bool:
+        """Whether every unit is done."""
+        return bool(self.done_mask().all())
