@@ -13,3 +13,7 @@ __all__ = [
     "SCHEMA_VERSION", "DfkdError", "Records", "StoreError", "StoreMeta", "StoreReader", "StoreWriter",
     "create", "create_or_resume", "open", "open_writer", "plan_key", "unit_seed",
 ]
+
+from .loader import Batch, StoreDataset  # noqa: E402  (imports torch; kept last so the rest stays numpy-only)
+
+__all__ += ["Batch", "StoreDataset"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
@@ -90,9 +91,19 @@ class StoreReader:
         return per * len(self)
 
     def load_all(self) -> Records:
-        """Every done sample, in index order, in memory."""
-        parts = [rec for _, rec in self.iter_units()]
-        return Records.concat(parts) if parts else self._empty()
+        """Every done sample, in index order, in memory (the next chunk decodes while one is copied)."""
+        units = self.done_units()
+        m = self.meta
+        n = sum(hi - lo for lo, hi in map(m.unit_range, units))
+        out = Records(np.empty((n, *m.image_shape), np.uint8), np.empty((n, m.num_classes), m.logits_dtype),
+                      np.empty(n, np.int64))
+        pos = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfkd-load") as pool:
+            for rec in pool.map(self.read_unit, units):
+                k = len(rec)
+                out.images[pos:pos + k], out.logits[pos:pos + k], out.labels[pos:pos + k] = rec.images, rec.logits, rec.labels
+                pos += k
+        return out
 
     def options(self) -> dict[str, Any]:
         """Backend layout options (compressor, image format...)."""

@@ -132,7 +132,8 @@ def check_records(meta: StoreMeta, rec: Records, n: int, what: str) -> Records:
     if n and (labels.min() < -1 or labels.max() >= meta.num_classes):
         raise StoreError(f"{what}: labels must lie in [-1, {meta.num_classes}) (-1 = no label), "
                          f"got values from {labels.min()} to {labels.max()}")
-    out_logits = logits.astype(meta.logits_dtype, copy=False)
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below, as one line
+        out_logits = logits.astype(meta.logits_dtype, copy=False)
     if not np.isfinite(out_logits).all():
         raise StoreError(f"{what}: logits contain NaN or inf (after casting to {meta.logits_dtype}); "
                          "check the teacher's outputs or store float32 logits")

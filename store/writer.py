@@ -38,10 +38,21 @@ class StoreWriter:
         """One flag per unit, read fresh from the store."""
         return self.backend.done_mask()
 
-    def pending_units(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Units not yet done, in index order, this rank's disjoint share of them."""
-        pending = np.flatnonzero(~self.done_mask()).tolist()
-        return share(pending, rank, world_size)
+    def pending_units(self, rank: int = 0, world_size: int = 1, done: np.ndarray | None = None) -> list[int]:
+        """This rank's disjoint share of the units not yet done, in index order.
+
+        Without `done`, rank r takes the pending units u with u % world_size == r: correct whatever the
+        timing of the other writers. With `done` (one snapshot of the done mask that every rank shares,
+        e.g. broadcast by rank 0), the pending units of that snapshot are dealt out evenly instead, which
+        balances a resume whose finished units are unevenly spread.
+        """
+        if done is None:
+            mask = self.done_mask()
+            return [u for u in share(list(range(self.meta.num_units)), rank, world_size) if not mask[u]]
+        done = np.asarray(done, dtype=bool)
+        if done.shape != (self.meta.num_units,):
+            raise StoreError(f"done snapshot has shape {done.shape}, the store has {self.meta.num_units} units")
+        return share(np.flatnonzero(~done).tolist(), rank, world_size)
 
     def write_unit(self, unit: int, images: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
         """Validate then write one whole unit and mark it done; nothing is written if validation fails."""

@@ -89,6 +89,11 @@ class Backend(ABC):
     def read_unit(self, unit: int) -> Records:
         """All records of one unit, read as one whole chunk (or shard)."""
 
+    def read_targets(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, labels) of one unit; backends that can skip the images do."""
+        rec = self.read_unit(unit)
+        return rec.logits, rec.labels
+
     @abstractmethod
     def write_unit(self, unit: int, records: Records) -> None:
         """Write one whole unit, then mark it done; a crash before the mark leaves it pending."""

@@ -1,0 +1,152 @@
+"""The `dfkd` command line: one group, a sub-command per stage, `store` tools for the dataset itself."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+import store
+from store.errors import DfkdError
+
+VERSION = "0.1.0"
+
+
+class UserError(click.ClickException):
+    """A user mistake: one line on stderr, exit code 2, never a traceback."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class DfkdGroup(click.Group):
+    """A click group that turns every DfkdError into one clear line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DfkdError as exc:
+            raise UserError(str(exc)) from None
+
+
+@click.group(cls=DfkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(VERSION, prog_name="dfkd")
+def cli() -> None:
+    """Data-free knowledge distillation: synthesize a surrogate dataset from a teacher into a store,
+    then distill students from the store."""
+
+
+@cli.group(cls=DfkdGroup, name="store")
+def store_group() -> None:
+    """Inspect, check, convert and preview a synthetic dataset store (Zarr or WebDataset)."""
+
+
+def _fmt_counts(counts: list[int]) -> str:
+    return " ".join(f"{k}:{c}" for k, c in enumerate(counts))
+
+
+@store_group.command("info")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def store_info(path: str, as_json: bool) -> None:
+    """Shape, classes, per-class counts, provenance and completeness of the store at PATH."""
+    from store.report import info
+
+    d = info(path)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    c, h, w = d["image_shape"]
+    lines = [
+        f"store        {d['path']} ({d['backend']}, schema v{d['schema_version']}, {d['layout']})",
+        f"samples      {d['readable_samples']} readable of {d['num_samples']} "
+        f"({d['units_done']}/{d['units_total']} units of {d['unit_size']} done"
+        f"{', complete' if d['complete'] else ', INCOMPLETE'})",
+        f"images       uint8 {c}x{h}x{w}, mean {d['mean']}, std {d['std']}",
+        f"logits       {d['logits_dtype']} x {d['num_classes']} classes",
+        f"labels       {_fmt_counts(d['label_counts'])}" + (f" unlabelled:{d['unlabelled']}" if d["unlabelled"] else ""),
+        f"teacher top1 {_fmt_counts(d['teacher_argmax_counts'])}",
+        f"base seed    {d['base_seed']}",
+    ]
+    for key, value in sorted(d["provenance"].items()):
+        lines.append(f"  {key}: {json.dumps(value)}")
+    click.echo("\n".join(lines))
+
+
+@store_group.command("verify")
+@click.argument("path")
+def store_verify(path: str) -> None:
+    """Check every finished unit of PATH; exit 1 when anything is wrong or unfinished."""
+    from store.report import verify
+
+    report = verify(path)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    for problem in report.problems:
+        click.echo(f"problem: {problem}")
+    if not report.ok:
+        click.echo(f"FAILED: {len(report.problems)} problem(s) in {path}", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {path} ({report.units_checked} units checked)")
+
+
+@store_group.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--backend", type=click.Choice(["zarr", "webdataset"]), default=None,
+              help="Destination backend (default: from DST's suffix, .zarr or .wds; else zarr).")
+@click.option("--unit-size", type=int, default=None, help="Samples per write unit in DST (default: SRC's).")
+@click.option("--compressor", type=click.Choice(["lz4", "zstd", "none"]), default=None, help="Zarr compressor.")
+@click.option("--image-format", type=click.Choice(["png", "npy"]), default=None, help="WebDataset image encoding.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing dfkd store at DST.")
+def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None, compressor: str | None,
+                  image_format: str | None, overwrite: bool) -> None:
+    """Copy the store SRC to DST in another backend (Zarr <-> WebDataset), content identical."""
+    from store.backends import backend_for_new
+    from store.convert import convert
+
+    target = backend_for_new(dst, backend).name
+    options: dict[str, Any] = {}
+    if compressor is not None:
+        if target != "zarr":
+            raise UserError("--compressor applies to a zarr destination only")
+        options["compressor"] = compressor
+    if image_format is not None:
+        if target != "webdataset":
+            raise UserError("--image-format applies to a webdataset destination only")
+        options["image_format"] = image_format
+    writer = convert(src, dst, backend=target, unit_size=unit_size, overwrite=overwrite, **options)
+    click.echo(f"wrote {dst} ({writer.backend.name}, {writer.meta.num_units} units of {writer.meta.unit_size})")
+
+
+@store_group.command("preview")
+@click.argument("path")
+@click.option("--out", required=True, help="PNG file to write.")
+@click.option("--per-class", type=int, default=8, show_default=True, help="Images per class row.")
+def store_preview(path: str, out: str, per_class: int) -> None:
+    """Write a per-class image grid of the store at PATH."""
+    from store.preview import preview
+
+    rows, cols = preview(path, out, per_class=per_class)
+    click.echo(f"wrote {out} ({rows} classes x {cols} images)")
+
+
+@cli.command("run")
+@click.argument("pipeline", required=False)
+def run(pipeline: str | None) -> None:
+    """Run a pipeline file (default: the embedded digits demo)."""
+    raise UserError("`dfkd run` arrives with the pipeline stage (issue #6); today dfkd provides the store "
+                    "(`dfkd store --help`)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="dfkd")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+import pytest
+
+from tests.helpers import fill, small_meta
+
+import store
+
+
+@pytest.fixture(params=["zarr", "webdataset"])
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def full_store(tmp_path, backend):
+    """A complete small store in the parametrized backend."""
+    path = str(tmp_path / ("s.zarr" if backend == "zarr" else "s.wds"))
+    writer = store.create(path, small_meta())
+    fill(writer)
+    writer.finalize()
+    return path
