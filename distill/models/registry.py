@@ -1,0 +1,66 @@
+"""One entry point per concept: `create_model(name, ...)`, filled by the @register_model decorator."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from torch import nn
+
+from store.errors import DfkdError
+
+
+class ModelError(DfkdError):
+    """An unknown model name, a factory that cannot be imported, or arguments a model cannot take."""
+
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a model factory under its function name; it must take num_classes, in_channels, image_size."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names of the zoo's models (torchvision:NAME, timm:NAME and package.module:factory also work)."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **kwargs: Any) -> nn.Module:
+    """Build a model by zoo name, `torchvision:NAME`, `timm:NAME` or `package.module:factory`."""
+    if name in _MODELS:
+        return _MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    if name.startswith("torchvision:"):
+        return _torchvision(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ModelError(f"{name} needs timm, which is not installed; pip install timm") from None
+        return timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=num_classes,
+                                 in_chans=in_channels, **kwargs)
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ModelError(f"cannot import model factory {name!r} ({exc}); give package.module:function "
+                             "importable from here") from None
+        return factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    raise ModelError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, "
+                     "or torchvision:NAME, timm:NAME, package.module:factory")
+
+
+def _torchvision(arch: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    except ValueError:
+        raise ModelError(f"torchvision has no model {arch!r}; see torchvision.models.list_models()") from None
+    if in_channels != 3:
+        raise ModelError(f"torchvision:{arch} takes 3 input channels, the data has {in_channels}; "
+                         "use a zoo model, which takes any channel count")
+    return model
