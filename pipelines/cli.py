@@ -143,6 +143,16 @@ def run(pipeline: str | None) -> None:
                     "(`dfkd store --help`)")
 
 
+def _add_stage_commands() -> None:
+    from .stages import distill_cmd, train_teacher
+
+    cli.add_command(train_teacher)
+    cli.add_command(distill_cmd)
+
+
+_add_stage_commands()
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="dfkd")

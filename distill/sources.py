@@ -1,0 +1,86 @@
+"""Where training batches come from: a synthetic store, or real images held in memory.
+
+Both yield (uint8 images, teacher logits or None, labels or None) and reshuffle per epoch from
+(seed, epoch) alone, so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Protocol
+
+import torch
+from torch.utils.data import DataLoader
+
+import store
+
+Triple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+class Source(Protocol):
+    """A re-iterable, seeded stream of batches with the metadata a student needs."""
+
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+
+    def set_epoch(self, epoch: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Triple]: ...
+
+
+class StoreSource:
+    """Batches of a synthetic store: stored images and the teacher's stored logits."""
+
+    def __init__(self, path: str, batch_size: int, seed: int = 0, workers: int = 0, **loader_kw) -> None:
+        self.dataset = store.StoreDataset(path, batch_size, seed=seed, **loader_kw)
+        meta = self.dataset.meta
+        self.num_classes, self.image_shape, self.name = meta.num_classes, meta.image_shape, f"store:{path}"
+        if meta.mean is None or meta.std is None:
+            raise store.StoreError(f"{path} records no normalization mean/std; the synthesis stage writes the "
+                                   "teacher's, re-create the store with dfkd synth")
+        self.mean, self.std = meta.mean, meta.std
+        self.workers = workers
+        if len(self.dataset) == 0:
+            raise store.StoreError(f"{path} has no finished samples to distill from; finish it with --resume")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Triple]:
+        # without workers the dataset is iterated directly: the DataLoader's per-batch cost is pure overhead
+        it = self.dataset if self.workers == 0 else DataLoader(self.dataset, batch_size=None, num_workers=self.workers)
+        for b in it:
+            labels = b.labels if bool((b.labels >= 0).all()) else None
+            yield b.images, b.logits, labels
+
+
+class TensorSource:
+    """Batches of real labelled images held in memory (teacher training, classical KD)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], batch_size: int, seed: int = 0, name: str = "real") -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 N×C×H×W, got {images.dtype}{tuple(images.shape)}")
+        self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
+        self.num_classes, self.mean, self.std, self.name = num_classes, mean, std, name
+        self.image_shape = tuple(images.shape[1:])
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Triple]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.images), generator=gen)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield self.images[idx], None, self.labels[idx]

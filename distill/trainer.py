@@ -1,0 +1,235 @@
+"""One engine for every kind of training: K students fed by one pass over a source.
+
+Each batch is read and decoded once, augmented once, and given to every student; each student keeps
+its own optimizer, cosine schedule, checkpoint and metrics. Distillation from a store, classical KD
+with an online teacher, and plain supervised training (teachers) differ only in the source, the
+objective's weights and whether a teacher is present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from store.errors import DfkdError
+
+from .augment import augment, normalize
+from .checkpoint import ModelSpec, atomic_save, read_checkpoint, save_model
+from .evaluate import accuracy
+from .losses import Objective
+from .sources import Source
+
+
+class TrainError(DfkdError):
+    """A training run that cannot start or resume as asked."""
+
+
+@dataclass
+class StudentSpec:
+    """One student: architecture and its optimizer. lr None picks 0.05 for SGD, 1e-3 for Adam."""
+
+    arch: str
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """How the run trains: epochs, seed, augmentation, loss weights, where outputs go."""
+
+    epochs: int = 10
+    seed: int = 0
+    augment: str = "none"
+    objective: Objective = field(default_factory=Objective)
+    device: str = "cpu"
+    out_dir: str | None = None
+    resume: bool = False
+    eval_every: int = 1
+    progress: bool | None = None  # None: show bars only on a terminal
+
+
+@dataclass
+class Student:
+    """A student being trained: its model, optimizer, schedule and running metrics."""
+
+    name: str
+    spec: ModelSpec
+    student: StudentSpec
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _names(specs: list[StudentSpec]) -> list[str]:
+    """Unique names: the architecture, suffixed -2, -3... when it repeats."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in specs:
+        base = s.arch.replace(":", "_").replace("/", "_")
+        seen[base] = seen.get(base, 0) + 1
+        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return out
+
+
+class Trainer:
+    """Trains students from a source; optionally an online teacher makes the targets."""
+
+    def __init__(self, source: Source, students: list[StudentSpec], config: TrainConfig,
+                 teacher: nn.Module | None = None, eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 on_epoch_end: Callable[[int, "Trainer"], None] | None = None) -> None:
+        if not students:
+            raise TrainError("give at least one student")
+        self.source, self.cfg, self.teacher, self.eval_data = source, config, teacher, eval_data
+        self.on_epoch_end = on_epoch_end
+        self.device = torch.device(config.device)
+        self.batches_read = 0
+        c, h, w = source.image_shape
+        if h != w:
+            raise TrainError(f"images are {h}×{w}; the zoo's models take square images")
+        if eval_data is not None:
+            if tuple(eval_data[0].shape[1:]) != tuple(source.image_shape):
+                raise TrainError(f"evaluation images are {tuple(eval_data[0].shape[1:])} but {source.name} holds "
+                                 f"{tuple(source.image_shape)}; evaluate on the data the teacher was trained on")
+            if int(eval_data[1].max()) >= source.num_classes:
+                raise TrainError(f"evaluation labels reach {int(eval_data[1].max())} but {source.name} has "
+                                 f"{source.num_classes} classes; evaluate on the teacher's own dataset")
+        if teacher is not None:
+            self.teacher = teacher.to(self.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        steps = config.epochs * len(source)
+        self.students: list[Student] = []
+        for i, (name, s) in enumerate(zip(_names(students), students)):
+            torch.manual_seed(config.seed * 1000 + i)  # each student's init depends on (seed, position) only
+            spec = ModelSpec(s.arch, source.num_classes, c, h, tuple(source.mean), tuple(source.std), dict(s.kwargs))
+            model = spec.build().to(self.device)
+            opt = _optimizer(model, s)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(1, steps))))
+            self.students.append(Student(name, spec, s, model, opt, sched))
+        self.start_epoch = 0
+        if config.resume:
+            self._resume()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _run_file(self) -> str | None:
+        return None if self.cfg.out_dir is None else os.path.join(self.cfg.out_dir, "run.pt")
+
+    def _identity(self) -> dict[str, Any]:
+        return {"source": self.source.name, "students": [s.name for s in self.students], "epochs": self.cfg.epochs,
+                "seed": self.cfg.seed, "augment": self.cfg.augment}
+
+    def _save(self, epoch: int) -> None:
+        if self.cfg.out_dir is None:
+            return
+        for s in self.students:
+            save_model(os.path.join(self.cfg.out_dir, f"{s.name}.pt"), s.model, s.spec, {"history": s.history})
+        atomic_save({"identity": self._identity(), "epoch": epoch, "batches_read": self.batches_read,
+                     "students": [{"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+                                   "scheduler": s.scheduler.state_dict(), "history": s.history}
+                                  for s in self.students]}, self._run_file())
+        with open(os.path.join(self.cfg.out_dir, "metrics.json"), "w") as f:
+            json.dump(self.metrics(), f, indent=1)
+
+    def _resume(self) -> None:
+        path = self._run_file()
+        if path is None or not os.path.exists(path):
+            return  # nothing to resume: start from scratch
+        state = read_checkpoint(path, "run checkpoint")
+        if state.get("identity") != self._identity():
+            raise TrainError(f"cannot resume {path}: it was started with other settings ({state.get('identity')}); "
+                             "use the original settings, or another --out")
+        for s, st in zip(self.students, state["students"]):
+            s.model.load_state_dict(st["model"])
+            s.optimizer.load_state_dict(st["optimizer"])
+            s.scheduler.load_state_dict(st["scheduler"])
+            s.history = st["history"]
+        self.start_epoch, self.batches_read = state["epoch"] + 1, state["batches_read"]
+
+    # -- training ----------------------------------------------------------------------------------
+    def _targets(self, x: torch.Tensor, stored: torch.Tensor | None, augmented: bool) -> torch.Tensor | None:
+        """Teacher logits for this batch: the online teacher's when present and needed, else the stored ones."""
+        if self.teacher is not None and (stored is None or augmented):
+            with torch.no_grad():
+                return self.teacher(x).float()
+        return None if stored is None else stored.to(self.device, non_blocking=True).float()
+
+    def fit(self) -> dict[str, Any]:
+        """Train every student for the remaining epochs; returns the metrics."""
+        cfg, obj = self.cfg, self.cfg.objective
+        show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            self.source.set_epoch(epoch)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            sums = {s.name: [0.0, 0, 0] for s in self.students}  # loss sum, agreeing, seen
+            for s in self.students:
+                s.model.train()
+            bar = tqdm(self.source, total=len(self.source), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
+                       leave=False)
+            for images, stored, labels in bar:
+                self.batches_read += 1
+                images = images.to(self.device, non_blocking=True)
+                x = normalize(augment(images, cfg.augment, gen), self.source.mean, self.source.std)
+                teacher = self._targets(x, stored, cfg.augment != "none")
+                if obj.needs_teacher and teacher is None:
+                    raise TrainError(f"{self.source.name} gives no teacher logits; pass a teacher for online targets")
+                y = None if labels is None else labels.to(self.device, non_blocking=True)
+                ref = teacher.argmax(1) if teacher is not None else y
+                for s in self.students:
+                    out = s.model(x)
+                    loss = obj(out, teacher, y)
+                    s.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    s.optimizer.step()
+                    s.scheduler.step()
+                    acc = sums[s.name]
+                    acc[0] += float(loss.detach()) * len(x)
+                    acc[1] += int((out.argmax(1) == ref).sum()) if ref is not None else 0
+                    acc[2] += len(x)
+                bar.set_postfix({s.name: f"{sums[s.name][0] / max(1, sums[s.name][2]):.3f}" for s in self.students})
+            seconds = time.perf_counter() - t0
+            evaluate = self.eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+            for s in self.students:
+                loss_sum, agree, seen = sums[s.name]
+                row = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_agreement": agree / max(1, seen),
+                       "seconds": round(seconds, 3)}
+                if evaluate:
+                    row["test_top1"] = accuracy(s.model, *self.eval_data, self.source.mean, self.source.std,
+                                                device=str(self.device))
+                s.history.append(row)
+            self._save(epoch)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch, self)
+        return self.metrics()
+
+    def metrics(self) -> dict[str, Any]:
+        """Per-student history and final figures (the last epoch's, never a best epoch)."""
+        out = {"source": self.source.name, "config": {**asdict(self.cfg), "objective": asdict(self.cfg.objective)},
+               "batches_read": self.batches_read, "students": {}}
+        for s in self.students:
+            last = s.history[-1] if s.history else {}
+            out["students"][s.name] = {"arch": s.spec.arch, "parameters": sum(p.numel() for p in s.model.parameters()),
+                                       "final": last, "history": s.history}
+        return out
+
+
+def _optimizer(model: nn.Module, s: StudentSpec) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=s.lr or 0.05, momentum=s.momentum, weight_decay=s.weight_decay,
+                               nesterov=s.momentum > 0)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=s.lr or 1e-3, weight_decay=s.weight_decay)
+    raise TrainError(f"unknown optimizer {s.optimizer!r}; choose sgd or adam")

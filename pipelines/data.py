@@ -1,0 +1,162 @@
+"""Real-data adapters: each gives train/test splits as uint8 N×C×H×W tensors, labels, mean/std and shape.
+
+Used for evaluation, teacher training, classical KD and statistics recording; never by the synthesis
+or distillation stages directly (they receive tensors). Data are loaded from disk, from a package
+(scikit-learn's digits, Debian's dataset-fashion-mnist), or downloaded by torchvision on first use.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from store.errors import DfkdError
+
+DEFAULT_ROOT = os.environ.get("DFKD_DATA", os.path.join(os.path.expanduser("~"), ".cache", "dfkd", "data"))
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+class DataError(DfkdError):
+    """Unknown dataset name, or data that cannot be found or read."""
+
+
+@dataclass
+class RealData:
+    """A labelled dataset held in memory as uint8 pixels."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str  # the label-preserving augmentation that suits the data: "crop", "flip-crop" or "none"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+
+def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+    return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in x.std(1).tolist())
+
+
+def _make(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, k: int,
+          augment: str) -> RealData:
+    tr = torch.from_numpy(np.ascontiguousarray(xtr))
+    mean, std = _stats(tr)
+    return RealData(name, tr, torch.from_numpy(ytr.astype(np.int64)), torch.from_numpy(np.ascontiguousarray(xte)),
+                    torch.from_numpy(yte.astype(np.int64)), k, mean, std, augment)
+
+
+def digits(root: str) -> RealData:
+    """scikit-learn's 8×8 digits (1797 images, shipped with the package): a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.2, random_state=0, stratify=d.target)
+    return _make("digits", xtr, ytr, xte, yte, 10, "crop")
+
+
+def _mnist_like(cls_name: str, root: str, name: str, augment: str) -> RealData:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    if cls_name == "FashionMNIST":
+        _unpack_debian_fashion_mnist(root)
+    try:
+        tr, te = (cls(root, train=t, download=True) for t in (True, False))
+    except Exception as exc:
+        raise DataError(f"cannot load {name} under {root} ({type(exc).__name__}: {exc}); put the idx files in "
+                        f"{root}/{cls_name}/raw/, or let torchvision download them") from None
+    return _make(name, tr.data.numpy()[:, None], tr.targets.numpy(), te.data.numpy()[:, None],
+                 te.targets.numpy(), 10, augment)
+
+
+def _unpack_debian_fashion_mnist(root: str) -> None:
+    """Use Debian's dataset-fashion-mnist package when installed: unpack its idx.gz files for torchvision."""
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    if all(os.path.exists(os.path.join(raw, n)) for n in names):
+        return
+    if not all(os.path.exists(os.path.join(DEBIAN_FASHION_MNIST, n + ".gz")) for n in names):
+        return
+    os.makedirs(raw, exist_ok=True)
+    for n in names:
+        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, n + ".gz")) as src, open(os.path.join(raw, n) + ".tmp", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(os.path.join(raw, n) + ".tmp", os.path.join(raw, n))
+
+
+def fashion_mnist(root: str) -> RealData:
+    """Fashion-MNIST, official 60k/10k split."""
+    return _mnist_like("FashionMNIST", root, "fashion-mnist", "flip-crop")
+
+
+def mnist(root: str) -> RealData:
+    """MNIST, official 60k/10k split."""
+    return _mnist_like("MNIST", root, "mnist", "crop")
+
+
+def _cifar(cls_name: str, name: str, k: int, root: str) -> RealData:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        tr, te = (cls(root, train=t, download=True) for t in (True, False))
+    except Exception as exc:
+        raise DataError(f"cannot load {name} under {root} ({type(exc).__name__}: {exc}); let torchvision "
+                        "download it once, or copy it there") from None
+    chw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+    return _make(name, chw(tr.data), np.array(tr.targets), chw(te.data), np.array(te.targets), k, "flip-crop")
+
+
+def image_folder(path: str) -> RealData:
+    """An ImageFolder tree with train/ and test/ (or val/) subfolders of class folders; images of one size."""
+    import torchvision
+
+    split = lambda names: next((os.path.join(path, n) for n in names if os.path.isdir(os.path.join(path, n))), None)
+    tr_dir, te_dir = split(["train"]), split(["test", "val"])
+    if tr_dir is None or te_dir is None:
+        raise DataError(f"{path} needs train/ and test/ (or val/) subfolders, each with one folder per class")
+
+    def load(d: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        ds = torchvision.datasets.ImageFolder(d)
+        imgs = [np.asarray(ds.loader(p).convert("RGB")) for p, _ in ds.samples]
+        if len({i.shape for i in imgs}) != 1:
+            raise DataError(f"{d}: images differ in size; resize them to one size first")
+        return np.stack(imgs).transpose(0, 3, 1, 2), np.array([y for _, y in ds.samples]), ds.classes
+
+    xtr, ytr, classes = load(tr_dir)
+    xte, yte, classes_te = load(te_dir)
+    if classes != classes_te:
+        raise DataError(f"{path}: train and test class folders differ")
+    return _make(f"folder:{path}", xtr, ytr, xte, yte, len(classes), "flip-crop")
+
+
+DATASETS: dict[str, Callable[[str], RealData]] = {
+    "digits": digits, "fashion-mnist": fashion_mnist, "mnist": mnist,
+    "cifar10": lambda root: _cifar("CIFAR10", "cifar10", 10, root),
+    "cifar100": lambda root: _cifar("CIFAR100", "cifar100", 100, root),
+}
+
+
+def load_data(name: str, root: str | None = None) -> RealData:
+    """A dataset by name (digits, fashion-mnist, mnist, cifar10, cifar100) or an ImageFolder path."""
+    if name in DATASETS:
+        return DATASETS[name](root or DEFAULT_ROOT)
+    if os.path.isdir(name):
+        return image_folder(name)
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or give an ImageFolder path")

@@ -1,0 +1,142 @@
+"""`dfkd train-teacher` and `dfkd distill`: the commands that train networks."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from distill.checkpoint import ModelSpec, load_model, save_model
+from distill.evaluate import accuracy
+from distill.losses import Objective
+from distill.models import create_model
+from distill.sources import StoreSource, TensorSource
+from distill.trainer import StudentSpec, TrainConfig, Trainer, TrainError
+
+from .data import load_data
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+@click.command("train-teacher")
+@click.option("--model", "arch", required=True, help="Zoo name (e.g. lenet5_bn), torchvision:NAME or package.module:factory.")
+@click.option("--data", required=True, help="digits, fashion-mnist, mnist, cifar10, cifar100, or an ImageFolder path.")
+@click.option("--data-root", default=None, help="Where datasets live (default $DFKD_DATA or ~/.cache/dfkd/data).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--augment", type=click.Choice(["auto", "none", "crop", "flip-crop"]), default="auto", show_default=True,
+              help="auto: what suits the data (flips for clothes and objects, not for digits).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", show_default=True)
+@click.option("--out", required=True, help="Checkpoint to write (architecture, normalization, weights, accuracy).")
+def train_teacher(arch: str, data: str, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
+                  lr: float | None, weight_decay: float, augment: str, seed: int, device: str, out: str) -> None:
+    """Train a teacher with plain supervised learning and report its test top-1."""
+    real = load_data(data, data_root)
+    src = TensorSource(real.train_images, real.train_labels, real.num_classes, real.mean, real.std, batch_size, seed,
+                       name=real.name)
+    cfg = TrainConfig(epochs=epochs, seed=seed, augment=real.augment if augment == "auto" else augment,
+                      objective=Objective(kd=0.0, ce_label=1.0), device=device)
+    trainer = Trainer(src, [StudentSpec(arch, optimizer, lr, weight_decay=weight_decay)], cfg,
+                      eval_data=(real.test_images, real.test_labels))
+    metrics = trainer.fit()
+    s = trainer.students[0]
+    top1 = s.history[-1]["test_top1"]
+    save_model(out, s.model, s.spec, {"data": real.name, "test_top1": top1, "epochs": epochs, "history": s.history})
+    click.echo(f"teacher {arch} on {real.name}: test top-1 {_pct(top1)} after {epochs} epochs "
+               f"({sum(r['seconds'] for r in s.history):.0f} s) -> {out}")
+
+
+def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], what: str) -> None:
+    if spec.num_classes != num_classes:
+        raise TrainError(f"the teacher has {spec.num_classes} classes but {what} has {num_classes}; "
+                         "use the teacher that made the store / was trained on the data")
+    if tuple(spec.image_shape) != tuple(shape):
+        raise TrainError(f"the teacher takes {tuple(spec.image_shape)} images but {what} holds {tuple(shape)}")
+
+
+@click.command("distill")
+@click.option("--store", "store_path", default=None, help="Synthetic store to distill from (no teacher needed).")
+@click.option("--kd-data", default=None, help="Classical KD on this real dataset instead of a store (needs --teacher).")
+@click.option("--student", "students", multiple=True, required=True, help="Student model; repeat for several.")
+@click.option("--teacher", default=None, help="Teacher checkpoint: online targets for augmented views, or for --kd-data.")
+@click.option("--eval", "eval_data", default=None, help="Real dataset whose test split scores the students.")
+@click.option("--data-root", default=None, help="Where datasets live (default $DFKD_DATA or ~/.cache/dfkd/data).")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="KD temperature T (loss x T^2).")
+@click.option("--kd", "kd_weight", type=float, default=1.0, show_default=True, help="Weight of the KL term.")
+@click.option("--ce-teacher", type=float, default=0.0, show_default=True, help="Weight of CE to the teacher's argmax.")
+@click.option("--augment", type=click.Choice(["none", "crop", "flip-crop"]), default="none", show_default=True,
+              help="Label-preserving augmentation; stored logits are reused unless --teacher relabels the views.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers reading the store.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", show_default=True)
+@click.option("--out", required=True, help="Run folder: a checkpoint per student, run.pt (resume), metrics.json.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
+                eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
+                lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
+                augment: str, workers: int, seed: int, device: str, out: str, resume: bool) -> None:
+    """Train one or more students at once from a store (or, with --kd-data, from real data and a teacher)."""
+    if (store_path is None) == (kd_data is None):
+        raise click.UsageError("give exactly one of --store (data-free) or --kd-data (classical KD on real data)")
+    for name in students:
+        create_model(name, 10, 1, 28) if ":" not in name else None  # unknown names fail here, before any work
+    t_model, t_spec = None, None
+    if teacher is not None:
+        t_model, t_spec, _ = load_model(teacher, "teacher")
+    if kd_data is not None:
+        if t_model is None:
+            raise click.UsageError("--kd-data needs --teacher (the teacher labels the real images online)")
+        real = load_data(kd_data, data_root)
+        _check_teacher(t_spec, real.num_classes, real.image_shape, kd_data)
+        source: Any = TensorSource(real.train_images, real.train_labels, real.num_classes, t_spec.mean, t_spec.std,
+                                   batch_size, seed, name=f"kd:{real.name}")
+    else:
+        source = StoreSource(store_path, batch_size, seed=seed, workers=workers)
+        if t_spec is not None:
+            _check_teacher(t_spec, source.num_classes, source.image_shape, store_path)
+    evaluation = None
+    if eval_data is not None:
+        ev = load_data(eval_data, data_root)
+        evaluation = (ev.test_images, ev.test_labels)
+    cfg = TrainConfig(epochs=epochs, seed=seed, augment=augment, device=device, out_dir=out, resume=resume,
+                      objective=Objective(kd=kd_weight, ce_teacher=ce_teacher, temperature=temperature))
+    specs = [StudentSpec(s, optimizer, lr, weight_decay=weight_decay) for s in students]
+    if resume and not os.path.exists(os.path.join(out, "run.pt")):
+        click.echo(f"nothing to resume in {out}: starting")
+    elif not resume and os.path.exists(os.path.join(out, "run.pt")):
+        raise click.UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    trainer = Trainer(source, specs, cfg, teacher=t_model, eval_data=evaluation)
+    if trainer.start_epoch:
+        click.echo(f"resuming {out} at epoch {trainer.start_epoch + 1}/{epochs}")
+    metrics = trainer.fit()
+    rows = []
+    if t_model is not None and evaluation is not None:
+        rows.append(("teacher", t_spec.arch, f"{sum(p.numel() for p in t_model.parameters()):,}",
+                     _pct(accuracy(t_model, *evaluation, t_spec.mean, t_spec.std, device=device)), "-"))
+    for name, m in metrics["students"].items():
+        rows.append((name, m["arch"], f"{m['parameters']:,}", _pct(m["final"].get("test_top1")),
+                     f"{sum(r['seconds'] for r in m['history']):.1f}"))
+    click.echo(f"distilled from {source.name}, {epochs} epochs, {metrics['batches_read']} batches read "
+               f"(each fed to {len(specs)} student(s))")
+    click.echo(_table(rows, ("model", "arch", "parameters", "test top-1 (last epoch)", "train s")))
+    click.echo(f"metrics: {os.path.join(out, 'metrics.json')}")

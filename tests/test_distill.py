@@ -1,0 +1,221 @@
+"""Distillation stage: zoo, checkpoints, KD loss, multi-student single pass, resume, CLI and bad inputs."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from distill.checkpoint import CheckpointError, load_model, save_model
+from distill.losses import Objective, kd_loss
+from distill.models import ModelError, create_model, list_models
+from distill.sources import StoreSource
+from distill.trainer import StudentSpec, TrainConfig, Trainer
+from pipelines.cli import cli
+from tests.distill_helpers import teacher_store, train_digits_teacher
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+    acc = train_digits_teacher(path)
+    return path, acc
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory, digits_teacher):
+    path = str(tmp_path_factory.mktemp("store") / "digits.zarr")
+    model, spec, _ = load_model(digits_teacher[0])
+    teacher_store(path, model, spec)
+    return path
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_zoo_models_run_on_all_shapes(name):
+    for c, s in [(1, 8), (1, 28), (3, 32)]:
+        torch.manual_seed(0)
+        model = create_model(name, num_classes=7, in_channels=c, image_size=s).eval()
+        with torch.no_grad():
+            y = model(torch.randn(2, c, s, s))
+        assert y.shape == (2, 7) and torch.isfinite(y).all()
+
+
+def test_student_sizes_match_the_literature():
+    count = lambda n: sum(p.numel() for p in create_model(n, 10, 1, 28).parameters())
+    assert count("lenet5") == 61706              # the classic 61.7k LeNet-5
+    assert abs(count("lenet5_half") - 16_000) < 500       # DAFL/DFAD LeNet-5-half, ~16k
+    assert abs(count("lenet5_half_zskd") - 35_800) < 100  # Lopes/ZSKD LeNet-5-half, ~35.8k
+
+
+def test_unknown_model_name():
+    with pytest.raises(ModelError, match="unknown model 'lenet6'.*choose one of"):
+        create_model("lenet6", 10)
+
+
+def test_checkpoint_rebuilds_identical_model(tmp_path):
+    from distill.checkpoint import ModelSpec
+
+    spec = ModelSpec("resnet8", 10, 3, 32, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    torch.manual_seed(1)
+    model = spec.build()
+    model.train()(torch.randn(8, 3, 32, 32))  # move the BN running stats off their init
+    save_model(str(tmp_path / "m.pt"), model, spec, {"note": "x"})
+    loaded, spec2, metrics = load_model(str(tmp_path / "m.pt"))
+    assert spec2 == spec and metrics == {"note": "x"}
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist.*dfkd train-teacher"):
+        load_model(str(tmp_path / "none.pt"), "teacher")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a dfkd model checkpoint"):
+        load_model(str(tmp_path / "foreign.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_model(str(tmp_path / "junk.pt"))
+
+
+def test_kd_loss_hand_computed():
+    s = torch.tensor([[1.0, 2.0, 3.0]])
+    t = torch.tensor([[3.0, 1.0, 0.0]])
+    T = 2.0
+    ps = [math.exp(v / T) for v in (1, 2, 3)]
+    pt = [math.exp(v / T) for v in (3, 1, 0)]
+    ps = [p / sum(ps) for p in ps]
+    pt = [p / sum(pt) for p in pt]
+    kl = sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    assert kd_loss(s, t, T).item() == pytest.approx(kl * T * T, rel=1e-6)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+    obj = Objective(kd=0.5, ce_teacher=2.0, temperature=T)
+    ce = -math.log(math.exp(1) / sum(math.exp(v) for v in (1, 2, 3)))  # teacher argmax is class 0
+    assert obj(s, t, None).item() == pytest.approx(0.5 * kl * T * T + 2.0 * ce, rel=1e-6)
+
+
+class CountingSource:
+    """Wraps a source and counts the batches it yields."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, 0
+        for k in ("num_classes", "image_shape", "mean", "std", "name"):
+            setattr(self, k, getattr(inner, k))
+
+    def set_epoch(self, e):
+        self.inner.set_epoch(e)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        for b in self.inner:
+            self.reads += 1
+            yield b
+
+
+def test_three_students_one_read_per_batch(digits_store):
+    src = CountingSource(StoreSource(digits_store, batch_size=128))
+    trainer = Trainer(src, [StudentSpec("mlp"), StudentSpec("lenet5_half"), StudentSpec("mlp")],
+                      TrainConfig(epochs=2))
+    before = [[p.detach().clone() for p in s.model.parameters()] for s in trainer.students]
+    trainer.fit()
+    assert src.reads == 2 * len(src) == trainer.batches_read
+    assert [s.name for s in trainer.students] == ["mlp", "lenet5_half", "mlp-2"]
+    for s, b in zip(trainer.students, before):
+        assert s.optimizer.state[next(iter(s.model.parameters()))]["momentum_buffer"] is not None
+        assert all(not torch.equal(p, q) for p, q in zip(s.model.parameters(), b)), f"{s.name} was not updated"
+    # same architecture, different seeds -> different students
+    assert not torch.equal(next(trainer.students[0].model.parameters()), next(trainer.students[2].model.parameters()))
+
+
+class Stop(Exception):
+    pass
+
+
+def test_killed_after_epoch_one_resumes_to_same_weights(tmp_path, digits_store):
+    def run(out, resume=False, stop_after=None):
+        def hook(epoch, _):
+            if stop_after is not None and epoch == stop_after:
+                raise Stop
+        cfg = TrainConfig(epochs=3, augment="flip-crop", out_dir=str(out), resume=resume, seed=5)
+        tr = Trainer(StoreSource(digits_store, batch_size=100, seed=5), [StudentSpec("lenet5_half"), StudentSpec("mlp", "adam")],
+                     cfg, on_epoch_end=hook)
+        try:
+            tr.fit()
+        except Stop:
+            pass
+        return tr
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "cut", stop_after=0)
+    resumed = run(tmp_path / "cut", resume=True)
+    assert resumed.start_epoch == 1
+    for a, b in zip(full.students, resumed.students):
+        for (ka, pa), (kb, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+            assert ka == kb and torch.equal(pa, pb), f"{a.name}.{ka} differs after resume"
+        assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_cli_distill_with_eval_reports_accuracy(tmp_path, digits_store, digits_teacher):
+    out = tmp_path / "run"
+    res = invoke("distill", "--store", digits_store, "--student", "mlp", "--student", "lenet5_half",
+                 "--epochs", "3", "--eval", "digits", "--out", str(out), "--teacher", digits_teacher[0])
+    assert res.exit_code == 0, res.output
+    assert "| teacher | mlp |" in res.output and "| lenet5_half | lenet5_half |" in res.output
+    m = json.loads((out / "metrics.json").read_text())
+    acc = m["students"]["mlp"]["final"]["test_top1"]
+    assert 0.5 < acc <= 1.0  # 3 epochs from a perfect store lands far above chance (0.1)
+    assert f"{100 * acc:.2f}%" in res.output
+    assert (out / "mlp.pt").exists() and (out / "lenet5_half.pt").exists()
+    load_model(str(out / "lenet5_half.pt"))  # a student checkpoint rebuilds from the file alone
+    again = invoke("distill", "--store", digits_store, "--student", "mlp", "--epochs", "3", "--out", str(out))
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_cli_classical_kd_and_train_teacher(tmp_path, digits_teacher):
+    t = str(tmp_path / "t.pt")
+    res = invoke("train-teacher", "--model", "mlp", "--data", "digits", "--epochs", "10", "--out", t)
+    assert res.exit_code == 0, res.output
+    assert "test top-1" in res.output
+    _, spec, metrics = load_model(t)
+    assert spec.image_shape == (1, 8, 8) and 0.5 < metrics["test_top1"] <= 1
+    res = invoke("distill", "--kd-data", "digits", "--teacher", digits_teacher[0], "--student", "mlp",
+                 "--epochs", "2", "--eval", "digits", "--out", str(tmp_path / "kd"))
+    assert res.exit_code == 0, res.output
+    assert "kd:digits" in res.output
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--student", "lenet6"], "unknown model 'lenet6'"),
+    (["--student", "mlp", "--teacher", "/nonexistent/teacher.pt"], "teacher file /nonexistent/teacher.pt does not exist"),
+    (["--student", "mlp", "--eval", "cifar11"], "unknown dataset 'cifar11'"),
+])
+def test_cli_bad_inputs_one_line(tmp_path, digits_store, args, match):
+    res = invoke("distill", "--store", digits_store, "--epochs", "1", "--out", str(tmp_path / "r"), *args)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and match in res.output
+    assert res.output.strip().count("\n") == 0 and "Traceback" not in res.output
+
+
+def test_class_count_and_shape_mismatches(tmp_path, digits_teacher):
+    model, spec, _ = load_model(digits_teacher[0])
+    three = str(tmp_path / "three.zarr")
+    teacher_store(three, model, spec, num_classes=3)
+    res = invoke("distill", "--store", three, "--student", "mlp", "--epochs", "1", "--eval", "digits",
+                 "--out", str(tmp_path / "a"))
+    assert res.exit_code == 2 and "evaluation labels reach 9 but store" in res.output and "3 classes" in res.output
+    res = invoke("distill", "--store", three, "--student", "mlp", "--epochs", "1", "--teacher", digits_teacher[0],
+                 "--out", str(tmp_path / "b"))
+    assert res.exit_code == 2 and "the teacher has 10 classes but" in res.output
+    t28 = str(tmp_path / "t28.pt")
+    from distill.checkpoint import ModelSpec
+    s28 = ModelSpec("mlp", 10, 1, 28, (0.5,), (0.5,))
+    save_model(t28, s28.build(), s28)
+    res = invoke("distill", "--kd-data", "digits", "--teacher", t28, "--student", "mlp", "--epochs", "1",
+                 "--out", str(tmp_path / "c"))
+    assert res.exit_code == 2 and "takes (1, 28, 28) images but digits holds (1, 8, 8)" in res.output
