@@ -145,9 +145,10 @@ def run(pipeline: str | None) -> None:
 
 def _add_stage_commands() -> None:
     from .stages import distill_cmd, train_teacher
+    from .synth_cmds import record_cmd, synth_cmd
 
-    cli.add_command(train_teacher)
-    cli.add_command(distill_cmd)
+    for command in (train_teacher, record_cmd, synth_cmd, distill_cmd):
+        cli.add_command(command)
 
 
 _add_stage_commands()

@@ -1,0 +1,114 @@
+"""Distillation throughput: ms per step for 1 and 3 students from a store, beside the bare student
+forward+backward+step (the floor) measured in the same run, and stored logits beside an online teacher.
+
+    python -m benchmarks.distill_throughput [--num-samples 20000] [--batch-size 256] [--epochs 2]
+
+Teacher LeNet-5-BN and students LeNet-5-half (DAFL), LeNet-5-half (ZSKD), LeNet-5 at 1×28×28, random
+weights and random pixels (speed does not depend on them). Times are medians over epochs after a
+warm-up epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import store
+from distill.augment import normalize
+from distill.losses import Objective
+from distill.models import create_model
+from distill.sources import StoreSource, TensorSource
+from distill.trainer import StudentSpec, TrainConfig, Trainer
+
+SHAPE, K = (1, 28, 28), 10
+MEAN, STD = (0.286,), (0.353,)
+STUDENTS = ["lenet5_half", "lenet5_half_zskd", "lenet5"]
+
+
+def make_store(path: str, images: np.ndarray, logits: np.ndarray) -> None:
+    meta = store.StoreMeta(num_samples=len(images), image_shape=SHAPE, num_classes=K, unit_size=1024, mean=MEAN, std=STD)
+    w = store.create(path, meta, overwrite=True)
+    for u in w.pending_units():
+        lo, hi = w.unit_range(u)
+        w.write_unit(u, images[lo:hi], logits[lo:hi], np.full(hi - lo, -1))
+    w.finalize()
+
+
+def run_ms(source, students: list[str], epochs: int, teacher=None) -> float:
+    """Median ms per training step over the epochs after the first (warm-up)."""
+    tr = Trainer(source, [StudentSpec(s) for s in students], TrainConfig(epochs=epochs + 1, progress=False),
+                 teacher=teacher)
+    tr.fit()
+    return 1000 * statistics.median(r["seconds"] for r in tr.students[0].history[1:]) / len(source)
+
+
+def floor_ms(students: list[str], images: torch.Tensor, logits: torch.Tensor, batch: int, steps: int) -> float:
+    """Bare forward + KD loss + backward + optimizer step of each student on batches already in memory."""
+    models = [create_model(s, K, 1, 28) for s in students]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
+    obj = Objective()
+    x = normalize(images[:batch], MEAN, STD)
+    t = logits[:batch].float()
+    times = []
+    for i in range(steps + 5):
+        t0 = time.perf_counter()
+        for m, o in zip(models, opts):
+            loss = obj(m(x), t, None)
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-samples", type=int, default=20_000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=2, help="measured epochs (after one warm-up)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.num_samples, *SHAPE), dtype=np.uint8)
+    teacher = create_model("lenet5_bn", K, 1, 28).eval()
+    with torch.no_grad():
+        logits = torch.cat([teacher(normalize(torch.from_numpy(images[i:i + 4096]), MEAN, STD))
+                            for i in range(0, len(images), 4096)])
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "bench.zarr")
+        make_store(path, images, logits.numpy())
+        src = lambda: StoreSource(path, args.batch_size)
+        tensors = torch.from_numpy(images)
+        rows = []
+        for students in (STUDENTS[:1], STUDENTS):
+            floor = floor_ms(students, tensors, logits, args.batch_size, 60)
+            step = run_ms(src(), students, args.epochs)
+            rows.append((f"{len(students)} student(s), stored logits", step, floor))
+        separate = sum(run_ms(src(), [s], args.epochs) for s in STUDENTS)
+        online = run_ms(TensorSource(tensors, torch.zeros(len(tensors), dtype=torch.long), K, MEAN, STD,
+                                     args.batch_size), STUDENTS[:1], args.epochs, teacher=teacher)
+    print(f"distill throughput: {args.num_samples} samples 1x28x28, batch {args.batch_size}, teacher lenet5_bn; "
+          f"{os.cpu_count()} cores {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print()
+    print("| run | ms/step | floor ms/step (bare fwd+bwd+step) | overhead vs floor |")
+    print("|---|---:|---:|---:|")
+    for name, step, floor in rows:
+        print(f"| {name} | {step:.2f} | {floor:.2f} | {100 * (step / floor - 1):+.1f}% |")
+    print(f"| 3 students, three separate runs (sum) | {separate:.2f} | | |")
+    print(f"| 1 student ({STUDENTS[0]}), classical KD with online teacher | {online:.2f} | {rows[0][2]:.2f} | "
+          f"{100 * (online / rows[0][2] - 1):+.1f}% |")
+    print()
+    print(f"three students in one pass: {rows[1][1]:.2f} ms/step vs {separate:.2f} for three runs "
+          f"({separate / rows[1][1]:.2f}x); stored logits vs online teacher: {online / rows[0][1]:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()

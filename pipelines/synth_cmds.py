@@ -1,0 +1,90 @@
+"""`dfkd synth` and `dfkd record`: the commands of the synthesis stage."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+import torch
+
+from distill.augment import normalize
+from distill.checkpoint import load_model
+from synth.engine import SynthConfig, synthesize
+from synth.methods import list_methods, method_config
+from synth.record import Record, record
+
+from .data import load_data
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--set takes KEY=VALUE, got {p!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+@click.command("synth")
+@click.option("--teacher", required=True, help="Teacher checkpoint (from dfkd train-teacher or save_model).")
+@click.option("--method", type=click.Choice(list_methods()), required=True, help="Synthesis method.")
+@click.option("--num-images", type=int, required=True, help="Images in the store.")
+@click.option("--out", required=True, help="Store path (*.zarr, or *.wds for WebDataset).")
+@click.option("--stats", default=None, help="Record from dfkd record: statistics/spectra of chosen layers.")
+@click.option("--student", default=None, help="Student checkpoint (adi's competitor).")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch = per write unit.")
+@click.option("--iterations", type=int, default=None, help="Optimization steps per batch (inversion methods).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "sets", multiple=True, help="Any method hyper-parameter, KEY=VALUE (e.g. w_bn=1); repeatable.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run (exactly the missing units).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--device", default=DEVICE, show_default=True)
+def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str | None, student: str | None,
+              batch_size: int, iterations: int | None, seed: int, sets: tuple[str, ...], resume: bool,
+              overwrite: bool, device: str) -> None:
+    """Fill a store with a method's images of the teacher, and the teacher's logits of those images."""
+    hparams = _parse_sets(sets)
+    if iterations is not None:
+        hparams["iterations"] = iterations
+    method_config(method, hparams)  # unknown keys fail before any loading
+    model, spec, _ = load_model(teacher, "teacher")
+    rec = Record.load(stats) if stats else None
+    stu = load_model(student, "student")[0] if student else None
+    cfg = SynthConfig(num_images=num_images, out=out, batch_size=batch_size, seed=seed, resume=resume,
+                      overwrite=overwrite, device=device)
+    writer = synthesize(model, method, cfg, image_shape=spec.image_shape, num_classes=spec.num_classes,
+                        mean=spec.mean, std=spec.std, hparams=hparams, record=rec, student=stu,
+                        teacher_spec={"path": os.path.abspath(teacher), "arch": spec.arch})
+    click.echo(f"wrote {out}: {num_images} images by {method} ({writer.meta.num_units} units of {batch_size})")
+
+
+@click.command("record")
+@click.option("--teacher", required=True, help="Teacher checkpoint.")
+@click.option("--data", required=True, help="Real data to record on (its training split).")
+@click.option("--data-root", default=None, help="Where datasets live.")
+@click.option("--layers", default=None, help="Comma-separated layer paths (default: every conv/linear but the last).")
+@click.option("--per-class", is_flag=True, help="Also record a mean amplitude spectrum per class.")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--device", default=DEVICE, show_default=True)
+@click.option("--out", required=True, help="Record file (.safetensors).")
+def record_cmd(teacher: str, data: str, data_root: str | None, layers: str | None, per_class: bool, batch_size: int,
+               device: str, out: str) -> None:
+    """One pass of the teacher over real data: per-layer channel mean/variance and mean amplitude spectra."""
+    model, spec, _ = load_model(teacher, "teacher")
+    real = load_data(data, data_root)
+    if tuple(real.image_shape) != tuple(spec.image_shape):
+        raise click.UsageError(f"the teacher takes {spec.image_shape} images but {data} holds {real.image_shape}")
+    model = model.to(device)
+    x, y = real.train_images, real.train_labels
+    batches = ((normalize(x[i:i + batch_size].to(device), spec.mean, spec.std), y[i:i + batch_size].to(device))
+               for i in range(0, len(x), batch_size))
+    chosen = [l.strip() for l in layers.split(",")] if layers else None
+    rec = record(model, batches, chosen, real.num_classes if per_class else 0, real.name)
+    size = rec.save(out)
+    data_bytes = x.numel()
+    click.echo(f"wrote {out}: {len(rec.layers)} layers ({', '.join(rec.layers)}), {rec.num_images} images; "
+               f"{size / 1024:.1f} KiB = {100 * size / data_bytes:.2f}% of the {data_bytes / 2**20:.1f} MiB of images it summarizes")

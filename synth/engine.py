@@ -1,0 +1,123 @@
+"""The synthesis engine: fills a store with a method's images and the teacher's logits of those images.
+
+It owns targets (class-balanced), per-unit seeds, resume, quantization to uint8, logits recomputed on
+the stored uint8 image, done flags, progress and provenance; a method only makes images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import store
+
+from .methods import SynthContext, create_method, method_config
+from .teacher import fingerprint
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class SynthConfig:
+    """Where and how much: image count, batch (= write unit), seed, store options, device."""
+
+    num_images: int
+    out: str
+    batch_size: int = 256
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    backend: str | None = None
+    logits_dtype: str = "float32"
+    device: str = "cpu"
+    progress: bool | None = None
+
+
+@contextlib.contextmanager
+def frozen(*models: nn.Module | None) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the duration; flags and modes restored afterwards."""
+    saved = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in models if m is not None]
+    try:
+        for m, _, _ in saved:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+        yield
+    finally:
+        for m, training, flags in saved:
+            m.train(training)
+            for p, f in zip(m.parameters(), flags):
+                p.requires_grad_(f)
+
+
+def unit_targets(lo: int, hi: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    """Class-balanced labels for samples [lo, hi) (index mod K, so the whole store is balanced), shuffled."""
+    labels = torch.arange(lo, hi) % num_classes
+    return labels[torch.randperm(hi - lo, generator=gen)]
+
+
+def quantize(x01: torch.Tensor) -> torch.Tensor:
+    """Pixel space [0, 1] -> uint8, rounding to nearest."""
+    return (x01.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, images_u8: torch.Tensor, ctx: SynthContext) -> torch.Tensor:
+    """The teacher's logits of the uint8 images exactly as stored (so targets match inputs)."""
+    return teacher(ctx.normalize(images_u8.to(ctx.device).float() / 255.0)).float().cpu()
+
+
+def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape: tuple[int, int, int],
+               num_classes: int, mean: tuple[float, ...], std: tuple[float, ...], hparams: dict[str, Any] | None = None,
+               record: Any = None, student: nn.Module | None = None, teacher_spec: dict[str, Any] | None = None
+               ) -> store.StoreWriter:
+    """Fill (or finish) the store at cfg.out with `method`'s images of `teacher`; returns the writer."""
+    config = method_config(method, hparams)  # validates names and types before anything is written
+    device = torch.device(cfg.device)
+    teacher = teacher.to(device)
+    fp = fingerprint(teacher)
+    if record is not None:
+        record.check_teacher(fp, "the statistics record")
+    provenance = {"method": method, "hparams": asdict(config), "teacher_fingerprint": fp,
+                  "teacher": teacher_spec or {}, "record": None if record is None else
+                  {"layers": record.layers, "num_images": record.num_images, "data": record.data},
+                  "dfkd_version": VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    meta = store.StoreMeta(num_samples=cfg.num_images, image_shape=tuple(image_shape), num_classes=num_classes,
+                           unit_size=cfg.batch_size, logits_dtype=cfg.logits_dtype, base_seed=cfg.seed,
+                           mean=tuple(mean), std=tuple(std), provenance=provenance)
+    show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    with frozen(teacher, student):
+        ctx = SynthContext(teacher, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record,
+                           None if student is None else student.to(device))
+        m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
+        try:
+            writer = store.create_or_resume(cfg.out, meta, resume=cfg.resume, overwrite=cfg.overwrite,
+                                            backend=cfg.backend)
+            pending = writer.pending_units()
+            bar = tqdm(pending, desc=f"{method} -> {cfg.out}", unit="batch", disable=not show)
+            done, t0 = 0, time.perf_counter()
+            for u in bar:
+                lo, hi = writer.unit_range(u)
+                gen = torch.Generator().manual_seed(writer.unit_seed(u))
+                targets = unit_targets(lo, hi, num_classes, gen)
+                with torch.enable_grad():
+                    x01, losses = m.synthesize(targets.to(device), gen)
+                images = quantize(x01.detach()).cpu()
+                logits = teacher_logits(teacher, images, ctx)
+                writer.write_unit(u, images.numpy(), logits.numpy(), targets.numpy().astype(np.int64))
+                done += hi - lo
+                bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}",
+                                **{k: f"{v:.3g}" for k, v in losses.items()})
+        finally:
+            m.close()
+    writer.finalize()
+    return writer

@@ -1,0 +1,67 @@
+"""Synthesis loss terms, each small and exact; methods sum them with weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance in fp32 (N×C, N×C×L or N×C×H×W; channels on dim 1)."""
+    x = x.float()
+    dims = [0] + list(range(2, x.dim()))
+    return x.mean(dims), x.var(dims, unbiased=False)
+
+
+def stat_loss(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's feature-distribution term: ||mu(x) - mean||_2 + ||var(x) - var||_2."""
+    mu, v = channel_stats(x)
+    return torch.linalg.vector_norm(mu - mean.float()) + torch.linalg.vector_norm(v - var.float())
+
+
+def _diffs(x: torch.Tensor) -> list[torch.Tensor]:
+    """Neighbour differences along width, height and both diagonals."""
+    return [x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
+            x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:]]
+
+
+def tv_l2(x: torch.Tensor) -> torch.Tensor:
+    """Total variation, L2 form: sum of the norms of the four neighbour-difference maps."""
+    return sum(torch.linalg.vector_norm(d) for d in _diffs(x))
+
+
+def tv_l1(x: torch.Tensor) -> torch.Tensor:
+    """Total variation, L1 form: sum of the mean absolute neighbour differences."""
+    return sum(d.abs().mean() for d in _diffs(x))
+
+
+def l2_prior(x: torch.Tensor) -> torch.Tensor:
+    """Image norm ||x||_2 (keeps pixel energy bounded)."""
+    return torch.linalg.vector_norm(x)
+
+
+def competition(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
+    """ADI's term: 1 - Jensen-Shannon(teacher, student) at T, probabilities clamped to [0.01, 0.99] as published.
+
+    Minimizing it pushes images toward where the student disagrees with the teacher.
+    """
+    p = F.softmax(student_logits.float() / temperature, dim=1)
+    q = F.softmax(teacher_logits.float() / temperature, dim=1)
+    m = (0.5 * (p + q)).clamp(0.01, 0.99)
+    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
+    kl = lambda a: F.kl_div(torch.log(a), m, reduction="batchmean")
+    return 1.0 - (0.5 * kl(p) + 0.5 * kl(q)).clamp(0.0, 1.0)
+
+
+def amplitude(x: torch.Tensor) -> torch.Tensor:
+    """Mean amplitude spectrum over the batch: 2-D FFT per channel for maps, 1-D for vectors (fp32)."""
+    x = x.float()
+    spec = torch.fft.rfft2(x, norm="ortho") if x.dim() == 4 else torch.fft.rfft(x.flatten(2) if x.dim() == 3 else x, norm="ortho")
+    return spec.abs().mean(0)
+
+
+def spectral_loss(x: torch.Tensor, ref_amplitude: torch.Tensor) -> torch.Tensor:
+    """Relative L2 distance between the batch's mean amplitude spectrum and a recorded one (0 when equal)."""
+    a = amplitude(x)
+    ref = ref_amplitude.float().to(a.device)
+    return torch.linalg.vector_norm(a - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-12)

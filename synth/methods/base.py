@@ -1,0 +1,109 @@
+"""The method contract and registry: a method turns (teacher, target labels, generator) into images.
+
+Everything else (seeds, units, resume, quantization, logits, progress, provenance, writing) is the
+engine's. Hyper-parameters are dataclass fields, so every weight is exposed and recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from store.errors import DfkdError
+
+
+class MethodError(DfkdError):
+    """An unknown method, a bad hyper-parameter, or a teacher the method cannot serve."""
+
+
+@dataclass
+class SynthContext:
+    """What a method may use: the frozen teacher, data geometry, normalization, optional record/student."""
+
+    teacher: nn.Module
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    teacher_fingerprint: str = ""
+    record: Any = None          # a synth.record.Record, for stat/spectral matching of recorded layers
+    student: nn.Module | None = None  # for ADI's competition term
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """Pixel space [0, 1] -> teacher input."""
+        m = torch.tensor(self.mean, device=x01.device).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, device=x01.device).view(1, -1, 1, 1)
+        return (x01 - m) / s
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher input -> pixel space [0, 1] (not clipped)."""
+        m = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return x * s + m
+
+
+class Method:
+    """Base of every synthesis method; subclasses declare `Config` (a dataclass) and `synthesize`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, ctx: SynthContext, config: Any) -> None:
+        self.ctx, self.config = ctx, config
+
+    def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Images in pixel space [0, 1], B×C×H×W, for these target labels; plus final loss values."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release hooks and anything else attached to the teacher."""
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its `name`."""
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The method's config with defaults, overridden by `overrides` (unknown keys refused)."""
+    if name not in _METHODS:
+        raise MethodError(f"unknown synthesis method {name!r}; choose one of {', '.join(list_methods())}")
+    cls = _METHODS[name].Config
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    overrides = dict(overrides or {})
+    bad = sorted(set(overrides) - set(fields))
+    if bad:
+        raise MethodError(f"method {name!r} has no hyper-parameter {bad[0]!r}; it takes {', '.join(fields)}")
+    typed = {}
+    for k, v in overrides.items():
+        default = getattr(cls(), k)
+        try:
+            if isinstance(default, bool) and isinstance(v, str):
+                if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(v)
+                typed[k] = v.lower() in ("1", "true", "yes")
+            elif isinstance(default, (int, float, str)) and not isinstance(v, type(default)):
+                typed[k] = type(default)(v)
+            else:
+                typed[k] = v
+        except (TypeError, ValueError):
+            raise MethodError(f"{name}.{k} must be {type(default).__name__}, got {v!r}") from None
+    return cls(**typed)
+
+
+def create_method(name: str, ctx: SynthContext, overrides: dict[str, Any] | None = None) -> Method:
+    """Build a method by name for this context."""
+    return _METHODS[name](ctx, method_config(name, overrides)) if name in _METHODS else method_config(name)

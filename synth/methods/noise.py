@@ -1,0 +1,27 @@
+"""Gaussian noise images, labelled by the teacher: the floor every synthesis method must beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Method, register_method
+
+
+@dataclass
+class NoiseConfig:
+    """Pixels ~ N(mean, sigma) in [0, 1] pixel space, clipped."""
+
+    mean: float = 0.5
+    sigma: float = 0.25
+
+
+@register_method
+class Noise(Method):
+    name = "noise"
+    Config = NoiseConfig
+
+    def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        x = torch.randn((len(targets), *self.ctx.image_shape), generator=gen) * self.config.sigma + self.config.mean
+        return x.clamp(0, 1).to(self.ctx.device), {}

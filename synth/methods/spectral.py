@@ -1,0 +1,44 @@
+"""Spectral feature matching: the mean amplitude spectrum of chosen layers' outputs is pulled toward
+the spectrum recorded on real data (2-D FFT per channel for maps, 1-D for vectors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..hooks import FeatureHooks
+from ..losses import spectral_loss
+from .base import MethodError, SynthContext, register_method
+from .inversion import InversionConfig, InversionMethod
+
+
+@dataclass
+class SpectralConfig(InversionConfig):
+    """CE + spectral distance per layer; `layers`: comma-separated paths (default: every recorded layer)."""
+
+    w_spectral: float = 1.0
+    layers: str = ""
+
+
+@register_method
+class Spectral(InversionMethod):
+    name = "spectral"
+    Config = SpectralConfig
+
+    def __init__(self, ctx: SynthContext, config: SpectralConfig) -> None:
+        super().__init__(ctx, config)
+        if ctx.record is None:
+            raise MethodError("spectral needs a spectral record of the teacher on real data; make one with "
+                              "`dfkd record --teacher T --data D --out R.safetensors` and pass --stats R.safetensors")
+        paths = [l.strip() for l in config.layers.split(",") if l.strip()] or list(ctx.record.layers)
+        missing = [p for p in paths if p not in ctx.record.amplitude]
+        if missing:
+            raise MethodError(f"the record has no spectrum for layer {missing[0]!r}; it holds {ctx.record.layers}")
+        self.refs = {p: ctx.record.amplitude[p].to(ctx.device) for p in paths}
+        self.hooks = FeatureHooks(ctx.teacher, paths, capture="output").__enter__()
+
+    def terms(self, x, logits, targets):
+        total = sum(spectral_loss(self.hooks.captured[p], ref) for p, ref in self.refs.items())
+        return {"spectral": self.config.w_spectral * total}
+
+    def close(self) -> None:
+        self.hooks.remove()

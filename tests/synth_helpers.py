@@ -1,0 +1,37 @@
+"""Tiny teachers for synthesis tests, and a killable synthesis run for subprocesses."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from distill.checkpoint import ModelSpec, save_model
+
+SHAPE = (1, 8, 8)
+MEAN, STD = (0.3,), (0.4,)
+
+
+def tiny_teacher(bn: bool = True, seed: int = 0) -> tuple[nn.Module, ModelSpec]:
+    """A LeNet-5 (with or without BN) on 1×8×8 with BN statistics moved off their init by a few batches."""
+    torch.manual_seed(seed)
+    spec = ModelSpec("lenet5_bn" if bn else "lenet5", 10, 1, 8, MEAN, STD)
+    model = spec.build()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(64, *SHAPE) * 0.8 + 0.2)
+    return model.eval(), spec
+
+
+def save_tiny_teacher(path: str, bn: bool = True) -> None:
+    model, spec = tiny_teacher(bn)
+    save_model(path, model, spec)
+
+
+if __name__ == "__main__":  # python -m tests.synth_helpers TEACHER OUT: a slow run, to be killed and resumed
+    from pipelines.cli import cli
+
+    cli(["synth", "--teacher", sys.argv[1], "--method", "deepinversion", "--num-images", "160", "--batch-size", "16",
+         "--iterations", sys.argv[3], "--out", sys.argv[2], "--resume", "--device", "cpu"], standalone_mode=True)
