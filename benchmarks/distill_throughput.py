@@ -69,11 +69,26 @@ def floor_ms(students: list[str], images: torch.Tensor, logits: torch.Tensor, ba
     return 1000 * statistics.median(times)
 
 
+def data_path_ms(source, epochs: int) -> float:
+    """Median ms per batch to read a store batch and turn it into normalized float input, with no model."""
+    times = []
+    for e in range(epochs + 1):
+        source.set_epoch(e)
+        t = time.perf_counter()
+        n = 0
+        for images, logits, _ in source:
+            normalize(images, MEAN, STD), logits.float()
+            n += 1
+        if e:
+            times.append((time.perf_counter() - t) / n)
+    return 1000 * statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-samples", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=2, help="measured epochs (after one warm-up)")
+    p.add_argument("--epochs", type=int, default=3, help="measured epochs (after one warm-up)")
     args = p.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -92,6 +107,7 @@ def main() -> None:
             floor = floor_ms(students, tensors, logits, args.batch_size, 60)
             step = run_ms(src(), students, args.epochs)
             rows.append((f"{len(students)} student(s), stored logits", step, floor))
+        data = data_path_ms(src(), args.epochs)
         separate = sum(run_ms(src(), [s], args.epochs) for s in STUDENTS)
         online = run_ms(TensorSource(tensors, torch.zeros(len(tensors), dtype=torch.long), K, MEAN, STD,
                                      args.batch_size), STUDENTS[:1], args.epochs, teacher=teacher)
@@ -103,6 +119,8 @@ def main() -> None:
     for name, step, floor in rows:
         print(f"| {name} | {step:.2f} | {floor:.2f} | {100 * (step / floor - 1):+.1f}% |")
     print(f"| 3 students, three separate runs (sum) | {separate:.2f} | | |")
+    print(f"| data path alone (store read + normalize, no model) | {data:.2f} | {rows[0][2]:.2f} | "
+          f"{100 * data / rows[0][2]:.1f}% of the 1-student floor |")
     print(f"| 1 student ({STUDENTS[0]}), classical KD with online teacher | {online:.2f} | {rows[0][2]:.2f} | "
           f"{100 * (online / rows[0][2] - 1):+.1f}% |")
     print()

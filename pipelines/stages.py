@@ -78,7 +78,8 @@ def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], wh
 @click.option("--data-root", default=None, help="Where datasets live (default $DFKD_DATA or ~/.cache/dfkd/data).")
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="adam", show_default=True,
+              help="adam by default: SGD at lr 0.05 let a BN-free LeNet-5-half collapse under KD (BENCHMARKS.md).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--temperature", type=float, default=4.0, show_default=True, help="KD temperature T (loss x T^2).")
