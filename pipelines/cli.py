@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-import store
 from store.errors import DfkdError
 
 VERSION = "0.1.0"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -53,7 +52,7 @@ def train_teacher(arch: str, data: str, data_root: str | None, epochs: int, batc
                       objective=Objective(kd=0.0, ce_label=1.0), device=device)
     trainer = Trainer(src, [StudentSpec(arch, optimizer, lr, weight_decay=weight_decay)], cfg,
                       eval_data=(real.test_images, real.test_labels))
-    metrics = trainer.fit()
+    trainer.fit()
     s = trainer.students[0]
     top1 = s.history[-1]["test_top1"]
     save_model(out, s.model, s.spec, {"data": real.name, "test_top1": top1, "epochs": epochs, "history": s.history})

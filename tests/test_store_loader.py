@@ -1,6 +1,5 @@
 """The streaming loader: equal batches per rank, disjoint samples, seeded shuffles, done units only."""
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader

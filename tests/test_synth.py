@@ -18,8 +18,8 @@ from pipelines.cli import cli
 from synth import losses
 from synth.engine import SynthConfig, frozen, synthesize
 from synth.hooks import FeatureHooks, HookError, bn_layers
-from synth.methods import MethodError, SynthContext, create_method
-from synth.record import Record, RecordError, record
+from synth.methods import SynthContext, create_method
+from synth.record import Record, record
 from synth.teacher import fingerprint
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 

@@ -2,7 +2,8 @@
 
 Images are optimized in the teacher's input space from Gaussian noise with Adam and a cosine
 schedule, under random jitter (roll) and flips; pixels are kept in the valid range; each image keeps
-its best iterate (lowest cross-entropy to its target). Subclasses only add loss terms.
+its best iterate (lowest cross-entropy to its target; `keep_best=false` keeps the last). Subclasses
+only add loss terms.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Method, SynthContext
+from .base import Method
 
 
 @dataclass
@@ -27,6 +28,7 @@ class InversionConfig:
     jitter: int = 2
     flip: bool = True
     w_ce: float = 1.0
+    keep_best: bool = True
 
 
 class InversionMethod(Method):
@@ -73,5 +75,5 @@ class InversionMethod(Method):
                 x.copy_(torch.maximum(torch.minimum(x, hi), lo))
             last = {k: float(v.detach()) for k, v in parts.items()}
             last["total"] = float(loss.detach())
-        out = best if cfg.w_ce else x.detach()
+        out = best if (cfg.w_ce and cfg.keep_best) else x.detach()
         return ctx.denormalize(out).clamp(0, 1), last
