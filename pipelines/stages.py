@@ -10,7 +10,7 @@ import click
 from distill.checkpoint import ModelSpec, load_model, save_model
 from distill.evaluate import accuracy
 from distill.losses import Objective
-from distill.models import create_model
+from distill.models import check_model_name
 from distill.sources import StoreSource, TensorSource
 from distill.trainer import StudentSpec, TrainConfig, Trainer, TrainError
 
@@ -99,7 +99,7 @@ def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str
     if (store_path is None) == (kd_data is None):
         raise click.UsageError("give exactly one of --store (data-free) or --kd-data (classical KD on real data)")
     for name in students:
-        create_model(name, 10, 1, 28) if ":" not in name else None  # unknown names fail here, before any work
+        check_model_name(name)  # unknown names fail here, before any data is loaded
     t_model, t_spec = None, None
     if teacher is not None:
         t_model, t_spec, _ = load_model(teacher, "teacher")

@@ -1,4 +1,4 @@
-"""The teacher as the synthesis stage sees it: frozen, in eval mode, identified by a fingerprint."""
+"""The teacher's identity: a fingerprint that ties a store or a record to one set of weights."""
 
 from __future__ import annotations
 
@@ -16,11 +16,3 @@ def fingerprint(model: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode and no parameter gradients: synthesis only ever needs gradients for the inputs."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model

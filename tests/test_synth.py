@@ -162,7 +162,7 @@ def test_stored_logits_are_the_teachers_on_stored_images(tmp_path):
 
 def test_same_seed_same_store_other_seed_other_images(tmp_path):
     teacher, _ = tiny_teacher()
-    kw = dict(image_shape=SHAPE, num_classes=10, mean=MEAN, std=STD, hparams={"iterations": 2})
+    kw = {"image_shape": SHAPE, "num_classes": 10, "mean": MEAN, "std": STD, "hparams": {"iterations": 2}}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         synthesize(teacher, "stat", SynthConfig(num_images=48, out=str(tmp_path / f"{name}.zarr"), batch_size=16,
                                                 seed=seed), **kw)

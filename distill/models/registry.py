@@ -28,6 +28,13 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def check_model_name(name: str) -> None:
+    """Refuse an unknown zoo name up front (prefixed names are checked when built)."""
+    if name not in _MODELS and not name.startswith(("torchvision:", "timm:")) and ":" not in name:
+        raise ModelError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, "
+                         "or torchvision:NAME, timm:NAME, package.module:factory")
+
+
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **kwargs: Any) -> nn.Module:
     """Build a model by zoo name, `torchvision:NAME`, `timm:NAME` or `package.module:factory`."""
     if name in _MODELS:
@@ -49,8 +56,8 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
             raise ModelError(f"cannot import model factory {name!r} ({exc}); give package.module:function "
                              "importable from here") from None
         return factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
-    raise ModelError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, "
-                     "or torchvision:NAME, timm:NAME, package.module:factory")
+    check_model_name(name)
+    raise AssertionError("unreachable: check_model_name refuses every other name")
 
 
 def _torchvision(arch: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:

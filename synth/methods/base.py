@@ -64,6 +64,11 @@ class Method:
         """Release hooks and anything else attached to the teacher."""
 
 
+def layer_list(text: str, default: list[str]) -> list[str]:
+    """Comma-separated layer paths from a hyper-parameter, or `default` when it is empty."""
+    return [p.strip() for p in text.split(",") if p.strip()] or list(default)
+
+
 _METHODS: dict[str, type[Method]] = {}
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..hooks import FeatureHooks, bn_layers
 from ..losses import competition, l2_prior, stat_loss, tv_l1, tv_l2
-from .base import MethodError, SynthContext, register_method
+from .base import MethodError, SynthContext, layer_list, register_method
 from .inversion import InversionConfig, InversionMethod
 
 
@@ -21,16 +21,15 @@ class StatTerms:
     """Hooks on the matched layers and their reference (mean, var); removed by `close`."""
 
     def __init__(self, ctx: SynthContext, layers: str, method: str) -> None:
-        chosen = [l.strip() for l in layers.split(",") if l.strip()]
         if ctx.record is not None:
-            paths = chosen or list(ctx.record.layers)
+            paths = layer_list(layers, ctx.record.layers)
             missing = [p for p in paths if p not in ctx.record.mean]
             if missing:
                 raise MethodError(f"the record has no statistics for layer {missing[0]!r}; it holds {ctx.record.layers}")
             self.refs = {p: (ctx.record.mean[p].to(ctx.device), ctx.record.var[p].to(ctx.device)) for p in paths}
             capture = "output"
         else:
-            paths = chosen or bn_layers(ctx.teacher)
+            paths = layer_list(layers, bn_layers(ctx.teacher))
             if not paths:
                 raise MethodError(f"{method} needs BatchNorm statistics, and this teacher has no BatchNorm layers; "
                                   "record statistics on real data with `dfkd record` and pass --stats FILE")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..hooks import FeatureHooks
 from ..losses import spectral_loss
-from .base import MethodError, SynthContext, register_method
+from .base import MethodError, SynthContext, layer_list, register_method
 from .inversion import InversionConfig, InversionMethod
 
 
@@ -29,7 +29,7 @@ class Spectral(InversionMethod):
         if ctx.record is None:
             raise MethodError("spectral needs a spectral record of the teacher on real data; make one with "
                               "`dfkd record --teacher T --data D --out R.safetensors` and pass --stats R.safetensors")
-        paths = [l.strip() for l in config.layers.split(",") if l.strip()] or list(ctx.record.layers)
+        paths = layer_list(config.layers, ctx.record.layers)
         missing = [p for p in paths if p not in ctx.record.amplitude]
         if missing:
             raise MethodError(f"the record has no spectrum for layer {missing[0]!r}; it holds {ctx.record.layers}")
