@@ -1,7 +1,7 @@
 """Distillation throughput: ms per step for 1 and 3 students from a store, beside the bare student
 forward+backward+step (the floor) measured in the same run, and stored logits beside an online teacher.
 
-    python -m benchmarks.distill_throughput [--num-samples 20000] [--batch-size 256] [--epochs 2]
+    python -m benchmarks.distill_throughput [--num-samples 20000] [--batch-size 256] [--epochs 1] [--rounds 3]
 
 Teacher LeNet-5-BN and students LeNet-5-half (DAFL), LeNet-5-half (ZSKD), LeNet-5 at 1×28×28, random
 weights and random pixels (speed does not depend on them). Times are medians over epochs after a
@@ -84,11 +84,17 @@ def data_path_ms(source, epochs: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def online_source(tensors: torch.Tensor, batch: int) -> TensorSource:
+    """Real-data source for classical KD (the teacher relabels every batch online)."""
+    return TensorSource(tensors, torch.zeros(len(tensors), dtype=torch.long), K, MEAN, STD, batch)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-samples", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=3, help="measured epochs (after one warm-up)")
+    p.add_argument("--epochs", type=int, default=1, help="measured epochs per run (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds")
     args = p.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -97,35 +103,46 @@ def main() -> None:
     with torch.no_grad():
         logits = torch.cat([teacher(normalize(torch.from_numpy(images[i:i + 4096]), MEAN, STD))
                             for i in range(0, len(images), 4096)])
+    tensors = torch.from_numpy(images)
+    b, e = args.batch_size, args.epochs
+    runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "bench.zarr")
         make_store(path, images, logits.numpy())
-        src = lambda: StoreSource(path, args.batch_size)
-        tensors = torch.from_numpy(images)
-        rows = []
-        for students in (STUDENTS[:1], STUDENTS):
-            floor = floor_ms(students, tensors, logits, args.batch_size, 60)
-            step = run_ms(src(), students, args.epochs)
-            rows.append((f"{len(students)} student(s), stored logits", step, floor))
-        data = data_path_ms(src(), args.epochs)
-        separate = sum(run_ms(src(), [s], args.epochs) for s in STUDENTS)
-        online = run_ms(TensorSource(tensors, torch.zeros(len(tensors), dtype=torch.long), K, MEAN, STD,
-                                     args.batch_size), STUDENTS[:1], args.epochs, teacher=teacher)
-    print(f"distill throughput: {args.num_samples} samples 1x28x28, batch {args.batch_size}, teacher lenet5_bn; "
-          f"{os.cpu_count()} cores {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        src = lambda: StoreSource(path, b)
+        cases = {  # every case once per round, rounds alternate the order, so all see the same machine state
+            "floor, 1 student": lambda: floor_ms(STUDENTS[:1], tensors, logits, b, 60),
+            "floor, 3 students": lambda: floor_ms(STUDENTS, tensors, logits, b, 60),
+            "stored, 1 student": lambda: run_ms(src(), STUDENTS[:1], e),
+            "stored, 3 students one pass": lambda: run_ms(src(), STUDENTS, e),
+            "stored, 3 separate runs": lambda: sum(run_ms(src(), [s], e) for s in STUDENTS),
+            "online, 1 student": lambda: run_ms(online_source(tensors, b), STUDENTS[:1], e, teacher),
+            "online, 3 students one pass": lambda: run_ms(online_source(tensors, b), STUDENTS, e, teacher),
+            "online, 3 separate runs": lambda: sum(run_ms(online_source(tensors, b), [s], e, teacher) for s in STUDENTS),
+            "data path": lambda: data_path_ms(src(), e),
+        }
+        for r in range(args.rounds):
+            for name in (list(cases) if r % 2 == 0 else list(reversed(cases))):
+                runs.setdefault(name, []).append(cases[name]())
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    ratio = lambda a, c: statistics.median(x / y for x, y in zip(runs[a], runs[c]))
+    print(f"distill throughput: {args.num_samples} samples 1x28x28, batch {b}, teacher lenet5_bn, students "
+          f"{', '.join(STUDENTS)}; {os.cpu_count()} cores {platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; medians of {args.rounds} interleaved rounds")
     print()
-    print("| run | ms/step | floor ms/step (bare fwd+bwd+step) | overhead vs floor |")
-    print("|---|---:|---:|---:|")
-    for name, step, floor in rows:
-        print(f"| {name} | {step:.2f} | {floor:.2f} | {100 * (step / floor - 1):+.1f}% |")
-    print(f"| 3 students, three separate runs (sum) | {separate:.2f} | | |")
-    print(f"| data path alone (store read + normalize, no model) | {data:.2f} | {rows[0][2]:.2f} | "
-          f"{100 * data / rows[0][2]:.1f}% of the 1-student floor |")
-    print(f"| 1 student ({STUDENTS[0]}), classical KD with online teacher | {online:.2f} | {rows[0][2]:.2f} | "
-          f"{100 * (online / rows[0][2] - 1):+.1f}% |")
+    print("| run | ms/step | floor ms/step | vs floor | one pass / separate runs |")
+    print("|---|---:|---:|---:|---:|")
+    f1, f3 = med["floor, 1 student"], med["floor, 3 students"]
+    for name, floor in (("stored, 1 student", f1), ("stored, 3 students one pass", f3), ("stored, 3 separate runs", f3),
+                        ("online, 1 student", f1), ("online, 3 students one pass", f3), ("online, 3 separate runs", f3)):
+        rel = ""
+        if name.endswith("one pass"):
+            rel = f"{ratio(name, name.replace('students one pass', 'separate runs')):.2f}"
+        print(f"| {name} | {med[name]:.2f} | {floor:.2f} | {med[name] / floor:.2f}x | {rel} |")
+    print(f"| data path alone (store read + normalize, no model) | {med['data path']:.2f} | {f1:.2f} | "
+          f"{100 * med['data path'] / f1:.1f}% of the 1-student floor | |")
     print()
-    print(f"three students in one pass: {rows[1][1]:.2f} ms/step vs {separate:.2f} for three runs "
-          f"({separate / rows[1][1]:.2f}x); stored logits vs online teacher: {online / rows[0][1]:.2f}x faster")
+    print(f"stored logits vs online teacher, 1 student: {med['online, 1 student'] / med['stored, 1 student']:.2f}x faster")
 
 
 if __name__ == "__main__":

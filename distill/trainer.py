@@ -174,7 +174,8 @@ class Trainer:
             t0 = time.perf_counter()
             self.source.set_epoch(epoch)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            sums = {s.name: [0.0, 0, 0] for s in self.students}  # loss sum, agreeing, seen
+            zero = lambda: torch.zeros((), device=self.device)
+            sums = {s.name: [zero(), zero(), 0] for s in self.students}  # loss sum, agreeing (on device), seen
             for s in self.students:
                 s.model.train()
             bar = tqdm(self.source, total=len(self.source), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
@@ -195,15 +196,18 @@ class Trainer:
                     loss.backward()
                     s.optimizer.step()
                     s.scheduler.step()
-                    acc = sums[s.name]
-                    acc[0] += float(loss.detach()) * len(x)
-                    acc[1] += int((out.argmax(1) == ref).sum()) if ref is not None else 0
+                    acc = sums[s.name]  # summed on the device: no host sync per step
+                    acc[0] += loss.detach() * len(x)
+                    if ref is not None:
+                        acc[1] += (out.argmax(1) == ref).sum()
                     acc[2] += len(x)
-                bar.set_postfix({s.name: f"{sums[s.name][0] / max(1, sums[s.name][2]):.3f}" for s in self.students})
+                if show and bar.n % 20 == 0:  # reading the sums syncs the device, so only now and then
+                    bar.set_postfix({s.name: f"{float(sums[s.name][0]) / max(1, sums[s.name][2]):.3f}"
+                                     for s in self.students})
             seconds = time.perf_counter() - t0
             evaluate = self.eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
             for s in self.students:
-                loss_sum, agree, seen = sums[s.name]
+                loss_sum, agree, seen = float(sums[s.name][0]), int(sums[s.name][1]), sums[s.name][2]
                 row = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_agreement": agree / max(1, seen),
                        "seconds": round(seconds, 3)}
                 if evaluate:

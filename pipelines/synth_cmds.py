@@ -9,9 +9,11 @@ import click
 import torch
 
 from distill.augment import normalize
-from distill.checkpoint import load_model
+from distill.checkpoint import ModelSpec, load_model, save_model
+from distill.models import check_model_name
 from synth.engine import SynthConfig, synthesize
-from synth.methods import list_methods, method_config
+from synth.methods import list_methods, method_class, method_config
+from synth.methods.generative import GenerativeMethod, artifact_prefix
 from synth.record import Record, record
 
 from .data import load_data
@@ -35,7 +37,12 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--num-images", type=int, required=True, help="Images in the store.")
 @click.option("--out", required=True, help="Store path (*.zarr, or *.wds for WebDataset).")
 @click.option("--stats", default=None, help="Record from dfkd record: statistics/spectra of chosen layers.")
-@click.option("--student", default=None, help="Student checkpoint (adi's competitor).")
+@click.option("--student", default=None,
+              help="adi: the competing student's checkpoint. adversarial/dafl: the proxy student, a zoo name "
+                   "(e.g. lenet5_half) or a checkpoint to start from; it is saved as <store stem>.student.pt.")
+@click.option("--generator", default=None, help="adversarial/dafl: fill the store from this saved generator "
+                                                 "(<stem>.generator.pt) instead of training one.")
+@click.option("--rounds", type=int, default=None, help="adversarial/dafl: generator training rounds (the budget).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch = per write unit.")
 @click.option("--iterations", type=int, default=None, help="Optimization steps per batch (inversion methods).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -44,22 +51,48 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--device", default=DEVICE, show_default=True)
 def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str | None, student: str | None,
-              batch_size: int, iterations: int | None, seed: int, sets: tuple[str, ...], resume: bool,
-              overwrite: bool, device: str) -> None:
-    """Fill a store with a method's images of the teacher, and the teacher's logits of those images."""
+              generator: str | None, rounds: int | None, batch_size: int, iterations: int | None, seed: int,
+              sets: tuple[str, ...], resume: bool, overwrite: bool, device: str) -> None:
+    """Fill a store with a method's images of the teacher, and the teacher's logits of those images.
+
+    Generator methods (adversarial, dafl) first train a generator and a proxy student (checkpointed beside
+    the store, continued by --resume), then fill the store by sampling the generator.
+    """
     hparams = _parse_sets(sets)
-    if iterations is not None:
-        hparams["iterations"] = iterations
+    for key, value in (("iterations", iterations), ("rounds", rounds), ("generator", generator)):
+        if value is not None:
+            hparams[key] = value
+    generative = issubclass(method_class(method), GenerativeMethod)
     method_config(method, hparams)  # unknown keys fail before any loading
     model, spec, _ = load_model(teacher, "teacher")
     rec = Record.load(stats) if stats else None
-    stu = load_model(student, "student")[0] if student else None
+    stu, stu_spec = _student(student, spec, generative) if student else (None, None)
     cfg = SynthConfig(num_images=num_images, out=out, batch_size=batch_size, seed=seed, resume=resume,
                       overwrite=overwrite, device=device)
     writer = synthesize(model, method, cfg, image_shape=spec.image_shape, num_classes=spec.num_classes,
                         mean=spec.mean, std=spec.std, hparams=hparams, record=rec, student=stu,
                         teacher_spec={"path": os.path.abspath(teacher), "arch": spec.arch})
     click.echo(f"wrote {out}: {num_images} images by {method} ({writer.meta.num_units} units of {batch_size})")
+    if generative and not generator:
+        prefix = artifact_prefix(out)
+        save_model(f"{prefix}.student.pt", stu.cpu(), stu_spec, {"trained_by": method, "store": out})
+        click.echo(f"generator: {prefix}.generator.pt; proxy student ({stu_spec.arch}): {prefix}.student.pt")
+
+
+def _student(student: str, teacher: ModelSpec, generative: bool) -> tuple[torch.nn.Module, ModelSpec]:
+    """The student: a checkpoint, or (for generator methods, which train it) a fresh zoo model."""
+    if os.path.isfile(student) or not generative:
+        model, spec, _ = load_model(student, "student")
+    else:
+        check_model_name(student)
+        spec = ModelSpec(student, teacher.num_classes, teacher.in_channels, teacher.image_size, teacher.mean,
+                         teacher.std)
+        torch.manual_seed(0)
+        model = spec.build()
+    if (spec.num_classes, spec.image_shape) != (teacher.num_classes, teacher.image_shape):
+        raise click.UsageError(f"the student {student} is for {spec.num_classes} classes of {spec.image_shape} images "
+                               f"but the teacher has {teacher.num_classes} classes of {teacher.image_shape}")
+    return model, spec
 
 
 @click.command("record")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 import store
 
 from .methods import SynthContext, create_method, method_config
+from .methods.generative import artifact_prefix
 from .teacher import fingerprint
 
 VERSION = "0.1.0"
@@ -103,6 +104,8 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
             writer = store.create_or_resume(cfg.out, meta, resume=cfg.resume, overwrite=cfg.overwrite,
                                             backend=cfg.backend)
             pending = writer.pending_units()
+            if pending and hasattr(m, "prepare"):  # generator methods train before they can sample
+                m.prepare(artifact_prefix(cfg.out), resume=cfg.resume, seed=cfg.seed, show=show)
             bar = tqdm(pending, desc=f"{method} -> {cfg.out}", unit="batch", disable=not show)
             done, t0 = 0, time.perf_counter()
             for u in bar:
@@ -113,7 +116,8 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
                     x01, losses = m.synthesize(targets.to(device), gen)
                 images = quantize(x01.detach()).cpu()
                 logits = teacher_logits(teacher, images, ctx)
-                writer.write_unit(u, images.numpy(), logits.numpy(), targets.numpy().astype(np.int64))
+                labels = logits.argmax(1) if getattr(m, "labels_from_teacher", False) else targets
+                writer.write_unit(u, images.numpy(), logits.numpy(), labels.cpu().numpy().astype(np.int64))
                 done += hi - lo
                 bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}",
                                 **{k: f"{v:.3g}" for k, v in losses.items()})

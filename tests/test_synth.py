@@ -35,6 +35,18 @@ def test_stat_loss_hand_computed():
     assert losses.stat_loss(v, torch.zeros(2), torch.zeros(2)).item() == pytest.approx(math.sqrt(20) + math.sqrt(17))
 
 
+@pytest.mark.parametrize("shape", [(4, 3), (3, 2, 5), (2, 3, 4, 5)])
+def test_channel_stats_gradient_matches_autograd(shape):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: losses.channel_stats(t), (x,))
+    mean, var = losses.channel_stats(x)
+    dims = [0] + list(range(2, x.dim()))
+    assert torch.allclose(mean, x.mean(dims)) and torch.allclose(var, x.var(dims, unbiased=False))
+    (g_only_var,) = torch.autograd.grad(losses.channel_stats(x)[1].sum(), x)  # one output unused
+    (ref,) = torch.autograd.grad(x.var(dims, unbiased=False).sum(), x)
+    assert torch.allclose(g_only_var, ref)
+
+
 def test_tv_and_l2_hand_computed():
     x = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
     # width diffs (-1, -2), height (-2, -3), anti-diagonal x[1,0]-x[0,1] = 1, diagonal x[0,0]-x[1,1] = -4

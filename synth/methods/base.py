@@ -82,6 +82,13 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_class(name: str) -> type[Method]:
+    """The registered class of a method (unknown names get the usual one-line error)."""
+    if name not in _METHODS:
+        method_config(name)
+    return _METHODS[name]
+
+
 def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The method's config with defaults, overridden by `overrides` (unknown keys refused)."""
     if name not in _METHODS:

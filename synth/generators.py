@@ -1,0 +1,114 @@
+"""Generators G(z) -> images for the generative methods: a registry, the DCGAN-style family, checkpoints.
+
+Generators emit pixel space [0, 1] (tanh mapped to [0, 1]); methods normalize for the teacher. So what
+the teacher saw in training is what the store holds, up to uint8 rounding. (The published DAFL/DFAD
+generators end with tanh + a non-affine BatchNorm in the teacher's input space; values outside the
+valid pixel range there would be clipped in a store.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from store.errors import DfkdError
+
+FORMAT = "dfkd-generator"
+
+
+class GeneratorError(DfkdError):
+    """A generator that cannot be built for this image shape, or a generator file that does not fit."""
+
+
+@dataclass
+class GeneratorSpec:
+    """What rebuilds a generator: architecture, latent size, output image shape, base width."""
+
+    arch: str
+    latent_dim: int
+    image_shape: tuple[int, int, int]
+    width: int
+
+    def build(self) -> nn.Module:
+        return create_generator(self.arch, self.latent_dim, self.image_shape, self.width)
+
+
+_GENERATORS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_generator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: make a generator factory available by its function name."""
+    _GENERATORS[fn.__name__] = fn
+    return fn
+
+
+def list_generators() -> list[str]:
+    return sorted(_GENERATORS)
+
+
+def create_generator(arch: str, latent_dim: int, image_shape: tuple[int, int, int], width: int = 64) -> nn.Module:
+    """Build a generator by name for (latent size, C×H×W output)."""
+    if arch not in _GENERATORS:
+        raise GeneratorError(f"unknown generator {arch!r}; choose one of {', '.join(list_generators())}")
+    return _GENERATORS[arch](latent_dim, tuple(image_shape), width)
+
+
+class DCGAN(nn.Module):
+    """DCGAN-style generator of DAFL/DFAD: linear to (2w)×(H/4)×(W/4), two nearest ×2 upsamplings, 3×3 convs."""
+
+    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], width: int) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        if h % 4 or w % 4 or h < 4 or w < 4:
+            raise GeneratorError(f"the dcgan generator makes images whose sides are multiples of 4; "
+                                 f"{h}×{w} is not (resize the teacher's input, or register another generator)")
+        self.latent_dim, self.image_shape, self.init = latent_dim, (c, h, w), (h // 4, w // 4)
+        self.project = nn.Linear(latent_dim, 2 * width * self.init[0] * self.init[1])
+        self.bn0 = nn.BatchNorm2d(2 * width)
+        self.up1 = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+                                 nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True))
+        self.up2 = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, padding=1),
+                                 nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True),
+                                 nn.Conv2d(width, c, 3, padding=1), nn.Tanh())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise GeneratorError(f"this generator takes latent vectors of size {self.latent_dim}, got {tuple(z.shape)}")
+        x = self.bn0(self.project(z).view(len(z), -1, *self.init))
+        return (self.up2(self.up1(x)) + 1) / 2  # pixel space [0, 1]
+
+
+@register_generator
+def dcgan(latent_dim: int, image_shape: tuple[int, int, int], width: int = 64) -> nn.Module:
+    """DAFL/DFAD's generator ("GeneratorA"), any channel count, sides a multiple of 4."""
+    return DCGAN(latent_dim, image_shape, width)
+
+
+def save_generator(path: str, model: nn.Module, spec: GeneratorSpec, extra: dict[str, Any] | None = None) -> None:
+    """Self-describing generator file (spec + weights + plain metadata), written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save({"format": FORMAT, "spec": {**asdict(spec), "image_shape": list(spec.image_shape)},
+                "state_dict": model.state_dict(), "extra": extra or {}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_generator(path: str) -> tuple[nn.Module, GeneratorSpec, dict[str, Any]]:
+    """Rebuild a generator from its file alone (weights_only: opening it never runs code)."""
+    if not os.path.exists(path):
+        raise GeneratorError(f"generator file {path} does not exist; train one with dfkd synth --method adversarial|dafl")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise GeneratorError(f"{path} is not a readable generator file ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise GeneratorError(f"{path} is not a dfkd generator file; pass the *.generator.pt written by dfkd synth")
+    s = blob["spec"]
+    spec = GeneratorSpec(s["arch"], int(s["latent_dim"]), tuple(int(v) for v in s["image_shape"]), int(s["width"]))
+    model = spec.build()
+    model.load_state_dict(blob["state_dict"])
+    return model, spec, blob.get("extra", {})

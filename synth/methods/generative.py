@@ -1,0 +1,339 @@
+"""Generator methods: adversarial distillation (DFAD / ZSKT) and DAFL.
+
+A generator G(z) is trained against the frozen teacher (and, for `adversarial`, a proxy student that
+learns on G's samples); the engine then fills the store by sampling G per write unit, labelling each
+image by the teacher's argmax. Training is one loop with a pluggable round, checkpointed every few
+rounds beside the store (`<stem>.generator-train.pt`), so an interrupted run continues where it was;
+the finished generator is saved as `<stem>.generator.pt`, and `generator=FILE` skips training.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..generators import GeneratorError, GeneratorSpec, load_generator, save_generator
+from ..hooks import FeatureHooks
+from .base import Method, MethodError, SynthContext, register_method
+
+
+@dataclass
+class GenerativeConfig:
+    """Generator and training budget shared by the generator methods; `generator`: a saved file to reuse."""
+
+    rounds: int = 2000
+    batch_size: int = 512
+    latent_dim: int = 100
+    width: int = 64
+    arch: str = "dcgan"
+    lr_g: float = 1e-3
+    lr_s: float = 0.01
+    student_optimizer: str = "sgd"
+    weight_decay_s: float = 1e-4
+    checkpoint_every: int = 50
+    generator: str = ""
+
+
+def artifact_prefix(store_path: str) -> str:
+    """Where a store's generator files go: the store path without its extension."""
+    return os.path.splitext(os.fspath(store_path).rstrip("/"))[0]
+
+
+class GenerativeMethod(Method):
+    """Trains G (in `prepare`), then makes images by sampling it; subclasses define one training round."""
+
+    labels_from_teacher = True
+    needs_student = True
+
+    def __init__(self, ctx: SynthContext, config: GenerativeConfig) -> None:
+        super().__init__(ctx, config)
+        if self.needs_student and ctx.student is None and not config.generator:
+            raise MethodError(f"{self.name} trains a proxy student beside its generator; pass --student "
+                              "(a zoo name such as lenet5_half, or a student checkpoint)")
+        if config.student_optimizer not in ("sgd", "adam"):
+            raise MethodError(f"{self.name}.student_optimizer must be sgd or adam, got {config.student_optimizer!r}")
+        self.spec = GeneratorSpec(config.arch, config.latent_dim, tuple(ctx.image_shape), config.width)
+        if config.generator:
+            g, spec, _ = load_generator(config.generator)
+            if spec.latent_dim != config.latent_dim:
+                raise GeneratorError(f"{config.generator} takes latent vectors of size {spec.latent_dim}, but "
+                                     f"latent_dim is {config.latent_dim}; drop --set latent_dim or set it to {spec.latent_dim}")
+            if tuple(spec.image_shape) != tuple(ctx.image_shape):
+                raise GeneratorError(f"{config.generator} makes {tuple(spec.image_shape)} images but the teacher "
+                                     f"takes {tuple(ctx.image_shape)}; use a generator trained for this teacher")
+            self.spec, self.generator_model, self.trained = spec, g, True
+        else:
+            self.generator_model, self.trained = self.spec.build(), False
+        self.generator_model.to(ctx.device)
+        self.rounds_done = 0
+
+    # -- training ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Optimizers (and hooks) for training; called once before the first round."""
+        c, g = self.config, self.generator_model
+        self.opt_g = torch.optim.Adam(g.parameters(), lr=c.lr_g)
+        self.opt_s = None
+        if self.ctx.student is not None:
+            params = self.ctx.student.parameters()
+            self.opt_s = (torch.optim.SGD(params, lr=c.lr_s, momentum=0.9, weight_decay=c.weight_decay_s)
+                          if c.student_optimizer == "sgd" else
+                          torch.optim.Adam(params, lr=c.lr_s, weight_decay=c.weight_decay_s))
+
+    def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """One round of the method's min-max (or max) game; returns its losses (detached, on the device)."""
+        raise NotImplementedError
+
+    def sample_z(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Latent vectors drawn on the CPU (the same on every device), moved to the device."""
+        return torch.randn((n, self.config.latent_dim), generator=gen).to(self.ctx.device)
+
+    def images(self, z: torch.Tensor) -> torch.Tensor:
+        """G(z) in the teacher's input space."""
+        return self.ctx.normalize(self.generator_model(z))
+
+    def _identity(self) -> dict[str, Any]:
+        student = self.ctx.student
+        return {"method": self.name, "config": asdict(self.config), "teacher": self.ctx.teacher_fingerprint,
+                "student": None if student is None else [list(v.shape) for v in student.state_dict().values()]}
+
+    def _state(self, z_gen: torch.Generator) -> dict[str, Any]:
+        s = self.ctx.student
+        return {"identity": self._identity(), "rounds_done": self.rounds_done, "z_gen": z_gen.get_state(),
+                "generator": self.generator_model.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "student": None if s is None else s.state_dict(),
+                "opt_s": None if self.opt_s is None else self.opt_s.state_dict()}
+
+    def _load_state(self, path: str, z_gen: torch.Generator) -> None:
+        try:
+            st = torch.load(path, map_location=self.ctx.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise MethodError(f"cannot read the training checkpoint {path} ({type(e).__name__}); delete it to "
+                              "start the generator training again") from None
+        if st.get("identity") != self._identity():
+            raise MethodError(f"{path} was written by a run with other settings; use the original settings, or "
+                              "--overwrite to start again")
+        self.generator_model.load_state_dict(st["generator"])
+        self.opt_g.load_state_dict(st["opt_g"])
+        if self.ctx.student is not None:
+            self.ctx.student.load_state_dict(st["student"])
+            self.opt_s.load_state_dict(st["opt_s"])
+        z_gen.set_state(st["z_gen"].cpu())
+        self.rounds_done = int(st["rounds_done"])
+
+    def _save_state(self, path: str, z_gen: torch.Generator) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save(self._state(z_gen), tmp)
+        os.replace(tmp, path)
+
+    def prepare(self, prefix: str, *, resume: bool = False, seed: int = 0, show: bool | None = None) -> None:
+        """Train the generator (continuing a checkpoint when resuming) and save it as `<prefix>.generator.pt`."""
+        if self.trained:
+            return
+        c, student = self.config, self.ctx.student
+        state_path = f"{prefix}.generator-train.pt"
+        z_gen = torch.Generator().manual_seed(seed)
+        self.setup()
+        if resume and os.path.exists(state_path):
+            self._load_state(state_path, z_gen)
+        show = sys.stderr.isatty() if show is None else show
+        trainable = [p for p in (student.parameters() if student is not None else [])]
+        flags = [p.requires_grad for p in trainable]
+        self.generator_model.train()
+        if student is not None:
+            student.train()
+            for p in trainable:
+                p.requires_grad_(True)
+        try:
+            bar = tqdm(range(self.rounds_done, c.rounds), initial=self.rounds_done, total=c.rounds,
+                       desc=f"{self.name}: training the generator", unit="round", disable=not show)
+            for i in bar:
+                losses = self.train_round(z_gen)
+                self.rounds_done = i + 1
+                if self.rounds_done % c.checkpoint_every == 0 or self.rounds_done == c.rounds:
+                    self._save_state(state_path, z_gen)
+                    bar.set_postfix({k: f"{float(v):.3g}" for k, v in losses.items()})
+            if not os.path.exists(state_path):  # zero rounds asked: still leave a consistent state
+                self._save_state(state_path, z_gen)
+        finally:
+            for p, f in zip(trainable, flags):
+                p.requires_grad_(f)
+            if student is not None:
+                student.eval()
+        save_generator(f"{prefix}.generator.pt", self.generator_model, self.spec,
+                       {"method": self.name, "teacher_fingerprint": self.ctx.teacher_fingerprint,
+                        "rounds": self.rounds_done, "config": asdict(c)})
+        self.trained = True
+
+    # -- filling the store -----------------------------------------------------------------------
+    @torch.no_grad()
+    def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Samples of the trained generator (eval mode: each image depends on its own z only)."""
+        if not self.trained:
+            raise MethodError(f"{self.name}: the generator is not trained; the engine calls prepare() first")
+        self.generator_model.eval()
+        return self.generator_model(self.sample_z(len(targets), gen)), {}
+
+
+# -- discrepancies ---------------------------------------------------------------------------------
+def attention(f: torch.Tensor) -> torch.Tensor:
+    """Attention map of a feature map (Zagoruyko & Komodakis): channel-mean of squares, flattened, unit norm."""
+    return F.normalize(f.float().pow(2).mean(1).flatten(1), dim=1)
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, averaged over the batch."""
+    return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1),
+                    F.softmax(teacher_logits.float() / temperature, 1), reduction="batchmean")
+
+
+@dataclass
+class AdversarialConfig(GenerativeConfig):
+    """DFAD (Fang et al. 2019; MNIST code defaults): L1 on logits, 5 student steps per generator step.
+
+    `discrepancy=kl` with `w_at` > 0 and `at_layers` ("teacher.path:student.path,...") is ZSKT's
+    (Micaelli & Storkey 2019) KL + attention transfer (their β = 250); the generator maximizes the KL.
+    """
+
+    student_steps: int = 5
+    discrepancy: str = "l1"
+    w_at: float = 0.0
+    at_layers: str = ""
+
+
+@register_method
+class Adversarial(GenerativeMethod):
+    name = "adversarial"
+    Config = AdversarialConfig
+
+    def __init__(self, ctx: SynthContext, config: AdversarialConfig) -> None:
+        if config.discrepancy not in ("l1", "kl"):
+            raise MethodError(f"adversarial.discrepancy must be l1 (DFAD) or kl (ZSKT), got {config.discrepancy!r}")
+        pairs = [p.split(":") for p in config.at_layers.split(",") if p.strip()]
+        if config.w_at and (not pairs or any(len(p) != 2 for p in pairs)):
+            raise MethodError("adversarial.w_at needs at_layers as teacher.path:student.path pairs, comma-separated")
+        super().__init__(ctx, config)
+        self.pairs = [(t.strip(), s.strip()) for t, s in pairs] if config.w_at else []
+        self.t_hooks = self.s_hooks = None
+
+    def setup(self) -> None:
+        super().setup()
+        if self.pairs:
+            self.t_hooks = FeatureHooks(self.ctx.teacher, [t for t, _ in self.pairs], capture="output").__enter__()
+            self.s_hooks = FeatureHooks(self.ctx.student, [s for _, s in self.pairs], capture="output").__enter__()
+
+    def discrepancy(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        if self.config.discrepancy == "l1":
+            return F.l1_loss(s_logits.float(), t_logits.float())
+        return kl_divergence(s_logits, t_logits)
+
+    def at_loss(self) -> torch.Tensor:
+        return sum((attention(self.s_hooks.captured[s]) - attention(self.t_hooks.captured[t].detach())).pow(2).mean()
+                   for t, s in self.pairs)
+
+    def student_step(self, z: torch.Tensor) -> torch.Tensor:
+        """The student learns to agree with the teacher on G(z) (G and teacher without gradients)."""
+        with torch.no_grad():
+            x = self.images(z)
+            t = self.ctx.teacher(x)
+        loss = self.discrepancy(self.ctx.student(x), t)
+        if self.pairs:
+            loss = loss + self.config.w_at * self.at_loss()
+        self.opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_s.step()
+        return loss.detach()
+
+    def generator_step(self, z: torch.Tensor) -> torch.Tensor:
+        """G moves toward samples where they disagree; gradients flow to G only (no teacher/student weights)."""
+        params = [p for p in self.ctx.student.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            x = self.images(z)
+            loss = -self.discrepancy(self.ctx.student(x), self.ctx.teacher(x))
+            self.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_g.step()
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        return loss.detach()
+
+    def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:
+        c = self.config
+        for _ in range(c.student_steps):
+            loss_s = self.student_step(self.sample_z(c.batch_size, z_gen))
+        loss_g = self.generator_step(self.sample_z(c.batch_size, z_gen))
+        return {"student": loss_s, "generator": loss_g}
+
+    def close(self) -> None:
+        for h in (self.t_hooks, self.s_hooks):
+            if h is not None:
+                h.remove()
+
+
+@dataclass
+class DAFLConfig(GenerativeConfig):
+    """DAFL (Chen et al. 2019; MNIST code defaults): one-hot + information entropy + activation losses.
+
+    The student learns by KL (T=1) on the same samples each iteration; `feature_layer` is the teacher
+    layer whose input is the "activation" (default: the last Linear, i.e. the penultimate features).
+    """
+
+    rounds: int = 24000
+    lr_g: float = 0.2
+    lr_s: float = 2e-3
+    student_optimizer: str = "adam"
+    weight_decay_s: float = 0.0
+    w_onehot: float = 1.0
+    w_entropy: float = 5.0
+    w_activation: float = 0.1
+    feature_layer: str = ""
+
+
+@register_method
+class DAFL(GenerativeMethod):
+    name = "dafl"
+    Config = DAFLConfig
+
+    def __init__(self, ctx: SynthContext, config: DAFLConfig) -> None:
+        layer = config.feature_layer or next((n for n, m in reversed(list(ctx.teacher.named_modules()))
+                                             if isinstance(m, nn.Linear)), "")
+        if not layer:
+            raise MethodError("dafl needs the teacher's penultimate features and found no Linear layer; "
+                              "name one with --set feature_layer=PATH (its input is used)")
+        super().__init__(ctx, config)
+        self.feature_layer, self.hooks = layer, None
+
+    def setup(self) -> None:
+        super().setup()
+        self.hooks = FeatureHooks(self.ctx.teacher, [self.feature_layer], capture="input").__enter__()
+
+    def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:
+        c, teacher, student = self.config, self.ctx.teacher, self.ctx.student
+        x = self.images(self.sample_z(c.batch_size, z_gen))
+        t = teacher(x).float()
+        feats = self.hooks.captured[self.feature_layer]
+        onehot = F.cross_entropy(t, t.argmax(1))
+        mean_p = F.softmax(t, 1).mean(0)
+        entropy = (mean_p * torch.log10(mean_p.clamp_min(1e-12))).sum()  # negative entropy of the batch's classes
+        activation = -feats.float().abs().mean()
+        loss_g = c.w_onehot * onehot + c.w_entropy * entropy + c.w_activation * activation
+        loss_s = kl_divergence(student(x.detach()), t.detach())
+        self.opt_g.zero_grad(set_to_none=True)
+        self.opt_s.zero_grad(set_to_none=True)
+        (loss_g + loss_s).backward()
+        self.opt_g.step()
+        self.opt_s.step()
+        return {"generator": loss_g.detach(), "student": loss_s.detach()}
+
+    def close(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
