@@ -1,8 +1,10 @@
-"""Synthesis overhead: ms per iteration and peak extra memory of each inversion method beside the floor
-(one teacher forward + backward to the input pixels, teacher parameters frozen, no hooks), measured in
-the same run.
+"""Synthesis overhead: ms per iteration and peak extra memory of each method beside its floor, measured
+in the same run. Inversion methods: one teacher forward + backward to the input pixels, teacher frozen,
+no hooks (ADI: that plus the same for the student). The adversarial round (5 student steps + 1
+generator step): the sum of the bare passes it needs, each timed alone (`round_floor`).
 
     python -m benchmarks.synth_overhead [--cases resnet34:64,resnet34:256,lenet5_bn:256] [--iterations 5]
+        [--methods floor,student_floor,stat,deepinversion,adi,round_floor,adversarial]
 
 Each (model, batch, method) runs in its own subprocess so its peak memory is its own: peak RSS on CPU
 (ru_maxrss minus the RSS after building the model), torch.cuda.max_memory_allocated on CUDA. Random
@@ -21,7 +23,9 @@ import time
 
 import torch
 
-METHODS = ["floor", "stat", "deepinversion", "adi"]
+METHODS = ["floor", "student_floor", "stat", "deepinversion", "adi", "round_floor", "adversarial"]
+FLOORS = {"floor": (), "student_floor": (), "round_floor": (), "adi": ("floor", "student_floor"),
+          "adversarial": ("round_floor",)}  # what each row is measured against
 
 
 def _rss_mb() -> float:
@@ -29,10 +33,74 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _timed(step, iterations: int, dev: torch.device) -> float:
+    """ms per call of `step` after one warm-up call."""
+    step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t) / iterations
+
+
+def _round_floor(teacher, student, generator, batch: int, iterations: int, dev: torch.device) -> float:
+    """The bare passes one adversarial round needs, timed one by one and summed with their multiplicities.
+
+    5 x (G forward, teacher forward, student forward + backward + step) without gradients to G, then
+    1 x (G forward, teacher and student forward + backward to their inputs, G backward + step).
+    """
+    z = torch.randn(batch, 100, device=dev)
+    opt_s = torch.optim.SGD([p for p in student.parameters()], lr=1e-3, momentum=0.9)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=1e-3)
+    with torch.no_grad():
+        x0 = generator(z)
+        t0 = teacher(x0)
+
+    def g_fwd():
+        with torch.no_grad():
+            generator(z)
+
+    def t_fwd():
+        with torch.no_grad():
+            teacher(x0)
+
+    def s_train():
+        loss = torch.nn.functional.l1_loss(student(x0), t0)
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+
+    def to_input(model):
+        def step():
+            x = x0.detach().requires_grad_(True)
+            model(x).sum().backward()
+        return step
+
+    def g_train():
+        out = generator(z)
+        opt_g.zero_grad(set_to_none=True)
+        out.backward(torch.ones_like(out))
+        opt_g.step()
+
+    ms = {name: _timed(fn, iterations, dev) for name, fn in (("g_fwd", g_fwd), ("t_fwd", t_fwd), ("s_train", s_train),
+                                                              ("g_train", g_train))}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    ms["t_input"] = _timed(to_input(teacher), iterations, dev)
+    ms["s_input"] = _timed(to_input(student), iterations, dev)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return 5 * (ms["g_fwd"] + ms["t_fwd"] + ms["s_train"]) + ms["g_train"] + ms["t_input"] + ms["s_input"]
+
+
 def measure(model_name: str, batch: int, method: str, iterations: int, device: str) -> dict:
-    """Run in a fresh process: ms per iteration and peak extra memory (MiB)."""
+    """Run in a fresh process: ms per iteration (or per adversarial round) and peak extra memory (MiB)."""
     from distill.models import create_model
     from synth.engine import frozen
+    from synth.generators import create_generator
     from synth.methods import SynthContext, create_method
 
     torch.manual_seed(0)
@@ -46,20 +114,29 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    with frozen(teacher, student):
-        if method == "floor":
+    adversarial = method in ("round_floor", "adversarial")
+    with frozen(teacher, None if adversarial else student):
+        if method in ("floor", "student_floor"):
+            model = teacher if method == "floor" else student
             x = torch.randn(batch, *shape, device=dev, requires_grad=True)
 
             def step() -> None:
-                loss = torch.nn.functional.cross_entropy(teacher(x), targets)
+                loss = torch.nn.functional.cross_entropy(model(x), targets)
                 x.grad = None
                 loss.backward()
-            step()  # warm-up
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(iterations):
-                step()
+            ms = _timed(step, iterations, dev)
+        elif method == "round_floor":
+            student.train()
+            ms = _round_floor(teacher, student, create_generator("dcgan", 100, shape).to(dev).train(), batch,
+                              iterations, dev)
+        elif method == "adversarial":
+            student.train()
+            m = create_method(method, ctx, {"batch_size": batch, "latent_dim": 100})
+            m.setup()
+            m.generator_model.train()
+            z_gen = torch.Generator().manual_seed(0)
+            ms = _timed(lambda: m.train_round(z_gen), iterations, dev)
+            m.close()
         else:
             m = create_method(method, ctx, {"iterations": 1, "jitter": 2, "flip": True})
             m.synthesize(targets, torch.Generator().manual_seed(0))  # warm-up
@@ -69,9 +146,9 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
             t = time.perf_counter()
             m.synthesize(targets, torch.Generator().manual_seed(0))
             m.close()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        ms = 1000 * (time.perf_counter() - t) / iterations
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            ms = 1000 * (time.perf_counter() - t) / iterations
     if dev.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
     else:
@@ -83,6 +160,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="resnet34:64,resnet34:256,lenet5_bn:256")
     p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; floors first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model:batch:method, internal
     args = p.parse_args()
@@ -93,21 +171,25 @@ def main() -> None:
     print(f"synth overhead on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
           f"torch {torch.__version__}, {args.iterations} timed iterations after one warm-up")
     print()
-    print("| teacher | batch | method | ms/iter | x floor | peak extra MiB | x floor memory |")
+    print("| teacher | batch | method | ms/iter | x its floor | peak extra MiB | x floor memory |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for case in args.cases.split(","):
         model, batch = case.split(":")
         res = {}
-        for method in METHODS:
+        for method in args.methods.split(","):
             out = subprocess.run([sys.executable, "-m", "benchmarks.synth_overhead", "--one", f"{model}:{batch}:{method}",
                                   "--iterations", str(args.iterations), "--device", args.device],
                                  capture_output=True, text=True, check=True)
-            res[method] = json.loads(out.stdout.strip().splitlines()[-1])
-            f = res["floor"]
-            r = res[method]
-            print(f"| {model} | {batch} | {method} | {r['ms']:.1f} | {r['ms'] / f['ms']:.2f} | {r['peak_mb']:.0f} | "
-                  f"{r['peak_mb'] / max(f['peak_mb'], 1e-9):.2f} |", flush=True)
-
+            res[method] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            floor = FLOORS.get(method, ("floor",))
+            if not floor or not all(f in res for f in floor):  # a floor itself, or its floor was not run
+                print(f"| {model} | {batch} | {method} | {r['ms']:.1f} | | {r['peak_mb']:.0f} | |", flush=True)
+                continue
+            f_ms = sum(res[f]["ms"] for f in floor)
+            f_mb = sum(res[f]["peak_mb"] for f in floor)
+            name = method + (f" (vs {' + '.join(floor)})" if floor != ("floor",) else "")
+            print(f"| {model} | {batch} | {name} | {r['ms']:.1f} | {r['ms'] / f_ms:.2f} | {r['peak_mb']:.0f} | "
+                  f"{r['peak_mb'] / max(f_mb, 1e-9):.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -136,10 +136,27 @@ def store_preview(path: str, out: str, per_class: int) -> None:
 
 @cli.command("run")
 @click.argument("pipeline", required=False)
-def run(pipeline: str | None) -> None:
-    """Run a pipeline file (default: the embedded digits demo)."""
-    raise UserError("`dfkd run` arrives with the pipeline stage (issue #6); today dfkd provides the store "
-                    "(`dfkd store --help`)")
+@click.option("--only", multiple=True, help="Run only this stage (teacher, record, synth, synth:NAME, distill, "
+                                            "distill:NAME); repeatable. Its inputs must be done already.")
+@click.option("--force", multiple=True, help="Re-run this stage even when its output is up to date; repeatable.")
+@click.option("--dry-run", is_flag=True, help="List the stages and whether each would run, resume or be reused.")
+@click.option("--out", default=None, help="Override [run].out, the folder every output goes to.")
+def run(pipeline: str | None, only: tuple[str, ...], force: tuple[str, ...], dry_run: bool, out: str | None) -> None:
+    """Run a pipeline file: teacher -> (record) -> synthesis stores -> students -> report.
+
+    Without PIPELINE, runs the embedded demo (pipelines/demo.toml: digits, DeepInversion, two students,
+    a few minutes on a laptop CPU). A stage whose output exists with the same fingerprint is reused.
+    """
+    import os
+
+    from .runner import Runner
+    from .spec import load_pipeline
+
+    path = pipeline or os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.toml")
+    p = load_pipeline(path)
+    if out:
+        p.run.out = out
+    Runner(p, echo=click.echo).execute(only=only, force=force, dry_run=dry_run)
 
 
 def _add_stage_commands() -> None:

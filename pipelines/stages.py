@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from distill.checkpoint import ModelSpec, load_model, save_model
+from distill.checkpoint import ModelSpec, load_model
 from distill.evaluate import accuracy
 from distill.losses import Objective
 from distill.models import check_model_name
@@ -15,6 +15,7 @@ from distill.sources import StoreSource, TensorSource
 from distill.trainer import StudentSpec, TrainConfig, Trainer, TrainError
 
 from .data import load_data
+from .jobs import train_teacher as train_teacher_job
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -46,18 +47,10 @@ def train_teacher(arch: str, data: str, data_root: str | None, epochs: int, batc
                   lr: float | None, weight_decay: float, augment: str, seed: int, device: str, out: str) -> None:
     """Train a teacher with plain supervised learning and report its test top-1."""
     real = load_data(data, data_root)
-    src = TensorSource(real.train_images, real.train_labels, real.num_classes, real.mean, real.std, batch_size, seed,
-                       name=real.name)
-    cfg = TrainConfig(epochs=epochs, seed=seed, augment=real.augment if augment == "auto" else augment,
-                      objective=Objective(kd=0.0, ce_label=1.0), device=device)
-    trainer = Trainer(src, [StudentSpec(arch, optimizer, lr, weight_decay=weight_decay)], cfg,
-                      eval_data=(real.test_images, real.test_labels))
-    trainer.fit()
-    s = trainer.students[0]
-    top1 = s.history[-1]["test_top1"]
-    save_model(out, s.model, s.spec, {"data": real.name, "test_top1": top1, "epochs": epochs, "history": s.history})
-    click.echo(f"teacher {arch} on {real.name}: test top-1 {_pct(top1)} after {epochs} epochs "
-               f"({sum(r['seconds'] for r in s.history):.0f} s) -> {out}")
+    res = train_teacher_job(arch, real, out, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                            weight_decay=weight_decay, augment=augment, seed=seed, device=device)
+    click.echo(f"teacher {arch} on {real.name}: test top-1 {_pct(res['test_top1'])} after {epochs} epochs "
+               f"({res['seconds']:.0f} s) -> {out}")
 
 
 def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], what: str) -> None:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import click
 import torch
 
-from distill.augment import normalize
-from distill.checkpoint import ModelSpec, load_model, save_model
-from distill.models import check_model_name
-from synth.engine import SynthConfig, synthesize
-from synth.methods import list_methods, method_class, method_config
-from synth.methods.generative import GenerativeMethod, artifact_prefix
-from synth.record import Record, record
+from distill.checkpoint import load_model
+from synth.methods import list_methods, method_config
 
 from .data import load_data
+from .jobs import SynthJob, make_record, run_synth
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,37 +57,13 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
     for key, value in (("iterations", iterations), ("rounds", rounds), ("generator", generator)):
         if value is not None:
             hparams[key] = value
-    generative = issubclass(method_class(method), GenerativeMethod)
     method_config(method, hparams)  # unknown keys fail before any loading
-    model, spec, _ = load_model(teacher, "teacher")
-    rec = Record.load(stats) if stats else None
-    stu, stu_spec = _student(student, spec, generative) if student else (None, None)
-    cfg = SynthConfig(num_images=num_images, out=out, batch_size=batch_size, seed=seed, resume=resume,
-                      overwrite=overwrite, device=device)
-    writer = synthesize(model, method, cfg, image_shape=spec.image_shape, num_classes=spec.num_classes,
-                        mean=spec.mean, std=spec.std, hparams=hparams, record=rec, student=stu,
-                        teacher_spec={"path": os.path.abspath(teacher), "arch": spec.arch})
-    click.echo(f"wrote {out}: {num_images} images by {method} ({writer.meta.num_units} units of {batch_size})")
-    if generative and not generator:
-        prefix = artifact_prefix(out)
-        save_model(f"{prefix}.student.pt", stu.cpu(), stu_spec, {"trained_by": method, "store": out})
-        click.echo(f"generator: {prefix}.generator.pt; proxy student ({stu_spec.arch}): {prefix}.student.pt")
-
-
-def _student(student: str, teacher: ModelSpec, generative: bool) -> tuple[torch.nn.Module, ModelSpec]:
-    """The student: a checkpoint, or (for generator methods, which train it) a fresh zoo model."""
-    if os.path.isfile(student) or not generative:
-        model, spec, _ = load_model(student, "student")
-    else:
-        check_model_name(student)
-        spec = ModelSpec(student, teacher.num_classes, teacher.in_channels, teacher.image_size, teacher.mean,
-                         teacher.std)
-        torch.manual_seed(0)
-        model = spec.build()
-    if (spec.num_classes, spec.image_shape) != (teacher.num_classes, teacher.image_shape):
-        raise click.UsageError(f"the student {student} is for {spec.num_classes} classes of {spec.image_shape} images "
-                               f"but the teacher has {teacher.num_classes} classes of {teacher.image_shape}")
-    return model, spec
+    res = run_synth(SynthJob(method, num_images, out, hparams, batch_size, seed, student, stats, resume, overwrite,
+                             device), teacher)
+    click.echo(f"wrote {out}: {num_images} images by {method} ({res['units']} units of {batch_size}) "
+               f"in {res['seconds']:.0f} s")
+    if "generator" in res:
+        click.echo(f"generator: {res['generator']}; proxy student ({res['student_arch']}): {res['student']}")
 
 
 @click.command("record")
@@ -109,15 +80,9 @@ def record_cmd(teacher: str, data: str, data_root: str | None, layers: str | Non
     """One pass of the teacher over real data: per-layer channel mean/variance and mean amplitude spectra."""
     model, spec, _ = load_model(teacher, "teacher")
     real = load_data(data, data_root)
-    if tuple(real.image_shape) != tuple(spec.image_shape):
-        raise click.UsageError(f"the teacher takes {spec.image_shape} images but {data} holds {real.image_shape}")
-    model = model.to(device)
-    x, y = real.train_images, real.train_labels
-    batches = ((normalize(x[i:i + batch_size].to(device), spec.mean, spec.std), y[i:i + batch_size].to(device))
-               for i in range(0, len(x), batch_size))
     chosen = [l.strip() for l in layers.split(",")] if layers else None
-    rec = record(model, batches, chosen, real.num_classes if per_class else 0, real.name)
-    size = rec.save(out)
-    data_bytes = x.numel()
+    rec, size = make_record(model, spec, real, out, layers=chosen, per_class=per_class, batch_size=batch_size,
+                            device=device)
+    data_bytes = real.train_images.numel()
     click.echo(f"wrote {out}: {len(rec.layers)} layers ({', '.join(rec.layers)}), {rec.num_images} images; "
                f"{size / 1024:.1f} KiB = {100 * size / data_bytes:.2f}% of the {data_bytes / 2**20:.1f} MiB of images it summarizes")

@@ -106,8 +106,3 @@ def test_preview_grid(tmp_path, full_store):
     first = int(np.flatnonzero(cls == 0)[0])
     tile = np.asarray(img)[0:32:4, 28:60:4]
     np.testing.assert_array_equal(tile, np.moveaxis(exp.images[first], 0, -1))
-
-
-def test_run_placeholder_says_where_it_comes():
-    res = invoke("run")
-    assert res.exit_code == 2 and "issue #6" in res.output

@@ -1,0 +1,186 @@
+"""The work behind each command, as plain functions: the CLI commands and `dfkd run` both call these."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import store
+from distill.augment import normalize
+from distill.checkpoint import ModelSpec, load_model, save_model
+from distill.losses import Objective
+from distill.models import check_model_name
+from distill.sources import StoreSource, TensorSource
+from distill.trainer import StudentSpec, TrainConfig, Trainer
+from store.errors import DfkdError
+from synth.engine import SynthConfig, synthesize
+from synth.methods import method_class
+from synth.methods.generative import GenerativeMethod, artifact_prefix
+from synth.record import Record, record
+
+from .data import RealData
+
+
+class JobError(DfkdError):
+    """A job whose inputs do not fit together (shapes, classes, missing pieces)."""
+
+
+def train_teacher(arch: str, real: RealData, out: str, *, epochs: int = 10, batch_size: int = 128,
+                  optimizer: str = "sgd", lr: float | None = None, weight_decay: float = 5e-4, augment: str = "auto",
+                  seed: int = 0, device: str = "cpu", run_dir: str | None = None, resume: bool = False,
+                  progress: bool | None = None) -> dict[str, Any]:
+    """Supervised training on real data; writes the checkpoint with its test top-1; returns the figures."""
+    check_model_name(arch)
+    src = TensorSource(real.train_images, real.train_labels, real.num_classes, real.mean, real.std, batch_size, seed,
+                       name=real.name)
+    cfg = TrainConfig(epochs=epochs, seed=seed, augment=real.augment if augment == "auto" else augment,
+                      objective=Objective(kd=0.0, ce_label=1.0), device=device, out_dir=run_dir, resume=resume,
+                      progress=progress)
+    trainer = Trainer(src, [StudentSpec(arch, optimizer, lr, weight_decay=weight_decay)], cfg,
+                      eval_data=(real.test_images, real.test_labels))
+    trainer.fit()
+    s = trainer.students[0]
+    top1 = s.history[-1]["test_top1"]
+    seconds = sum(r["seconds"] for r in s.history)
+    save_model(out, s.model, s.spec, {"data": real.name, "test_top1": top1, "epochs": epochs, "history": s.history})
+    return {"test_top1": top1, "seconds": seconds}
+
+
+def make_record(teacher: nn.Module, spec: ModelSpec, real: RealData, out: str, *, layers: list[str] | None = None,
+                per_class: bool = False, batch_size: int = 500, device: str = "cpu") -> tuple[Record, int]:
+    """One pass of the teacher over the real training split; writes the record, returns it and its size."""
+    if tuple(real.image_shape) != tuple(spec.image_shape):
+        raise JobError(f"the teacher takes {spec.image_shape} images but {real.name} holds {real.image_shape}")
+    teacher = teacher.to(device)
+    x, y = real.train_images, real.train_labels
+    batches = ((normalize(x[i:i + batch_size].to(device), spec.mean, spec.std), y[i:i + batch_size].to(device))
+               for i in range(0, len(x), batch_size))
+    rec = record(teacher, batches, layers, real.num_classes if per_class else 0, real.name)
+    return rec, rec.save(out)
+
+
+def build_student(student: str, teacher: ModelSpec, trainable: bool, seed: int = 0) -> tuple[nn.Module, ModelSpec]:
+    """A student for synthesis: a checkpoint, or (for methods that train it) a fresh zoo model."""
+    if os.path.isfile(student) or not trainable:
+        model, spec, _ = load_model(student, "student")
+    else:
+        check_model_name(student)
+        spec = ModelSpec(student, teacher.num_classes, teacher.in_channels, teacher.image_size, teacher.mean,
+                         teacher.std)
+        torch.manual_seed(seed)
+        model = spec.build()
+    if (spec.num_classes, spec.image_shape) != (teacher.num_classes, teacher.image_shape):
+        raise JobError(f"the student {student} is for {spec.num_classes} classes of {spec.image_shape} images "
+                       f"but the teacher has {teacher.num_classes} classes of {teacher.image_shape}")
+    return model, spec
+
+
+@dataclass
+class SynthJob:
+    """One synthesis run: method, its options, the store it fills."""
+
+    method: str
+    num_images: int
+    out: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 256
+    seed: int = 0
+    student: str | None = None
+    stats: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "cpu"
+    progress: bool | None = None
+
+
+def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
+    """Fill a store; for generator methods also save the proxy student beside it. Returns paths and seconds."""
+    t0 = time.perf_counter()
+    generative = issubclass(method_class(job.method), GenerativeMethod)
+    model, spec, _ = load_model(teacher_path, "teacher")
+    rec = Record.load(job.stats) if job.stats else None
+    stu, stu_spec = build_student(job.student, spec, generative, job.seed) if job.student else (None, None)
+    cfg = SynthConfig(num_images=job.num_images, out=job.out, batch_size=job.batch_size, seed=job.seed,
+                      resume=job.resume, overwrite=job.overwrite, device=job.device, progress=job.progress)
+    writer = synthesize(model, job.method, cfg, image_shape=spec.image_shape, num_classes=spec.num_classes,
+                        mean=spec.mean, std=spec.std, hparams=job.hparams, record=rec, student=stu,
+                        teacher_spec={"path": os.path.abspath(teacher_path), "arch": spec.arch})
+    out = {"store": job.out, "units": writer.meta.num_units}
+    if generative and not job.hparams.get("generator"):
+        prefix = artifact_prefix(job.out)
+        save_model(f"{prefix}.student.pt", stu, stu_spec, {"trained_by": job.method, "store": job.out})
+        out.update(generator=f"{prefix}.generator.pt", student=f"{prefix}.student.pt", student_arch=stu_spec.arch)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def fill_real_store(path: str, teacher_path: str, real: RealData, num_images: int, *, seed: int = 0,
+                    unit_size: int = 256, device: str = "cpu", overwrite: bool = False) -> dict[str, Any]:
+    """`num_images` real training images (a seeded draw) with the teacher's logits: real-data KD at equal count."""
+    t0 = time.perf_counter()
+    teacher, spec, _ = load_model(teacher_path, "teacher")
+    if tuple(real.image_shape) != tuple(spec.image_shape) or real.num_classes != spec.num_classes:
+        raise JobError(f"the teacher takes {spec.num_classes} classes of {spec.image_shape} images; {real.name} has "
+                       f"{real.num_classes} of {real.image_shape}")
+    if num_images > len(real.train_images):
+        raise JobError(f"{real.name} has {len(real.train_images)} training images; num_images is {num_images}")
+    teacher = teacher.to(device)
+    idx = np.sort(np.random.default_rng(seed).choice(len(real.train_images), num_images, replace=False))
+    x = real.train_images[idx]
+    with torch.no_grad():
+        logits = torch.cat([teacher(normalize(x[i:i + 1000].to(device), spec.mean, spec.std)).float().cpu()
+                            for i in range(0, num_images, 1000)])
+    meta = store.StoreMeta(num_samples=num_images, image_shape=spec.image_shape, num_classes=spec.num_classes,
+                           unit_size=unit_size, logits_dtype="float32", base_seed=seed, mean=spec.mean, std=spec.std,
+                           provenance={"method": "real", "data": real.name})
+    w = store.create(path, meta, overwrite=overwrite)
+    for u in w.pending_units():
+        lo, hi = w.unit_range(u)
+        w.write_unit(u, x[lo:hi].numpy(), logits[lo:hi].numpy(), real.train_labels[idx[lo:hi]].numpy())
+    w.finalize()
+    return {"store": path, "units": w.meta.num_units, "seconds": time.perf_counter() - t0}
+
+
+@dataclass
+class DistillJob:
+    """Students trained together from one store, evaluated on a real test split."""
+
+    store: str
+    students: list[str]
+    out: str
+    epochs: int = 20
+    batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float | None = None
+    weight_decay: float = 5e-4
+    temperature: float = 4.0
+    kd: float = 1.0
+    ce_teacher: float = 0.0
+    augment: str = "none"
+    seed: int = 0
+    workers: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    progress: bool | None = None
+
+
+def run_distill(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
+                teacher: nn.Module | None = None) -> dict[str, Any]:
+    """Distill every student in one pass over the store; returns the trainer's metrics plus seconds."""
+    for name in job.students:
+        check_model_name(name)
+    t0 = time.perf_counter()
+    source = StoreSource(job.store, job.batch_size, seed=job.seed, workers=job.workers)
+    cfg = TrainConfig(epochs=job.epochs, seed=job.seed, augment=job.augment, device=job.device, out_dir=job.out,
+                      resume=job.resume, progress=job.progress, eval_every=job.epochs,
+                      objective=Objective(kd=job.kd, ce_teacher=job.ce_teacher, temperature=job.temperature))
+    specs = [StudentSpec(s, job.optimizer, job.lr, weight_decay=job.weight_decay) for s in job.students]
+    metrics = Trainer(source, specs, cfg, teacher=teacher, eval_data=evaluation).fit()
+    metrics["seconds"] = time.perf_counter() - t0
+    return metrics

@@ -1,0 +1,99 @@
+"""The end of `dfkd run`: a Markdown table of every student per store, and a PNG plot of accuracy
+against synthesis time (drawn with Pillow, which torchvision already brings)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from distill.checkpoint import load_model
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def rows_of(runner: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(teacher row, one row per student per store) from the stages' results."""
+    _, spec, metrics = load_model(runner.teacher_path(), "teacher")
+    teacher = {"arch": spec.arch, "test_top1": metrics.get("test_top1"),
+               "seconds": runner.read_state("teacher").get("seconds")}
+    synth = {s.key[len("synth:"):]: s for s in runner.stages if s.key.startswith("synth:")}
+    methods = {s.name: s.method for s in runner.p.synth}
+    rows = []
+    for stage in runner.stages:
+        if not stage.key.startswith("distill:"):
+            continue
+        dname, _, sname = stage.key[len("distill:"):].partition("/")
+        sres = synth[sname].result if sname in synth else {}
+        for student, r in stage.result.get("students", {}).items():
+            rows.append({"distill": dname, "store": sname, "method": methods.get(sname, "?"), "student": student,
+                         "arch": r["arch"], "parameters": r["parameters"], "test_top1": r["test_top1"],
+                         "images": stage.result.get("images"), "synth_s": sres.get("seconds"),
+                         "distill_s": stage.result.get("seconds")})
+    for sname, st in synth.items():  # generator methods' proxy students, trained during synthesis
+        if "student_top1" in st.result:
+            rows.append({"distill": "(proxy)", "store": sname, "method": methods[sname], "student": "proxy student",
+                         "arch": st.result.get("student_arch", "?"), "parameters": None,
+                         "test_top1": st.result["student_top1"], "images": None,
+                         "synth_s": st.result.get("seconds"), "distill_s": None})
+    return teacher, rows
+
+
+def markdown(runner: Any, teacher: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    head = (f"# {runner.p.run.name}: data-free distillation report\n\n"
+            f"Teacher {teacher['arch']} on {runner.p.data.name}: test top-1 {_pct(teacher['test_top1'])}. "
+            "Students: last epoch's top-1 on the real test split.\n\n")
+    lines = ["| store | method | student | arch | test top-1 | images | synthesis s | distillation s |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"
+    for r in rows:
+        lines.append(f"| {r['store']} | {r['method']} | {r['student']} | {r['arch']} | {_pct(r['test_top1'])} | "
+                     f"{r['images'] if r['images'] is not None else '-'} | {fmt(r['synth_s'])} | {fmt(r['distill_s'])} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    """Scatter of test top-1 (y) against synthesis seconds (x), one labelled point per student and store."""
+    from PIL import Image, ImageDraw
+
+    pts = [(r["synth_s"] or 0.0, r["test_top1"] or 0.0, f"{r['store']}/{r['student']}") for r in rows
+           if r["test_top1"] is not None]
+    w, h, m, right = 900, 480, 60, 200  # room on the right for the labels
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    xmax = max([p[0] for p in pts] + [1.0]) * 1.1
+    X = lambda s: m + (w - m - right) * s / xmax
+    Y = lambda a: h - m - (h - 2 * m) * a
+    d.line([(m, m), (m, h - m), (w - right, h - m)], fill="black")
+    for k in range(0, 11, 2):
+        y = Y(k / 10)
+        d.line([(m - 4, y), (m, y)], fill="black")
+        d.text((m - 40, y - 6), f"{10 * k}%", fill="black")
+    for k in range(6):
+        x = X(xmax * k / 5)
+        d.line([(x, h - m), (x, h - m + 4)], fill="black")
+        d.text((x - 10, h - m + 8), f"{xmax * k / 5:.0f}", fill="black")
+    d.text(((w - right) // 2 - 40, h - 25), "synthesis time (s)", fill="black")
+    d.text((8, 10), title, fill="black")
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    for i, (s, a, label) in enumerate(pts):
+        c = palette[i % len(palette)]
+        d.ellipse([X(s) - 4, Y(a) - 4, X(s) + 4, Y(a) + 4], fill=c)
+        d.text((X(s) + 6, Y(a) - 6 + 10 * (i % 2)), label, fill=c)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
+def write_report(runner: Any, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Write <out>/report.md and <out>/report.png, print the table; returns the rows."""
+    teacher, rows = rows_of(runner)
+    text = markdown(runner, teacher, rows)
+    md, png = runner.path("report.md"), runner.path("report.png")
+    with open(md, "w") as f:
+        f.write(text)
+    plot(rows, png, f"{runner.p.run.name}: student top-1 vs synthesis time")
+    echo("")
+    echo(text)
+    echo(f"report: {md}, plot: {png}")
+    return {"teacher": teacher, "rows": rows}

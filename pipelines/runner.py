@@ -1,0 +1,270 @@
+"""`dfkd run`: a pipeline's stages in dependency order, each reused when its output exists with the same
+fingerprint (the teacher's weights hash + the stage's configuration + its inputs' fingerprints),
+resumed when it was interrupted, and a report at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+import store
+from distill.checkpoint import load_model
+from distill.evaluate import accuracy
+
+from .data import RealData, load_data
+from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
+from .report import write_report
+from .spec import Pipeline, PipelineError
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    """One unit of work: its key, the stages it needs, its configuration, and how to run it."""
+
+    key: str
+    deps: list[str]
+    config: dict[str, Any]
+    run: Callable[[bool, bool], dict[str, Any]]  # (resume, overwrite) -> result
+    outputs: Callable[[], list[str]]
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """Plans and runs the stages of one pipeline file; state files live in <out>/stages/."""
+
+    def __init__(self, pipeline: Pipeline, echo: Callable[[str], None] = print, progress: bool | None = None) -> None:
+        self.p, self.echo, self.progress = pipeline, echo, progress
+        self.out = pipeline.run.out
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if pipeline.run.device == "auto" \
+            else pipeline.run.device
+        self._data: RealData | None = None
+        self.fingerprints: dict[str, str] = {}
+        self.stages = self._plan()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    @property
+    def data(self) -> RealData:
+        if self._data is None:
+            self._data = load_data(self.p.data.name, self.p.data.root or None)
+        return self._data
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def teacher_path(self) -> str:
+        return self.p.teacher.checkpoint or self.path("teacher.pt")
+
+    def store_path(self, name: str) -> str:
+        return self.path("stores", f"{name}.zarr")
+
+    def _state_file(self, key: str) -> str:
+        return self.path("stages", key.replace(":", "--").replace("/", "__") + ".json")
+
+    def read_state(self, key: str) -> dict[str, Any]:
+        try:
+            with open(self._state_file(key)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self, key: str, state: dict[str, Any]) -> None:
+        path = self._state_file(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=1, default=str)
+        os.replace(tmp, path)
+
+    # -- the plan ----------------------------------------------------------------------------------
+    def _plan(self) -> list[Stage]:
+        p, stages = self.p, []
+        t = p.teacher
+        tconf = ({"checkpoint": os.path.abspath(t.checkpoint)} if t.checkpoint else
+                 {**dataclasses.asdict(t), "data": dataclasses.asdict(p.data), "seed": p.run.seed})
+        stages.append(Stage("teacher", [], tconf, self._run_teacher, lambda: [self.teacher_path()]))
+        if p.record is not None:
+            stages.append(Stage("record", ["teacher"], {**dataclasses.asdict(p.record), "data": p.data.name},
+                                self._run_record, lambda: [self.path("record.safetensors")]))
+        for s in p.synth:
+            deps = ["teacher"] + (["record"] if s.stats else [])
+            if s.student.startswith("distill:"):
+                d, _, rest = s.student[len("distill:"):].partition("/")
+                deps.append(f"distill:{d}/{rest.rpartition('/')[0]}")
+            conf = {**dataclasses.asdict(s), "seed": p.run.seed if s.seed < 0 else s.seed}
+            stages.append(Stage(f"synth:{s.name}", deps, conf, self._synth_runner(s),
+                                (lambda n=s.name: [self.store_path(n)])))
+        for d in p.distill:
+            for name in d.stores or [s.name for s in p.synth]:
+                key = f"distill:{d.name}/{name}"
+                stages.append(Stage(key, [f"synth:{name}"], {**dataclasses.asdict(d), "stores": None, "seed": p.run.seed,
+                                                              "eval": p.data.name}, self._distill_runner(d, name),
+                                    (lambda k=key: [self.path("distill", k[len("distill:"):], "metrics.json")])))
+        keys = {s.key for s in stages}
+        for s in stages:
+            for dep in s.deps:
+                if dep not in keys:
+                    raise PipelineError(f"{self.p.path}: stage {s.key} needs {dep}, which the file does not define "
+                                        "(check the student reference distill:<distill>/<store>/<student>)")
+        return self._ordered(stages)
+
+    def _ordered(self, stages: list[Stage]) -> list[Stage]:
+        """Dependency order, otherwise file order; a cycle is an error."""
+        done: set[str] = set()
+        order, left = [], list(stages)
+        while left:
+            ready = next((s for s in left if all(d in done for d in s.deps)), None)
+            if ready is None:
+                raise PipelineError(f"{self.p.path}: stages {', '.join(s.key for s in left)} depend on each other")
+            order.append(ready)
+            done.add(ready.key)
+            left.remove(ready)
+        return order
+
+    def fingerprint(self, stage: Stage) -> str | None:
+        """The stage's identity: its config and its inputs' fingerprints (the teacher's: its weights hash)."""
+        if stage.key == "teacher":
+            if self.p.teacher.checkpoint:
+                return _sha256_file(self.teacher_path())[:16]
+            return _digest(stage.config)
+        parts = []
+        for dep in stage.deps:
+            if dep == "teacher":
+                if not os.path.isfile(self.teacher_path()):
+                    return None
+                parts.append(_sha256_file(self.teacher_path())[:16])
+            elif dep in self.fingerprints:
+                parts.append(self.fingerprints[dep])
+            else:
+                return None
+        return _digest({"config": stage.config, "inputs": parts})
+
+    def status(self, stage: Stage, forced: bool) -> tuple[str, str | None]:
+        """('reuse' | 'resume' | 'run', fingerprint); fingerprint None when an input does not exist yet."""
+        fp = self.fingerprint(stage)
+        state = self.read_state(stage.key)
+        if fp is None or forced or state.get("fingerprint") != fp:
+            return "run", fp
+        if state.get("done") and all(os.path.exists(o) for o in stage.outputs()):
+            return "reuse", fp
+        return "resume", fp
+
+    # -- running -----------------------------------------------------------------------------------
+    def execute(self, only: tuple[str, ...] = (), force: tuple[str, ...] = (), dry_run: bool = False) -> dict:
+        """Run (or, with dry_run, list) the stages; returns the report's rows."""
+        match = lambda key, pats: any(key == q or key.startswith(q + ":") or key.startswith(q + "/") for q in pats)
+        for pat in only + force:
+            if not any(match(s.key, (pat,)) for s in self.stages):
+                raise PipelineError(f"no stage matches {pat!r}; stages are {', '.join(s.key for s in self.stages)}")
+        pending: set[str] = set()
+        for stage in self.stages:
+            selected = not only or match(stage.key, only)
+            action, fp = self.status(stage, match(stage.key, force))
+            if stage.key == "teacher" and self.p.teacher.checkpoint:
+                action = "reuse"
+            if not selected:
+                if action != "reuse":
+                    if any(match(s.key, only) and stage.key in s.deps for s in self.stages):
+                        raise PipelineError(f"stage {stage.key} is needed by the selected stages and is not done; "
+                                            f"run it first (dfkd run {self.p.path} --only {stage.key}) or drop --only")
+                continue
+            if dry_run:
+                why = {"reuse": "output exists with the same fingerprint", "resume": "interrupted: continues",
+                       "run": "after its inputs" if fp is None or any(d in pending for d in stage.deps) else "new"}
+                self.echo(f"{stage.key:<40} {action:<7} {why[action]}")
+                if action != "reuse":
+                    pending.add(stage.key)
+                continue
+            if action == "reuse":
+                self.echo(f"[{stage.key}] reused (fingerprint {fp})")
+                self.fingerprints[stage.key] = fp
+                stage.result = self.read_state(stage.key).get("result", {})
+                continue
+            self.echo(f"[{stage.key}] {'resuming' if action == 'resume' else 'running'}")
+            prior = self.read_state(stage.key) if action == "resume" else {}
+            self._write_state(stage.key, {"fingerprint": fp, "done": False, "seconds": prior.get("seconds", 0.0)})
+            t0 = time.perf_counter()
+            result = stage.run(action == "resume", action == "run")
+            seconds = prior.get("seconds", 0.0) + time.perf_counter() - t0
+            result.setdefault("seconds", seconds)
+            result["seconds"] = seconds
+            fp = self.fingerprint(stage)  # a trained teacher's downstream identity is its weights
+            self._write_state(stage.key, {"fingerprint": fp, "done": True, "seconds": seconds, "result": result})
+            self.fingerprints[stage.key] = fp
+            stage.result = result
+            self.echo(f"[{stage.key}] done in {seconds:.0f} s")
+        if dry_run:
+            return {}
+        return write_report(self, self.echo)
+
+    # -- stage bodies ------------------------------------------------------------------------------
+    def _run_teacher(self, resume: bool, overwrite: bool) -> dict[str, Any]:
+        t = self.p.teacher
+        res = train_teacher(t.model, self.data, self.teacher_path(), epochs=t.epochs, batch_size=t.batch_size,
+                            optimizer=t.optimizer, lr=t.lr or None, weight_decay=t.weight_decay, augment=t.augment,
+                            seed=self.p.run.seed, device=self.device, run_dir=self.path("teacher_run"), resume=resume,
+                            progress=self.progress)
+        return res
+
+    def _run_record(self, resume: bool, overwrite: bool) -> dict[str, Any]:
+        model, spec, _ = load_model(self.teacher_path(), "teacher")
+        rec, size = make_record(model, spec, self.data, self.path("record.safetensors"),
+                                layers=self.p.record.layers or None, per_class=self.p.record.per_class,
+                                device=self.device)
+        return {"layers": rec.layers, "bytes": size}
+
+    def _synth_runner(self, s: Any) -> Callable[[bool, bool], dict[str, Any]]:
+        def run(resume: bool, overwrite: bool) -> dict[str, Any]:
+            os.makedirs(self.path("stores"), exist_ok=True)
+            seed = self.p.run.seed if s.seed < 0 else s.seed
+            if s.method == "real":
+                return fill_real_store(self.store_path(s.name), self.teacher_path(), self.data, s.num_images,
+                                       seed=seed, unit_size=s.batch_size, device=self.device, overwrite=True)
+            student = s.student
+            if student.startswith("distill:"):
+                student = self.path("distill", student[len("distill:"):] + ".pt")
+            job = SynthJob(s.method, s.num_images, self.store_path(s.name), dict(s.params), s.batch_size, seed,
+                           student or None, self.path("record.safetensors") if s.stats else None, resume=resume,
+                           overwrite=overwrite and not resume, device=self.device, progress=self.progress)
+            res = run_synth(job, self.teacher_path())
+            if "student" in res:  # a generator method's proxy student is a distilled student in its own right
+                proxy, spec, _ = load_model(res["student"], "student")
+                res["student_top1"] = accuracy(proxy, self.data.test_images, self.data.test_labels, spec.mean,
+                                               spec.std, device=self.device)
+            return res
+        return run
+
+    def _distill_runner(self, d: Any, store_name: str) -> Callable[[bool, bool], dict[str, Any]]:
+        def run(resume: bool, overwrite: bool) -> dict[str, Any]:
+            out = self.path("distill", d.name, store_name)
+            if not resume and os.path.exists(os.path.join(out, "run.pt")):
+                os.remove(os.path.join(out, "run.pt"))  # a fresh run: the old one had other settings
+            job = DistillJob(self.store_path(store_name), list(d.students), out, epochs=d.epochs,
+                             batch_size=d.batch_size, optimizer=d.optimizer, lr=d.lr or None,
+                             weight_decay=d.weight_decay, temperature=d.temperature, ce_teacher=d.ce_teacher,
+                             augment=d.augment, seed=self.p.run.seed, device=self.device, resume=resume,
+                             progress=self.progress)
+            m = run_distill(job, (self.data.test_images, self.data.test_labels))
+            images = store.open(self.store_path(store_name)).meta.num_samples
+            return {"images": images, "students": {k: {"arch": v["arch"], "parameters": v["parameters"],
+                                                         "test_top1": v["final"].get("test_top1")}
+                                                     for k, v in m["students"].items()}}
+        return run

@@ -1,0 +1,232 @@
+"""Pipeline files (TOML): sections as dataclasses, validated with errors that name file, section and key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from distill.models import ModelError, check_model_name
+from store.errors import DfkdError
+from synth.methods import MethodError, list_methods, method_class, method_config
+from synth.methods.generative import GenerativeMethod
+
+
+class PipelineError(DfkdError):
+    """A pipeline file that cannot run as written."""
+
+
+@dataclass
+class RunSection:
+    """[run]: where outputs go (relative to the current directory), seed, device."""
+
+    name: str = "pipeline"
+    out: str = "runs/pipeline"
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class DataSection:
+    """[data]: the real dataset behind teacher training, the record, real-data KD and evaluation."""
+
+    name: str = "digits"
+    root: str = ""
+
+
+@dataclass
+class TeacherSection:
+    """[teacher]: a checkpoint to use, or a model to train on [data]."""
+
+    checkpoint: str = ""
+    model: str = ""
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.0
+    weight_decay: float = 5e-4
+    augment: str = "auto"
+
+
+@dataclass
+class RecordSection:
+    """[record]: statistics and spectra of the teacher on [data]'s training split (`dfkd record`)."""
+
+    layers: list[str] = field(default_factory=list)
+    per_class: bool = False
+
+
+@dataclass
+class SynthSection:
+    """[[synth]]: one store. method `real` stores real training images (real-data KD at the same count)."""
+
+    name: str
+    method: str
+    num_images: int = 1024
+    batch_size: int = 256
+    seed: int = -1  # -1: [run].seed
+    student: str = ""  # adi: a checkpoint or distill:<name>/<store>/<student>; adversarial/dafl: a zoo name
+    stats: bool = False  # use the [record] (stat/spectral on teachers without BN)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistillSection:
+    """[[distill]]: students trained together from each listed store (default: every store)."""
+
+    name: str
+    students: list[str]
+    stores: list[str] = field(default_factory=list)
+    epochs: int = 20
+    batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 0.0
+    weight_decay: float = 5e-4
+    temperature: float = 4.0
+    ce_teacher: float = 0.0
+    augment: str = "none"
+
+
+@dataclass
+class Pipeline:
+    """A whole job: teacher -> (record) -> synthesis stores -> distillation of students -> report."""
+
+    path: str
+    run: RunSection
+    data: DataSection
+    teacher: TeacherSection
+    record: RecordSection | None
+    synth: list[SynthSection]
+    distill: list[DistillSection]
+
+
+def _check_type(where: str, key: str, value: Any, hint: Any) -> Any:
+    """Value as the field's type (ints accepted for floats), or a PipelineError naming the place."""
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise PipelineError(f"{where} key '{key}' must be a list of strings, got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise PipelineError(f"{where} key '{key}' must be a table, e.g. {key} = {{ iterations = 200 }}")
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise PipelineError(f"{where} key '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{where} must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise PipelineError(f"{where} has no key '{unknown[0]}'; it takes {', '.join(fields)}")
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and n not in raw]
+    if missing:
+        raise PipelineError(f"{where} needs key '{missing[0]}'")
+    return cls(**{k: _check_type(where, k, v, hints[k]) for k, v in raw.items()})
+
+
+def load_pipeline(path: str) -> Pipeline:
+    """Parse and validate a pipeline file; every problem is one line naming file, section and key."""
+    if not os.path.isfile(path):
+        raise PipelineError(f"pipeline file {path} does not exist; see pipelines/demo.toml for an example")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise PipelineError(f"{path}: not valid TOML ({e})") from None
+    allowed = {"run", "data", "teacher", "record", "synth", "distill"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise PipelineError(f"{path}: unknown section [{unknown[0]}]; sections are {', '.join(sorted(allowed))}")
+    for key in ("synth", "distill"):
+        if key in raw and not isinstance(raw[key], list):
+            raise PipelineError(f"{path}: write [[{key}]] (an array of tables), not [{key}]")
+    p = Pipeline(path, _section(RunSection, raw.get("run", {}), f"{path} [run]"),
+                 _section(DataSection, raw.get("data", {}), f"{path} [data]"),
+                 _section(TeacherSection, raw.get("teacher", {}), f"{path} [teacher]"),
+                 _section(RecordSection, raw["record"], f"{path} [record]") if "record" in raw else None,
+                 [_section(SynthSection, s, f"{path} [[synth]] #{i + 1}") for i, s in enumerate(raw.get("synth", []))],
+                 [_section(DistillSection, d, f"{path} [[distill]] #{i + 1}")
+                  for i, d in enumerate(raw.get("distill", []))])
+    _validate(p)
+    return p
+
+
+def _validate(p: Pipeline) -> None:
+    """Cross-section checks: names, methods and their options, students, references."""
+    t = p.teacher
+    where = f"{p.path} [teacher]"
+    if bool(t.checkpoint) == bool(t.model):
+        raise PipelineError(f"{where} needs exactly one of 'checkpoint' (a teacher file) or 'model' (train one)")
+    if t.checkpoint and not os.path.isfile(t.checkpoint):
+        raise PipelineError(f"{where} key 'checkpoint': {t.checkpoint} does not exist; train one with `dfkd "
+                            "train-teacher`, or give 'model' to have the pipeline train it")
+    for key, value, choices in (("optimizer", t.optimizer, ("sgd", "adam")),
+                                ("augment", t.augment, ("auto", "none", "crop", "flip-crop"))):
+        if value not in choices:
+            raise PipelineError(f"{where} key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    try:
+        if t.model:
+            check_model_name(t.model)
+    except ModelError as e:
+        raise PipelineError(f"{where} key 'model': {e}") from None
+    names = [s.name for s in p.synth]
+    if len(set(names)) != len(names):
+        raise PipelineError(f"{p.path} [[synth]]: names must be unique, got {names}")
+    for i, s in enumerate(p.synth):
+        where = f"{p.path} [[synth]] #{i + 1} ({s.name})"
+        if not s.name or "/" in s.name:
+            raise PipelineError(f"{where} key 'name' must be a plain word")
+        if s.method == "real":
+            continue
+        if s.method not in list_methods():
+            raise PipelineError(f"{where} key 'method': unknown method {s.method!r}; choose one of "
+                                f"{', '.join(list_methods() + ['real'])}")
+        try:
+            method_config(s.method, s.params)
+        except MethodError as e:
+            raise PipelineError(f"{where} key 'params': {e}") from None
+        if s.stats and p.record is None:
+            raise PipelineError(f"{where} key 'stats' needs a [record] section (the statistics come from it)")
+        generative = issubclass(method_class(s.method), GenerativeMethod)
+        if generative and not s.params.get("generator"):
+            if not s.student:
+                raise PipelineError(f"{where} needs key 'student' (the proxy student {s.method} trains), "
+                                    "e.g. student = \"lenet5_half\"")
+            try:
+                check_model_name(s.student)
+            except ModelError as e:
+                raise PipelineError(f"{where} key 'student': {e}") from None
+        if s.method == "adi" and not s.student:
+            raise PipelineError(f"{where} needs key 'student' (adi's competitor): a checkpoint, or "
+                                "distill:<distill name>/<store name>/<student>")
+    dnames = [d.name for d in p.distill]
+    if len(set(dnames)) != len(dnames):
+        raise PipelineError(f"{p.path} [[distill]]: names must be unique, got {dnames}")
+    for i, d in enumerate(p.distill):
+        where = f"{p.path} [[distill]] #{i + 1} ({d.name})"
+        if not d.students:
+            raise PipelineError(f"{where} key 'students' must name at least one student")
+        for s in d.students:
+            try:
+                check_model_name(s)
+            except ModelError as e:
+                raise PipelineError(f"{where} key 'students': {e}") from None
+        for s in d.stores:
+            if s not in names:
+                raise PipelineError(f"{where} key 'stores': no [[synth]] named {s!r}; names are {', '.join(names)}")
+        if d.optimizer not in ("sgd", "adam"):
+            raise PipelineError(f"{where} key 'optimizer' must be sgd or adam, got {d.optimizer!r}")
+        if d.augment not in ("none", "crop", "flip-crop"):
+            raise PipelineError(f"{where} key 'augment' must be none, crop or flip-crop, got {d.augment!r}")

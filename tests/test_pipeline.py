@@ -1,0 +1,138 @@
+"""`dfkd run`: stage reuse by fingerprint, partial re-runs, dry runs, resume, and invalid files."""
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import cli
+from pipelines.runner import Runner
+from pipelines.spec import PipelineError, load_pipeline
+
+TINY = """
+[run]
+name = "tiny"
+out = "{out}"
+
+[data]
+name = "digits"
+
+[teacher]
+model = "lenet5_bn"
+epochs = 2
+batch_size = 128
+
+[[synth]]
+name = "noise"
+method = "noise"
+num_images = 64
+batch_size = 32
+
+[[synth]]
+name = "stat"
+method = "stat"
+num_images = 64
+batch_size = 32
+params = {{ iterations = {iterations} }}
+
+[[distill]]
+name = "s"
+students = ["mlp"]
+epochs = 1
+"""
+
+
+def _write(tmp_path, iterations=2, text=TINY):
+    path = tmp_path / "p.toml"
+    path.write_text(text.format(out=tmp_path / "out", iterations=iterations))
+    return str(path)
+
+
+def _run(path, *args):
+    res = CliRunner().invoke(cli, ["run", path, *args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _actions(output):
+    """stage -> 'running' | 'reused' | 'resuming' from the run's log lines."""
+    out = {}
+    for line in output.splitlines():
+        if line.startswith("[") and "] " in line:
+            key, _, rest = line[1:].partition("] ")
+            if rest.split()[0] in ("running", "reused", "resuming"):
+                out[key] = rest.split()[0]
+    return out
+
+
+def test_second_run_reuses_every_stage_and_reports(tmp_path):
+    path = _write(tmp_path)
+    first = _run(path)
+    assert set(_actions(first).values()) == {"running"} and len(_actions(first)) == 5
+    assert "| stat | stat | mlp | mlp |" in first
+    second = _run(path)
+    assert _actions(second) == {k: "reused" for k in _actions(first)}
+    assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "report.png").exists()
+    assert "| noise | noise | mlp |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_changing_a_synth_option_reruns_that_store_and_its_students_only(tmp_path):
+    _run(_write(tmp_path, iterations=2))
+    acts = _actions(_run(_write(tmp_path, iterations=3)))
+    assert acts == {"teacher": "reused", "synth:noise": "reused", "distill:s/noise": "reused",
+                    "synth:stat": "running", "distill:s/stat": "running"}
+
+
+def test_dry_run_lists_stages_without_running(tmp_path):
+    out = _run(_write(tmp_path), "--dry-run")
+    lines = [l.split() for l in out.splitlines()]
+    assert [l[0] for l in lines] == ["teacher", "synth:noise", "synth:stat", "distill:s/noise", "distill:s/stat"]
+    assert all(l[1] == "run" for l in lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_stage_resumes_and_only_selects_stages(tmp_path):
+    path = _write(tmp_path)
+    _run(path, "--only", "teacher")
+    assert not (tmp_path / "out" / "stores").exists()
+    state_file = tmp_path / "out" / "stages" / "teacher.json"
+    state = json.loads(state_file.read_text())
+    state["done"] = False  # as if killed mid-training: same fingerprint, not finished
+    state_file.write_text(json.dumps(state))
+    assert "teacher                                  resume" in _run(path, "--dry-run")
+    assert _actions(_run(path, "--only", "teacher"))["teacher"] == "resuming"
+    res = CliRunner().invoke(cli, ["run", path, "--only", "distill"])
+    assert res.exit_code == 2 and "synth:noise" in res.output and "--only" in res.output
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.replace('method = "stat"', 'method = "statt"'), ["[[synth]] #2 (stat)", "key 'method'", "choose one of"]),
+    (lambda t: t.replace('model = "lenet5_bn"', 'checkpoint = "missing.pt"'),
+     ["[teacher]", "key 'checkpoint'", "missing.pt does not exist", "dfkd train-teacher"]),
+    (lambda t: t.replace("epochs = 2", 'epochs = "two"'), ["[teacher]", "key 'epochs' must be int"]),
+    (lambda t: t.replace("iterations = 2", "iteration = 2"), ["[[synth]] #2", "no hyper-parameter 'iteration'"]),
+    (lambda t: t.replace('students = ["mlp"]', 'students = ["nope"]'), ["[[distill]] #1 (s)", "key 'students'"]),
+    (lambda t: t + "\n[extra]\n", ["unknown section [extra]"]),
+])
+def test_invalid_files_name_file_section_key_and_fix(tmp_path, edit, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(TINY.format(out=tmp_path / "out", iterations=2)))
+    res = CliRunner().invoke(cli, ["run", str(path)])
+    assert res.exit_code == 2
+    assert str(path) in res.output and res.output.strip().count("\n") == 0
+    for e in expected:
+        assert e in res.output, res.output
+
+
+def test_shipped_pipelines_parse_and_plan(tmp_path):
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines")
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".toml"):
+            p = load_pipeline(os.path.join(here, name))
+            p.run.out = str(tmp_path / name)
+            if p.teacher.checkpoint:
+                continue
+            assert Runner(p).stages[0].key == "teacher"
+    with pytest.raises(PipelineError, match="does not exist"):
+        load_pipeline(str(tmp_path / "none.toml"))
