@@ -15,11 +15,13 @@ def _pct(x: float | None) -> str:
 
 def rows_of(runner: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(teacher row, one row per student per store) from the stages' results."""
-    _, spec, metrics = load_model(runner.teacher_path(), "teacher")
-    teacher = {"arch": spec.arch, "test_top1": metrics.get("test_top1"),
-               "seconds": runner.read_state("teacher").get("seconds")}
+    teachers = {}
+    for t in runner.p.teachers:
+        _, spec, metrics = load_model(runner.teacher_path(t.name), "teacher")
+        teachers[t.name] = {"arch": spec.arch, "test_top1": metrics.get("test_top1")}
     synth = {s.key[len("synth:"):]: s for s in runner.stages if s.key.startswith("synth:")}
     methods = {s.name: s.method for s in runner.p.synth}
+    of = {s.name: s.teacher or runner.p.teachers[0].name for s in runner.p.synth}
     rows = []
     for stage in runner.stages:
         if not stage.key.startswith("distill:"):
@@ -27,28 +29,28 @@ def rows_of(runner: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         dname, _, sname = stage.key[len("distill:"):].partition("/")
         sres = synth[sname].result if sname in synth else {}
         for student, r in stage.result.get("students", {}).items():
-            rows.append({"distill": dname, "store": sname, "method": methods.get(sname, "?"), "student": student,
+            rows.append({"teacher": of.get(sname, "?"), "distill": dname, "store": sname, "method": methods.get(sname, "?"), "student": student,
                          "arch": r["arch"], "parameters": r["parameters"], "test_top1": r["test_top1"],
                          "images": stage.result.get("images"), "synth_s": sres.get("seconds"),
                          "distill_s": stage.result.get("seconds")})
     for sname, st in synth.items():  # generator methods' proxy students, trained during synthesis
         if "student_top1" in st.result:
-            rows.append({"distill": "(proxy)", "store": sname, "method": methods[sname], "student": "proxy student",
+            rows.append({"teacher": of[sname], "distill": "(proxy)", "store": sname, "method": methods[sname], "student": "proxy student",
                          "arch": st.result.get("student_arch", "?"), "parameters": None,
                          "test_top1": st.result["student_top1"], "images": None,
                          "synth_s": st.result.get("seconds"), "distill_s": None})
-    return teacher, rows
+    return teachers, rows
 
 
-def markdown(runner: Any, teacher: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def markdown(runner: Any, teachers: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    about = "; ".join(f"{n} = {t['arch']}, test top-1 {_pct(t['test_top1'])}" for n, t in teachers.items())
     head = (f"# {runner.p.run.name}: data-free distillation report\n\n"
-            f"Teacher {teacher['arch']} on {runner.p.data.name}: test top-1 {_pct(teacher['test_top1'])}. "
-            "Students: last epoch's top-1 on the real test split.\n\n")
-    lines = ["| store | method | student | arch | test top-1 | images | synthesis s | distillation s |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+            f"Data {runner.p.data.name}. Teachers: {about}. Students: last epoch's top-1 on the real test split.\n\n")
+    lines = ["| teacher | store | method | student | arch | test top-1 | images | synthesis s | distillation s |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
     fmt = lambda v: "-" if v is None else f"{v:.0f}"
     for r in rows:
-        lines.append(f"| {r['store']} | {r['method']} | {r['student']} | {r['arch']} | {_pct(r['test_top1'])} | "
+        lines.append(f"| {r['teacher']} | {r['store']} | {r['method']} | {r['student']} | {r['arch']} | {_pct(r['test_top1'])} | "
                      f"{r['images'] if r['images'] is not None else '-'} | {fmt(r['synth_s'])} | {fmt(r['distill_s'])} |")
     return head + "\n".join(lines) + "\n"
 
@@ -87,8 +89,8 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 def write_report(runner: Any, echo: Callable[[str], None]) -> dict[str, Any]:
     """Write <out>/report.md and <out>/report.png, print the table; returns the rows."""
-    teacher, rows = rows_of(runner)
-    text = markdown(runner, teacher, rows)
+    teachers, rows = rows_of(runner)
+    text = markdown(runner, teachers, rows)
     md, png = runner.path("report.md"), runner.path("report.png")
     with open(md, "w") as f:
         f.write(text)
@@ -96,4 +98,4 @@ def write_report(runner: Any, echo: Callable[[str], None]) -> dict[str, Any]:
     echo("")
     echo(text)
     echo(f"report: {md}, plot: {png}")
-    return {"teacher": teacher, "rows": rows}
+    return {"teachers": teachers, "rows": rows}

@@ -45,6 +45,7 @@ class Stage:
     config: dict[str, Any]
     run: Callable[[bool, bool], dict[str, Any]]  # (resume, overwrite) -> result
     outputs: Callable[[], list[str]]
+    teacher: str = ""  # the teacher whose weights hash enters the fingerprint
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,8 +71,24 @@ class Runner:
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
-    def teacher_path(self) -> str:
-        return self.p.teacher.checkpoint or self.path("teacher.pt")
+    def teacher(self, name: str = "") -> Any:
+        """A teacher section by name (default: the first)."""
+        return next(t for t in self.p.teachers if t.name == (name or self.p.teachers[0].name))
+
+    def teacher_path(self, name: str = "") -> str:
+        t = self.teacher(name)
+        return t.checkpoint or self.path(f"{t.name}.pt")
+
+    def record_path(self, name: str = "") -> str:
+        return self.path(f"{self.teacher(name).name}.record.safetensors")
+
+    @staticmethod
+    def teacher_key(name: str) -> str:
+        return "teacher" if name == "teacher" else f"teacher:{name}"
+
+    @staticmethod
+    def record_key(name: str) -> str:
+        return "record" if name == "teacher" else f"record:{name}"
 
     def store_path(self, name: str) -> str:
         return self.path("stores", f"{name}.zarr")
@@ -97,21 +114,26 @@ class Runner:
     # -- the plan ----------------------------------------------------------------------------------
     def _plan(self) -> list[Stage]:
         p, stages = self.p, []
-        t = p.teacher
-        tconf = ({"checkpoint": os.path.abspath(t.checkpoint)} if t.checkpoint else
-                 {**dataclasses.asdict(t), "data": dataclasses.asdict(p.data), "seed": p.run.seed})
-        stages.append(Stage("teacher", [], tconf, self._run_teacher, lambda: [self.teacher_path()]))
-        if p.record is not None:
-            stages.append(Stage("record", ["teacher"], {**dataclasses.asdict(p.record), "data": p.data.name},
-                                self._run_record, lambda: [self.path("record.safetensors")]))
+        for t in p.teachers:
+            tconf = ({"checkpoint": os.path.abspath(t.checkpoint)} if t.checkpoint else
+                     {**dataclasses.asdict(t), "record": None, "record_layers": None, "record_per_class": None,
+                      "data": dataclasses.asdict(p.data), "seed": p.run.seed})
+            stages.append(Stage(self.teacher_key(t.name), [], tconf, self._teacher_runner(t.name),
+                                (lambda n=t.name: [self.teacher_path(n)]), teacher=t.name))
+            if t.record:
+                stages.append(Stage(self.record_key(t.name), [self.teacher_key(t.name)],
+                                    {"layers": t.record_layers, "per_class": t.record_per_class, "data": p.data.name},
+                                    self._record_runner(t.name), (lambda n=t.name: [self.record_path(n)]),
+                                    teacher=t.name))
         for s in p.synth:
-            deps = ["teacher"] + (["record"] if s.stats else [])
+            tname = s.teacher or p.teachers[0].name
+            deps = [self.teacher_key(tname)] + ([self.record_key(tname)] if s.stats else [])
             if s.student.startswith("distill:"):
                 d, _, rest = s.student[len("distill:"):].partition("/")
                 deps.append(f"distill:{d}/{rest.rpartition('/')[0]}")
             conf = {**dataclasses.asdict(s), "seed": p.run.seed if s.seed < 0 else s.seed}
             stages.append(Stage(f"synth:{s.name}", deps, conf, self._synth_runner(s),
-                                (lambda n=s.name: [self.store_path(n)])))
+                                (lambda n=s.name: [self.store_path(n)]), teacher=tname))
         for d in p.distill:
             for name in d.stores or [s.name for s in p.synth]:
                 key = f"distill:{d.name}/{name}"
@@ -141,16 +163,17 @@ class Runner:
 
     def fingerprint(self, stage: Stage) -> str | None:
         """The stage's identity: its config and its inputs' fingerprints (the teacher's: its weights hash)."""
-        if stage.key == "teacher":
-            if self.p.teacher.checkpoint:
-                return _sha256_file(self.teacher_path())[:16]
+        if stage.key.startswith("teacher"):
+            if self.teacher(stage.teacher).checkpoint:
+                return _sha256_file(self.teacher_path(stage.teacher))[:16]
             return _digest(stage.config)
         parts = []
         for dep in stage.deps:
-            if dep == "teacher":
-                if not os.path.isfile(self.teacher_path()):
+            if dep.startswith("teacher"):
+                path = self.teacher_path(dep.partition(":")[2] or "teacher")
+                if not os.path.isfile(path):
                     return None
-                parts.append(_sha256_file(self.teacher_path())[:16])
+                parts.append(_sha256_file(path)[:16])
             elif dep in self.fingerprints:
                 parts.append(self.fingerprints[dep])
             else:
@@ -178,8 +201,8 @@ class Runner:
         for stage in self.stages:
             selected = not only or match(stage.key, only)
             action, fp = self.status(stage, match(stage.key, force))
-            if stage.key == "teacher" and self.p.teacher.checkpoint:
-                action = "reuse"
+            if stage.key.startswith("teacher") and self.teacher(stage.teacher).checkpoint:
+                action = "reuse"  # a given checkpoint: nothing to do
             if not selected:
                 if action != "reuse":
                     if any(match(s.key, only) and stage.key in s.deps for s in self.stages):
@@ -204,7 +227,6 @@ class Runner:
             t0 = time.perf_counter()
             result = stage.run(action == "resume", action == "run")
             seconds = prior.get("seconds", 0.0) + time.perf_counter() - t0
-            result.setdefault("seconds", seconds)
             result["seconds"] = seconds
             fp = self.fingerprint(stage)  # a trained teacher's downstream identity is its weights
             self._write_state(stage.key, {"fingerprint": fp, "done": True, "seconds": seconds, "result": result})
@@ -216,35 +238,40 @@ class Runner:
         return write_report(self, self.echo)
 
     # -- stage bodies ------------------------------------------------------------------------------
-    def _run_teacher(self, resume: bool, overwrite: bool) -> dict[str, Any]:
-        t = self.p.teacher
-        res = train_teacher(t.model, self.data, self.teacher_path(), epochs=t.epochs, batch_size=t.batch_size,
-                            optimizer=t.optimizer, lr=t.lr or None, weight_decay=t.weight_decay, augment=t.augment,
-                            seed=self.p.run.seed, device=self.device, run_dir=self.path("teacher_run"), resume=resume,
-                            progress=self.progress)
-        return res
+    def _teacher_runner(self, name: str) -> Callable[[bool, bool], dict[str, Any]]:
+        def run(resume: bool, overwrite: bool) -> dict[str, Any]:
+            t = self.teacher(name)
+            return train_teacher(t.model, self.data, self.teacher_path(name), epochs=t.epochs,
+                                 batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr or None,
+                                 weight_decay=t.weight_decay, augment=t.augment, seed=self.p.run.seed,
+                                 device=self.device, run_dir=self.path(f"{t.name}_run"), resume=resume,
+                                 progress=self.progress)
+        return run
 
-    def _run_record(self, resume: bool, overwrite: bool) -> dict[str, Any]:
-        model, spec, _ = load_model(self.teacher_path(), "teacher")
-        rec, size = make_record(model, spec, self.data, self.path("record.safetensors"),
-                                layers=self.p.record.layers or None, per_class=self.p.record.per_class,
-                                device=self.device)
-        return {"layers": rec.layers, "bytes": size}
+    def _record_runner(self, name: str) -> Callable[[bool, bool], dict[str, Any]]:
+        def run(resume: bool, overwrite: bool) -> dict[str, Any]:
+            t = self.teacher(name)
+            model, spec, _ = load_model(self.teacher_path(name), "teacher")
+            rec, size = make_record(model, spec, self.data, self.record_path(name), layers=t.record_layers or None,
+                                    per_class=t.record_per_class, device=self.device)
+            return {"layers": rec.layers, "bytes": size}
+        return run
 
     def _synth_runner(self, s: Any) -> Callable[[bool, bool], dict[str, Any]]:
         def run(resume: bool, overwrite: bool) -> dict[str, Any]:
             os.makedirs(self.path("stores"), exist_ok=True)
             seed = self.p.run.seed if s.seed < 0 else s.seed
+            tname = s.teacher or self.p.teachers[0].name
             if s.method == "real":
-                return fill_real_store(self.store_path(s.name), self.teacher_path(), self.data, s.num_images,
+                return fill_real_store(self.store_path(s.name), self.teacher_path(tname), self.data, s.num_images,
                                        seed=seed, unit_size=s.batch_size, device=self.device, overwrite=True)
             student = s.student
             if student.startswith("distill:"):
                 student = self.path("distill", student[len("distill:"):] + ".pt")
             job = SynthJob(s.method, s.num_images, self.store_path(s.name), dict(s.params), s.batch_size, seed,
-                           student or None, self.path("record.safetensors") if s.stats else None, resume=resume,
+                           student or None, self.record_path(tname) if s.stats else None, resume=resume,
                            overwrite=overwrite and not resume, device=self.device, progress=self.progress)
-            res = run_synth(job, self.teacher_path())
+            res = run_synth(job, self.teacher_path(tname))
             if "student" in res:  # a generator method's proxy student is a distilled student in its own right
                 proxy, spec, _ = load_model(res["student"], "student")
                 res["student_top1"] = accuracy(proxy, self.data.test_images, self.data.test_labels, spec.mean,

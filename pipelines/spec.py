@@ -39,8 +39,13 @@ class DataSection:
 
 @dataclass
 class TeacherSection:
-    """[teacher]: a checkpoint to use, or a model to train on [data]."""
+    """[teacher] (or several [[teacher]] with names): a checkpoint to use, or a model to train on [data].
 
+    `record = true` adds a `dfkd record` stage on [data]'s training split for this teacher (statistics
+    and spectra of `record_layers`, default every conv/linear layer but the last).
+    """
+
+    name: str = "teacher"
     checkpoint: str = ""
     model: str = ""
     epochs: int = 10
@@ -49,14 +54,9 @@ class TeacherSection:
     lr: float = 0.0
     weight_decay: float = 5e-4
     augment: str = "auto"
-
-
-@dataclass
-class RecordSection:
-    """[record]: statistics and spectra of the teacher on [data]'s training split (`dfkd record`)."""
-
-    layers: list[str] = field(default_factory=list)
-    per_class: bool = False
+    record: bool = False
+    record_layers: list[str] = field(default_factory=list)
+    record_per_class: bool = False
 
 
 @dataclass
@@ -65,11 +65,12 @@ class SynthSection:
 
     name: str
     method: str
+    teacher: str = ""  # a [[teacher]] name; default: the first teacher
     num_images: int = 1024
     batch_size: int = 256
     seed: int = -1  # -1: [run].seed
     student: str = ""  # adi: a checkpoint or distill:<name>/<store>/<student>; adversarial/dafl: a zoo name
-    stats: bool = False  # use the [record] (stat/spectral on teachers without BN)
+    stats: bool = False  # use the teacher's record (stat/spectral on teachers without BN; needs record = true)
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,8 +98,7 @@ class Pipeline:
     path: str
     run: RunSection
     data: DataSection
-    teacher: TeacherSection
-    record: RecordSection | None
+    teachers: list[TeacherSection]
     synth: list[SynthSection]
     distill: list[DistillSection]
 
@@ -145,17 +145,18 @@ def load_pipeline(path: str) -> Pipeline:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise PipelineError(f"{path}: not valid TOML ({e})") from None
-    allowed = {"run", "data", "teacher", "record", "synth", "distill"}
+    allowed = {"run", "data", "teacher", "synth", "distill"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise PipelineError(f"{path}: unknown section [{unknown[0]}]; sections are {', '.join(sorted(allowed))}")
     for key in ("synth", "distill"):
         if key in raw and not isinstance(raw[key], list):
             raise PipelineError(f"{path}: write [[{key}]] (an array of tables), not [{key}]")
+    teachers = raw.get("teacher", {})
+    teachers = [_section(TeacherSection, t, f"{path} [[teacher]] #{i + 1}") for i, t in enumerate(teachers)] \
+        if isinstance(teachers, list) else [_section(TeacherSection, teachers, f"{path} [teacher]")]
     p = Pipeline(path, _section(RunSection, raw.get("run", {}), f"{path} [run]"),
-                 _section(DataSection, raw.get("data", {}), f"{path} [data]"),
-                 _section(TeacherSection, raw.get("teacher", {}), f"{path} [teacher]"),
-                 _section(RecordSection, raw["record"], f"{path} [record]") if "record" in raw else None,
+                 _section(DataSection, raw.get("data", {}), f"{path} [data]"), teachers,
                  [_section(SynthSection, s, f"{path} [[synth]] #{i + 1}") for i, s in enumerate(raw.get("synth", []))],
                  [_section(DistillSection, d, f"{path} [[distill]] #{i + 1}")
                   for i, d in enumerate(raw.get("distill", []))])
@@ -165,29 +166,22 @@ def load_pipeline(path: str) -> Pipeline:
 
 def _validate(p: Pipeline) -> None:
     """Cross-section checks: names, methods and their options, students, references."""
-    t = p.teacher
-    where = f"{p.path} [teacher]"
-    if bool(t.checkpoint) == bool(t.model):
-        raise PipelineError(f"{where} needs exactly one of 'checkpoint' (a teacher file) or 'model' (train one)")
-    if t.checkpoint and not os.path.isfile(t.checkpoint):
-        raise PipelineError(f"{where} key 'checkpoint': {t.checkpoint} does not exist; train one with `dfkd "
-                            "train-teacher`, or give 'model' to have the pipeline train it")
-    for key, value, choices in (("optimizer", t.optimizer, ("sgd", "adam")),
-                                ("augment", t.augment, ("auto", "none", "crop", "flip-crop"))):
-        if value not in choices:
-            raise PipelineError(f"{where} key '{key}' must be one of {', '.join(choices)}, got {value!r}")
-    try:
-        if t.model:
-            check_model_name(t.model)
-    except ModelError as e:
-        raise PipelineError(f"{where} key 'model': {e}") from None
-    names = [s.name for s in p.synth]
+    tnames = [t.name for t in p.teachers]
+    if not p.teachers or len(set(tnames)) != len(tnames):
+        raise PipelineError(f"{p.path}: give one [teacher], or [[teacher]] sections with unique names (got {tnames})")
+    for i, t in enumerate(p.teachers):
+        where = f"{p.path} [teacher]" if len(p.teachers) == 1 else f"{p.path} [[teacher]] #{i + 1} ({t.name})"
+        _validate_teacher(t, where)
+        names = [s.name for s in p.synth]
     if len(set(names)) != len(names):
         raise PipelineError(f"{p.path} [[synth]]: names must be unique, got {names}")
     for i, s in enumerate(p.synth):
         where = f"{p.path} [[synth]] #{i + 1} ({s.name})"
         if not s.name or "/" in s.name:
             raise PipelineError(f"{where} key 'name' must be a plain word")
+        if s.teacher and s.teacher not in tnames:
+            raise PipelineError(f"{where} key 'teacher': no teacher named {s.teacher!r}; teachers are {', '.join(tnames)}")
+        teacher = next(t for t in p.teachers if t.name == (s.teacher or tnames[0]))
         if s.method == "real":
             continue
         if s.method not in list_methods():
@@ -197,8 +191,9 @@ def _validate(p: Pipeline) -> None:
             method_config(s.method, s.params)
         except MethodError as e:
             raise PipelineError(f"{where} key 'params': {e}") from None
-        if s.stats and p.record is None:
-            raise PipelineError(f"{where} key 'stats' needs a [record] section (the statistics come from it)")
+        if s.stats and not teacher.record:
+            raise PipelineError(f"{where} key 'stats' needs record = true in teacher {teacher.name!r} "
+                                "(the statistics come from its record)")
         generative = issubclass(method_class(s.method), GenerativeMethod)
         if generative and not s.params.get("generator"):
             if not s.student:
@@ -230,3 +225,22 @@ def _validate(p: Pipeline) -> None:
             raise PipelineError(f"{where} key 'optimizer' must be sgd or adam, got {d.optimizer!r}")
         if d.augment not in ("none", "crop", "flip-crop"):
             raise PipelineError(f"{where} key 'augment' must be none, crop or flip-crop, got {d.augment!r}")
+
+
+def _validate_teacher(t: TeacherSection, where: str) -> None:
+    if not t.name or "/" in t.name or ":" in t.name:
+        raise PipelineError(f"{where} key 'name' must be a plain word")
+    if bool(t.checkpoint) == bool(t.model):
+        raise PipelineError(f"{where} needs exactly one of 'checkpoint' (a teacher file) or 'model' (train one)")
+    if t.checkpoint and not os.path.isfile(t.checkpoint):
+        raise PipelineError(f"{where} key 'checkpoint': {t.checkpoint} does not exist; train one with `dfkd "
+                            "train-teacher`, or give 'model' to have the pipeline train it")
+    for key, value, choices in (("optimizer", t.optimizer, ("sgd", "adam")),
+                                ("augment", t.augment, ("auto", "none", "crop", "flip-crop"))):
+        if value not in choices:
+            raise PipelineError(f"{where} key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    try:
+        if t.model:
+            check_model_name(t.model)
+    except ModelError as e:
+        raise PipelineError(f"{where} key 'model': {e}") from None

@@ -70,11 +70,11 @@ def test_second_run_reuses_every_stage_and_reports(tmp_path):
     path = _write(tmp_path)
     first = _run(path)
     assert set(_actions(first).values()) == {"running"} and len(_actions(first)) == 5
-    assert "| stat | stat | mlp | mlp |" in first
+    assert "| teacher | stat | stat | mlp | mlp |" in first
     second = _run(path)
     assert _actions(second) == {k: "reused" for k in _actions(first)}
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "report.png").exists()
-    assert "| noise | noise | mlp |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| teacher | noise | noise | mlp |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_changing_a_synth_option_reruns_that_store_and_its_students_only(tmp_path):
@@ -125,14 +125,16 @@ def test_invalid_files_name_file_section_key_and_fix(tmp_path, edit, expected):
         assert e in res.output, res.output
 
 
-def test_shipped_pipelines_parse_and_plan(tmp_path):
+def test_shipped_pipelines_parse_and_dry_run(tmp_path):
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines")
-    for name in sorted(os.listdir(here)):
-        if name.endswith(".toml"):
-            p = load_pipeline(os.path.join(here, name))
-            p.run.out = str(tmp_path / name)
-            if p.teacher.checkpoint:
-                continue
-            assert Runner(p).stages[0].key == "teacher"
+    shipped = sorted(n for n in os.listdir(here) if n.endswith(".toml"))
+    assert {"demo.toml", "fashion_mnist.toml", "cifar10_resnet34_resnet18.toml"} <= set(shipped)
+    for name in shipped:
+        p = load_pipeline(os.path.join(here, name))
+        p.run.out = str(tmp_path / name)
+        lines: list[str] = []
+        Runner(p, echo=lines.append).execute(dry_run=True)
+        assert lines and all(l.split()[1] == "run" for l in lines)
+        assert lines[0].startswith("teacher")
     with pytest.raises(PipelineError, match="does not exist"):
         load_pipeline(str(tmp_path / "none.toml"))
