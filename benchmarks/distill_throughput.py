@@ -142,6 +142,9 @@ def main() -> None:
     print(f"| data path alone (store read + normalize, no model) | {med['data path']:.2f} | {f1:.2f} | "
           f"{100 * med['data path'] / f1:.1f}% of the 1-student floor | |")
     print()
+    for kind in ("stored", "online"):
+        per_round = [a / b for a, b in zip(runs[f"{kind}, 3 students one pass"], runs[f"{kind}, 3 separate runs"])]
+        print(f"{kind}: one pass / separate runs per round: {', '.join(f'{r:.2f}' for r in per_round)}")
     print(f"stored logits vs online teacher, 1 student: {med['online, 1 student'] / med['stored, 1 student']:.2f}x faster")
 
 

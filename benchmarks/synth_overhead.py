@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +32,14 @@ FLOORS = {"floor": (), "student_floor": (), "round_floor": (), "adi": ("floor", 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _warm_lazy_imports() -> None:
+    """One Adam and one SGD step on a dummy parameter, so torch's lazy imports land before the baseline RSS."""
+    p = torch.zeros(4, requires_grad=True)
+    for opt in (torch.optim.Adam([p]), torch.optim.SGD([p], lr=0.1, momentum=0.9)):
+        p.sum().backward()
+        opt.step()
 
 
 def _timed(step, iterations: int, dev: torch.device) -> float:
@@ -110,6 +119,7 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
     student = create_model("resnet18" if "resnet" in model_name else "lenet5_half", 10, shape[0], shape[1]).to(dev).eval()
     ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student)
     targets = torch.arange(batch, device=dev) % 10
+    _warm_lazy_imports()  # the first optimizer step imports ~160 MB of torch modules: not the method's memory
     base = _rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -160,7 +170,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="resnet34:64,resnet34:256,lenet5_bn:256")
     p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; floors first")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    p.add_argument("--repeats", type=int, default=3, help="processes per method; medians are reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model:batch:method, internal
     args = p.parse_args()
@@ -169,18 +180,24 @@ def main() -> None:
         print(json.dumps(measure(model, int(batch), method, args.iterations, args.device)))
         return
     print(f"synth overhead on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
-          f"torch {torch.__version__}, {args.iterations} timed iterations after one warm-up")
+          f"torch {torch.__version__}, {args.iterations} timed iterations after one warm-up, median of {args.repeats} "
+          "processes per method")
     print()
     print("| teacher | batch | method | ms/iter | x its floor | peak extra MiB | x floor memory |")
     print("|---|---:|---|---:|---:|---:|---:|")
+    methods = args.methods.split(",")
     for case in args.cases.split(","):
         model, batch = case.split(":")
-        res = {}
-        for method in args.methods.split(","):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.synth_overhead", "--one", f"{model}:{batch}:{method}",
-                                  "--iterations", str(args.iterations), "--device", args.device],
-                                 capture_output=True, text=True, check=True)
-            res[method] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for r in range(args.repeats):  # alternate the order so drift in machine state hits every method alike
+            for method in (methods if r % 2 == 0 else methods[::-1]):
+                out = subprocess.run([sys.executable, "-m", "benchmarks.synth_overhead", "--one",
+                                      f"{model}:{batch}:{method}", "--iterations", str(args.iterations),
+                                      "--device", args.device], capture_output=True, text=True, check=True)
+                runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        res = {m: {k: statistics.median(v[k] for v in vs) for k in ("ms", "peak_mb")} for m, vs in runs.items()}
+        for method in methods:
+            r = res[method]
             floor = FLOORS.get(method, ("floor",))
             if not floor or not all(f in res for f in floor):  # a floor itself, or its floor was not run
                 print(f"| {model} | {batch} | {method} | {r['ms']:.1f} | | {r['peak_mb']:.0f} | |", flush=True)

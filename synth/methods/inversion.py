@@ -48,7 +48,7 @@ class InversionMethod(Method):
         x = torch.randn((b, *ctx.image_shape), generator=gen, device="cpu").to(dev).requires_grad_(True)
         lo = ctx.normalize(torch.zeros(1, ctx.image_shape[0], 1, 1, device=dev))
         hi = ctx.normalize(torch.ones(1, ctx.image_shape[0], 1, 1, device=dev))
-        opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # one kernel per step
         best = x.detach().clone()
         best_score = torch.full((b,), math.inf, device=dev)
         last: dict[str, float] = {}
@@ -72,8 +72,9 @@ class InversionMethod(Method):
             loss.backward()
             opt.step()
             with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-            last = {k: float(v.detach()) for k, v in parts.items()}
-            last["total"] = float(loss.detach())
+                x.clamp_(min=lo, max=hi)
+            if it == cfg.iterations - 1:  # reading values syncs the device: only once per batch
+                last = {k: float(v.detach()) for k, v in parts.items()}
+                last["total"] = float(loss.detach())
         out = best if (cfg.w_ce and cfg.keep_best) else x.detach()
         return ctx.denormalize(out).clamp(0, 1), last
