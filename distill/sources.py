@@ -71,16 +71,21 @@ class TensorSource:
         self.num_classes, self.mean, self.std, self.name = num_classes, mean, std, name
         self.image_shape = tuple(images.shape[1:])
         self.epoch = 0
+        dist = torch.distributed
+        self.rank, self.world = ((dist.get_rank(), dist.get_world_size())
+                                 if dist.is_available() and dist.is_initialized() else (0, 1))
+        self.per_rank = len(images) // self.world  # equal shares: every rank takes the same number of steps
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        return math.ceil(self.per_rank / self.batch_size)
 
     def __iter__(self) -> Iterator[Triple]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.images), generator=gen)
+        order = torch.randperm(len(self.images), generator=gen)  # the same on every rank; each takes its slice
+        order = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             yield self.images[idx], None, self.labels[idx]

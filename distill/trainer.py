@@ -70,7 +70,35 @@ class Student:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_model: nn.Module | None = None  # the model as trained: DDP-wrapped under torch.distributed
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _parallel(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """DDP around the model when running under torch.distributed (gradients averaged across ranks)."""
+    if world <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _reduce_sums(values: list[torch.Tensor | float], world: int, device: torch.device) -> list[float]:
+    """Sums over ranks (one all-reduce for the lot)."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def _names(specs: list[StudentSpec]) -> list[str]:
@@ -96,6 +124,8 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.device = torch.device(config.device)
         self.batches_read = 0
+        self.rank, self.world = _rank_and_world()
+        self.reads_per_rank: list[Any] = []
         c, h, w = source.image_shape
         if h != w:
             raise TrainError(f"images are {h}×{w}; the zoo's models take square images")
@@ -115,10 +145,10 @@ class Trainer:
         for i, (name, s) in enumerate(zip(_names(students), students)):
             torch.manual_seed(config.seed * 1000 + i)  # each student's init depends on (seed, position) only
             spec = ModelSpec(s.arch, source.num_classes, c, h, tuple(source.mean), tuple(source.std), dict(s.kwargs))
-            model = spec.build().to(self.device)
+            model = spec.build().to(self.device)  # the same initial weights on every rank (same seed)
             opt = _optimizer(model, s)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(1, steps))))
-            self.students.append(Student(name, spec, s, model, opt, sched))
+            self.students.append(Student(name, spec, s, model, opt, sched, _parallel(model, self.device, self.world)))
         self.start_epoch = 0
         if config.resume:
             self._resume()
@@ -132,7 +162,7 @@ class Trainer:
                 "seed": self.cfg.seed, "augment": self.cfg.augment}
 
     def _save(self, epoch: int) -> None:
-        if self.cfg.out_dir is None:
+        if self.cfg.out_dir is None or self.rank != 0:  # one writer: every rank holds the same weights
             return
         for s in self.students:
             save_model(os.path.join(self.cfg.out_dir, f"{s.name}.pt"), s.model, s.spec, {"history": s.history})
@@ -190,7 +220,7 @@ class Trainer:
                 y = None if labels is None else labels.to(self.device, non_blocking=True)
                 ref = teacher.argmax(1) if teacher is not None else y
                 for s in self.students:
-                    out = s.model(x)
+                    out = (s.train_model or s.model)(x)
                     loss = obj(out, teacher, y)
                     s.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -207,14 +237,23 @@ class Trainer:
             seconds = time.perf_counter() - t0
             evaluate = self.eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
             for s in self.students:
-                loss_sum, agree, seen = float(sums[s.name][0]), int(sums[s.name][1]), sums[s.name][2]
+                loss_sum, agree, seen = _reduce_sums(sums[s.name], self.world, self.device)
                 row = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_agreement": agree / max(1, seen),
                        "seconds": round(seconds, 3)}
-                if evaluate:
+                if evaluate and self.rank == 0:
                     row["test_top1"] = accuracy(s.model, *self.eval_data, self.source.mean, self.source.std,
                                                 device=str(self.device))
                 s.history.append(row)
+            if self.world > 1:  # every rank's batch count, gathered collectively before rank 0 writes metrics
+                import torch.distributed as dist
+
+                self.reads_per_rank = [None] * self.world
+                dist.all_gather_object(self.reads_per_rank, self.batches_read)
             self._save(epoch)
+            if self.world > 1:  # nobody starts the next epoch (or reads run.pt) before rank 0 has written it
+                import torch.distributed as dist
+
+                dist.barrier()
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, self)
         return self.metrics()
@@ -222,7 +261,9 @@ class Trainer:
     def metrics(self) -> dict[str, Any]:
         """Per-student history and final figures (the last epoch's, never a best epoch)."""
         out = {"source": self.source.name, "config": {**asdict(self.cfg), "objective": asdict(self.cfg.objective)},
-               "batches_read": self.batches_read, "students": {}}
+               "batches_read": self.batches_read, "world_size": self.world, "students": {}}
+        if self.world > 1:
+            out["batches_read_per_rank"] = self.reads_per_rank
         for s in self.students:
             last = s.history[-1] if s.history else {}
             out["students"][s.name] = {"arch": s.spec.arch, "parameters": sum(p.numel() for p in s.model.parameters()),

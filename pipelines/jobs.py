@@ -19,7 +19,7 @@ from distill.models import check_model_name
 from distill.sources import StoreSource, TensorSource
 from distill.trainer import StudentSpec, TrainConfig, Trainer
 from store.errors import DfkdError
-from synth.engine import SynthConfig, synthesize
+from synth.engine import SynthConfig, rank_and_world, synthesize
 from synth.methods import method_class
 from synth.methods.generative import GenerativeMethod, artifact_prefix
 from synth.record import Record, record
@@ -112,7 +112,7 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
                         mean=spec.mean, std=spec.std, hparams=job.hparams, record=rec, student=stu,
                         teacher_spec={"path": os.path.abspath(teacher_path), "arch": spec.arch})
     out = {"store": job.out, "units": writer.meta.num_units}
-    if generative and not job.hparams.get("generator"):
+    if generative and not job.hparams.get("generator") and rank_and_world()[0] == 0:
         prefix = artifact_prefix(job.out)
         save_model(f"{prefix}.student.pt", stu, stu_spec, {"trained_by": job.method, "store": job.out})
         out.update(generator=f"{prefix}.generator.pt", student=f"{prefix}.student.pt", student_arch=stu_spec.arch)

@@ -15,6 +15,7 @@ from distill.sources import StoreSource, TensorSource
 from distill.trainer import StudentSpec, TrainConfig, Trainer, TrainError
 
 from .data import load_data
+from .distributed import distributed
 from .jobs import train_teacher as train_teacher_job
 
 
@@ -93,6 +94,15 @@ def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str
         raise click.UsageError("give exactly one of --store (data-free) or --kd-data (classical KD on real data)")
     for name in students:
         check_model_name(name)  # unknown names fail here, before any data is loaded
+    with distributed(device) as rank_device:  # under torchrun: DDP per student, equal batches per rank
+        _distill(store_path, kd_data, students, teacher, eval_data, data_root, epochs, batch_size, optimizer, lr,
+                 weight_decay, temperature, kd_weight, ce_teacher, augment, workers, seed, rank_device, out, resume)
+
+
+def _distill(store_path: str | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
+             eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
+             lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
+             augment: str, workers: int, seed: int, device: str, out: str, resume: bool) -> None:
     t_model, t_spec = None, None
     if teacher is not None:
         t_model, t_spec, _ = load_model(teacher, "teacher")
@@ -119,9 +129,11 @@ def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str
     elif not resume and os.path.exists(os.path.join(out, "run.pt")):
         raise click.UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     trainer = Trainer(source, specs, cfg, teacher=t_model, eval_data=evaluation)
-    if trainer.start_epoch:
+    if trainer.start_epoch and trainer.rank == 0:
         click.echo(f"resuming {out} at epoch {trainer.start_epoch + 1}/{epochs}")
     metrics = trainer.fit()
+    if trainer.rank != 0:
+        return
     rows = []
     if t_model is not None and evaluation is not None:
         rows.append(("teacher", t_spec.arch, f"{sum(p.numel() for p in t_model.parameters()):,}",

@@ -8,9 +8,11 @@ import click
 import torch
 
 from distill.checkpoint import load_model
+from synth.engine import rank_and_world
 from synth.methods import list_methods, method_config
 
 from .data import load_data
+from .distributed import distributed
 from .jobs import SynthJob, make_record, run_synth
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,8 +60,11 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
         if value is not None:
             hparams[key] = value
     method_config(method, hparams)  # unknown keys fail before any loading
-    res = run_synth(SynthJob(method, num_images, out, hparams, batch_size, seed, student, stats, resume, overwrite,
-                             device), teacher)
+    with distributed(device) as rank_device:  # under torchrun every rank takes its share of the write units
+        res = run_synth(SynthJob(method, num_images, out, hparams, batch_size, seed, student, stats, resume,
+                                 overwrite, rank_device), teacher)
+        if rank_and_world()[0] != 0:
+            return
     click.echo(f"wrote {out}: {num_images} images by {method} ({res['units']} units of {batch_size}) "
                f"in {res['seconds']:.0f} s")
     if "generator" in res:

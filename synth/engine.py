@@ -100,12 +100,17 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
         ctx = SynthContext(teacher, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record,
                            None if student is None else student.to(device))
         m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
+        rank, world = rank_and_world()
+        show = show and rank == 0
         try:
-            writer = store.create_or_resume(cfg.out, meta, resume=cfg.resume, overwrite=cfg.overwrite,
-                                            backend=cfg.backend)
-            pending = writer.pending_units()
-            if pending and hasattr(m, "prepare"):  # generator methods train before they can sample
-                m.prepare(artifact_prefix(cfg.out), resume=cfg.resume, seed=cfg.seed, show=show)
+            writer, snapshot = _open_store(cfg, meta, rank, world)
+            pending = writer.pending_units(rank, world, done=snapshot)
+            if hasattr(m, "prepare") and not snapshot.all():  # generator methods train before they sample
+                if rank == 0:  # one generator for the whole store: rank 0 trains it, the others load it
+                    m.prepare(artifact_prefix(cfg.out), resume=cfg.resume, seed=cfg.seed, show=show)
+                _barrier(world)
+                if rank != 0:
+                    m.load_trained(artifact_prefix(cfg.out))
             bar = tqdm(pending, desc=f"{method} -> {cfg.out}", unit="batch", disable=not show)
             done, t0 = 0, time.perf_counter()
             for u in bar:
@@ -123,5 +128,48 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
                                 **{k: f"{v:.3g}" for k, v in losses.items()})
         finally:
             m.close()
-    writer.finalize()
+    _barrier(world)
+    if rank == 0:  # after every rank's last unit
+        writer.finalize()
     return writer
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed job this process is part of; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _open_store(cfg: SynthConfig, meta: store.StoreMeta, rank: int, world: int) -> tuple[store.StoreWriter, np.ndarray]:
+    """Rank 0 creates (or resumes) the store; every rank then opens it and gets rank 0's done snapshot.
+
+    Sharing one snapshot makes every rank deal out the same pending units; an error on rank 0 (a store
+    in the way, other settings) reaches every rank as the same one-line error instead of a hang.
+    """
+    payload: Any = None
+    if rank == 0:
+        try:
+            writer = store.create_or_resume(cfg.out, meta, resume=cfg.resume, overwrite=cfg.overwrite,
+                                            backend=cfg.backend)
+            payload = writer.done_mask().copy()
+        except store.StoreError as e:
+            payload = str(e)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        payload = box[0]
+    if isinstance(payload, str):
+        raise store.StoreError(payload)
+    return (writer if rank == 0 else store.open_writer(cfg.out)), np.asarray(payload, dtype=bool)

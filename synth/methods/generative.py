@@ -171,6 +171,14 @@ class GenerativeMethod(Method):
                         "rounds": self.rounds_done, "config": asdict(c)})
         self.trained = True
 
+    def load_trained(self, prefix: str) -> None:
+        """Take the generator another process trained for this store (`<prefix>.generator.pt`)."""
+        g, spec, _ = load_generator(f"{prefix}.generator.pt")
+        if spec != self.spec:
+            raise GeneratorError(f"{prefix}.generator.pt is a {spec}, this run builds a {self.spec}")
+        self.generator_model.load_state_dict(g.state_dict())
+        self.trained = True
+
     # -- filling the store -----------------------------------------------------------------------
     @torch.no_grad()
     def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
