@@ -30,6 +30,7 @@ from distill.trainer import StudentSpec, TrainConfig, Trainer
 SHAPE, K = (1, 28, 28), 10
 MEAN, STD = (0.286,), (0.353,)
 STUDENTS = ["lenet5_half", "lenet5_half_zskd", "lenet5"]
+RUN = {"device": "cpu", "amp": "off"}  # set from the command line
 
 
 def make_store(path: str, images: np.ndarray, logits: np.ndarray) -> None:
@@ -43,7 +44,7 @@ def make_store(path: str, images: np.ndarray, logits: np.ndarray) -> None:
 
 def run_ms(source, students: list[str], epochs: int, teacher=None) -> float:
     """Median ms per training step over the epochs after the first (warm-up)."""
-    tr = Trainer(source, [StudentSpec(s) for s in students], TrainConfig(epochs=epochs + 1, progress=False),
+    tr = Trainer(source, [StudentSpec(s) for s in students], TrainConfig(epochs=epochs + 1, progress=False, **RUN),
                  teacher=teacher)
     tr.fit()
     return 1000 * statistics.median(r["seconds"] for r in tr.students[0].history[1:]) / len(source)
@@ -51,19 +52,30 @@ def run_ms(source, students: list[str], epochs: int, teacher=None) -> float:
 
 def floor_ms(students: list[str], images: torch.Tensor, logits: torch.Tensor, batch: int, steps: int) -> float:
     """Bare forward + KD loss + backward + optimizer step of each student on batches already in memory."""
-    models = [create_model(s, K, 1, 28) for s in students]
+    from store.runtime import amp_dtype
+
+    dev = torch.device(RUN["device"])
+    amp = amp_dtype(RUN["amp"], dev)
+    models = [create_model(s, K, 1, 28).to(dev) for s in students]
     opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
     obj = Objective()
-    x = normalize(images[:batch], MEAN, STD)
-    t = logits[:batch].float()
+    x = normalize(images[:batch].to(dev), MEAN, STD)
+    t = logits[:batch].float().to(dev)
     times = []
     for i in range(steps + 5):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         for m, o in zip(models, opts):
-            loss = obj(m(x), t, None)
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = obj(m(x).float(), t, None)
             o.zero_grad(set_to_none=True)
-            loss.backward()
-            o.step()
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         if i >= 5:
             times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
@@ -95,13 +107,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=1, help="measured epochs per run (after one warm-up)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", default="off", help="off, auto, bf16 or fp16 (CUDA only)")
     args = p.parse_args()
+    RUN.update(device=args.device, amp=args.amp)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.num_samples, *SHAPE), dtype=np.uint8)
-    teacher = create_model("lenet5_bn", K, 1, 28).eval()
+    teacher = create_model("lenet5_bn", K, 1, 28).eval().to(args.device)
     with torch.no_grad():
-        logits = torch.cat([teacher(normalize(torch.from_numpy(images[i:i + 4096]), MEAN, STD))
+        logits = torch.cat([teacher(normalize(torch.from_numpy(images[i:i + 4096]).to(args.device), MEAN, STD)).cpu()
                             for i in range(0, len(images), 4096)])
     tensors = torch.from_numpy(images)
     b, e = args.batch_size, args.epochs
@@ -128,7 +143,7 @@ def main() -> None:
     ratio = lambda a, c: statistics.median(x / y for x, y in zip(runs[a], runs[c]))
     print(f"distill throughput: {args.num_samples} samples 1x28x28, batch {b}, teacher lenet5_bn, students "
           f"{', '.join(STUDENTS)}; {os.cpu_count()} cores {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; medians of {args.rounds} interleaved rounds")
+          f"{torch.get_num_threads()} threads, device {args.device}, amp {args.amp}; medians of {args.rounds} interleaved rounds")
     print()
     print("| run | ms/step | floor ms/step | vs floor | one pass / separate runs |")
     print("|---|---:|---:|---:|---:|")

@@ -105,7 +105,7 @@ def _round_floor(teacher, student, generator, batch: int, iterations: int, dev: 
     return 5 * (ms["g_fwd"] + ms["t_fwd"] + ms["s_train"]) + ms["g_train"] + ms["t_input"] + ms["s_input"]
 
 
-def measure(model_name: str, batch: int, method: str, iterations: int, device: str) -> dict:
+def measure(model_name: str, batch: int, method: str, iterations: int, device: str, amp: str = "off") -> dict:
     """Run in a fresh process: ms per iteration (or per adversarial round) and peak extra memory (MiB)."""
     from distill.models import create_model
     from synth.engine import frozen
@@ -117,7 +117,12 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
     dev = torch.device(device)
     teacher = create_model(model_name, 10, shape[0], shape[1]).to(dev).eval()
     student = create_model("resnet18" if "resnet" in model_name else "lenet5_half", 10, shape[0], shape[1]).to(dev).eval()
-    ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student)
+    from store.runtime import amp_dtype
+
+    ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student,
+                       amp=amp_dtype(amp, dev))
+    if dev.type == "cuda":
+        teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
     targets = torch.arange(batch, device=dev) % 10
     _warm_lazy_imports()  # the first optimizer step imports ~160 MB of torch modules: not the method's memory
     base = _rss_mb()
@@ -131,7 +136,8 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
             x = torch.randn(batch, *shape, device=dev, requires_grad=True)
 
             def step() -> None:
-                loss = torch.nn.functional.cross_entropy(model(x), targets)
+                with ctx.autocast():
+                    loss = torch.nn.functional.cross_entropy(model(x).float(), targets)
                 x.grad = None
                 loss.backward()
             ms = _timed(step, iterations, dev)
@@ -172,15 +178,16 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     p.add_argument("--repeats", type=int, default=3, help="processes per method; medians are reported")
+    p.add_argument("--amp", default="off", help="off, auto, bf16 or fp16 (CUDA only): autocast for floors and methods")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model:batch:method, internal
     args = p.parse_args()
     if args.one:
         model, batch, method = args.one.split(":")
-        print(json.dumps(measure(model, int(batch), method, args.iterations, args.device)))
+        print(json.dumps(measure(model, int(batch), method, args.iterations, args.device, args.amp)))
         return
     print(f"synth overhead on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
-          f"torch {torch.__version__}, {args.iterations} timed iterations after one warm-up, median of {args.repeats} "
+          f"torch {torch.__version__}, amp {args.amp}, {args.iterations} timed iterations after one warm-up, median of {args.repeats} "
           "processes per method")
     print()
     print("| teacher | batch | method | ms/iter | x its floor | peak extra MiB | x floor memory |")
@@ -193,7 +200,8 @@ def main() -> None:
             for method in (methods if r % 2 == 0 else methods[::-1]):
                 out = subprocess.run([sys.executable, "-m", "benchmarks.synth_overhead", "--one",
                                       f"{model}:{batch}:{method}", "--iterations", str(args.iterations),
-                                      "--device", args.device], capture_output=True, text=True, check=True)
+                                      "--device", args.device, "--amp", args.amp], capture_output=True, text=True,
+                                     check=True)
                 runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
         res = {m: {k: statistics.median(v[k] for v in vs) for k in ("ms", "peak_mb")} for m, vs in runs.items()}
         for method in methods:

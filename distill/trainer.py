@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from store.errors import DfkdError
+from store.runtime import amp_dtype
 
 from .augment import augment, normalize
 from .checkpoint import ModelSpec, atomic_save, read_checkpoint, save_model
@@ -58,6 +59,8 @@ class TrainConfig:
     resume: bool = False
     eval_every: int = 1
     progress: bool | None = None  # None: show bars only on a terminal
+    amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16 + grad scaler), off, bf16, fp16
+    compile: bool = False  # torch.compile each student's training forward
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Student:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_model: nn.Module | None = None  # the model as trained: DDP-wrapped under torch.distributed
+    scaler: Any = None  # a GradScaler (active with fp16 autocast only)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -125,6 +129,7 @@ class Trainer:
         self.device = torch.device(config.device)
         self.batches_read = 0
         self.rank, self.world = _rank_and_world()
+        self.amp = amp_dtype(config.amp, self.device)
         self.reads_per_rank: list[Any] = []
         c, h, w = source.image_shape
         if h != w:
@@ -146,9 +151,16 @@ class Trainer:
             torch.manual_seed(config.seed * 1000 + i)  # each student's init depends on (seed, position) only
             spec = ModelSpec(s.arch, source.num_classes, c, h, tuple(source.mean), tuple(source.std), dict(s.kwargs))
             model = spec.build().to(self.device)  # the same initial weights on every rank (same seed)
+            if self.device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
             opt = _optimizer(model, s)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(1, steps))))
-            self.students.append(Student(name, spec, s, model, opt, sched, _parallel(model, self.device, self.world)))
+            train_model = _parallel(model, self.device, self.world)
+            if config.compile:
+                train_model = torch.compile(train_model)
+            self.students.append(Student(name, spec, s, model, opt, sched, train_model,
+                                         scaler=torch.amp.GradScaler(self.device.type,
+                                                                     enabled=self.amp == torch.float16)))
         self.start_epoch = 0
         if config.resume:
             self._resume()
@@ -168,7 +180,8 @@ class Trainer:
             save_model(os.path.join(self.cfg.out_dir, f"{s.name}.pt"), s.model, s.spec, {"history": s.history})
         atomic_save({"identity": self._identity(), "epoch": epoch, "batches_read": self.batches_read,
                      "students": [{"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-                                   "scheduler": s.scheduler.state_dict(), "history": s.history}
+                                   "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
+                                   "history": s.history}
                                   for s in self.students]}, self._run_file())
         with open(os.path.join(self.cfg.out_dir, "metrics.json"), "w") as f:
             json.dump(self.metrics(), f, indent=1)
@@ -185,6 +198,8 @@ class Trainer:
             s.model.load_state_dict(st["model"])
             s.optimizer.load_state_dict(st["optimizer"])
             s.scheduler.load_state_dict(st["scheduler"])
+            if st.get("scaler"):
+                s.scaler.load_state_dict(st["scaler"])
             s.history = st["history"]
         self.start_epoch, self.batches_read = state["epoch"] + 1, state["batches_read"]
 
@@ -212,6 +227,8 @@ class Trainer:
                        leave=False)
             for images, stored, labels in bar:
                 self.batches_read += 1
+                if self.device.type == "cuda":  # page-locked host memory: the copy overlaps compute
+                    images = images.pin_memory()
                 images = images.to(self.device, non_blocking=True)
                 x = normalize(augment(images, cfg.augment, gen), self.source.mean, self.source.std)
                 teacher = self._targets(x, stored, cfg.augment != "none")
@@ -220,11 +237,13 @@ class Trainer:
                 y = None if labels is None else labels.to(self.device, non_blocking=True)
                 ref = teacher.argmax(1) if teacher is not None else y
                 for s in self.students:
-                    out = (s.train_model or s.model)(x)
-                    loss = obj(out, teacher, y)
+                    with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                        out = (s.train_model or s.model)(x)
+                        loss = obj(out.float(), teacher, y)
                     s.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    s.optimizer.step()
+                    s.scaler.scale(loss).backward()
+                    s.scaler.step(s.optimizer)
+                    s.scaler.update()
                     s.scheduler.step()
                     acc = sums[s.name]  # summed on the device: no host sync per step
                     acc[0] += loss.detach() * len(x)

@@ -97,6 +97,8 @@ class SynthJob:
     overwrite: bool = False
     device: str = "cpu"
     progress: bool | None = None
+    amp: str = "auto"
+    compile: bool = False
 
 
 def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
@@ -107,7 +109,8 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
     rec = Record.load(job.stats) if job.stats else None
     stu, stu_spec = build_student(job.student, spec, generative, job.seed) if job.student else (None, None)
     cfg = SynthConfig(num_images=job.num_images, out=job.out, batch_size=job.batch_size, seed=job.seed,
-                      resume=job.resume, overwrite=job.overwrite, device=job.device, progress=job.progress)
+                      resume=job.resume, overwrite=job.overwrite, device=job.device, progress=job.progress,
+                      amp=job.amp, compile=job.compile)
     writer = synthesize(model, job.method, cfg, image_shape=spec.image_shape, num_classes=spec.num_classes,
                         mean=spec.mean, std=spec.std, hparams=job.hparams, record=rec, student=stu,
                         teacher_spec={"path": os.path.abspath(teacher_path), "arch": spec.arch})
@@ -168,6 +171,8 @@ class DistillJob:
     device: str = "cpu"
     resume: bool = False
     progress: bool | None = None
+    amp: str = "auto"
+    compile: bool = False
 
 
 def run_distill(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -178,7 +183,8 @@ def run_distill(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] |
     t0 = time.perf_counter()
     source = StoreSource(job.store, job.batch_size, seed=job.seed, workers=job.workers)
     cfg = TrainConfig(epochs=job.epochs, seed=job.seed, augment=job.augment, device=job.device, out_dir=job.out,
-                      resume=job.resume, progress=job.progress, eval_every=job.epochs,
+                      resume=job.resume, progress=job.progress, eval_every=job.epochs, amp=job.amp,
+                      compile=job.compile,
                       objective=Objective(kd=job.kd, ce_teacher=job.ce_teacher, temperature=job.temperature))
     specs = [StudentSpec(s, job.optimizer, job.lr, weight_decay=job.weight_decay) for s in job.students]
     metrics = Trainer(source, specs, cfg, teacher=teacher, eval_data=evaluation).fit()

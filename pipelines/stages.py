@@ -12,6 +12,7 @@ from distill.evaluate import accuracy
 from distill.losses import Objective
 from distill.models import check_model_name
 from distill.sources import StoreSource, TensorSource
+from store.runtime import AMP_MODES
 from distill.trainer import StudentSpec, TrainConfig, Trainer, TrainError
 
 from .data import load_data
@@ -85,10 +86,14 @@ def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], wh
 @click.option("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", show_default=True)
 @click.option("--out", required=True, help="Run folder: a checkpoint per student, run.pt (resume), metrics.json.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True,
+              help="Mixed precision on CUDA (auto: bf16 where supported, else fp16 + grad scaler); off on CPU.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the students (CUDA; slow first steps).")
 def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
                 eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
                 lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
-                augment: str, workers: int, seed: int, device: str, out: str, resume: bool) -> None:
+                augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str,
+                compile_: bool) -> None:
     """Train one or more students at once from a store (or, with --kd-data, from real data and a teacher)."""
     if (store_path is None) == (kd_data is None):
         raise click.UsageError("give exactly one of --store (data-free) or --kd-data (classical KD on real data)")
@@ -96,13 +101,15 @@ def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str
         check_model_name(name)  # unknown names fail here, before any data is loaded
     with distributed(device) as rank_device:  # under torchrun: DDP per student, equal batches per rank
         _distill(store_path, kd_data, students, teacher, eval_data, data_root, epochs, batch_size, optimizer, lr,
-                 weight_decay, temperature, kd_weight, ce_teacher, augment, workers, seed, rank_device, out, resume)
+                 weight_decay, temperature, kd_weight, ce_teacher, augment, workers, seed, rank_device, out, resume,
+                 amp, compile_)
 
 
 def _distill(store_path: str | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
              eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
              lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
-             augment: str, workers: int, seed: int, device: str, out: str, resume: bool) -> None:
+             augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str = "auto",
+             compile_: bool = False) -> None:
     t_model, t_spec = None, None
     if teacher is not None:
         t_model, t_spec, _ = load_model(teacher, "teacher")
@@ -121,7 +128,8 @@ def _distill(store_path: str | None, kd_data: str | None, students: tuple[str, .
     if eval_data is not None:
         ev = load_data(eval_data, data_root)
         evaluation = (ev.test_images, ev.test_labels)
-    cfg = TrainConfig(epochs=epochs, seed=seed, augment=augment, device=device, out_dir=out, resume=resume,
+    cfg = TrainConfig(epochs=epochs, seed=seed, augment=augment, device=device, out_dir=out, resume=resume, amp=amp,
+                      compile=compile_,
                       objective=Objective(kd=kd_weight, ce_teacher=ce_teacher, temperature=temperature))
     specs = [StudentSpec(s, optimizer, lr, weight_decay=weight_decay) for s in students]
     if resume and not os.path.exists(os.path.join(out, "run.pt")):

@@ -8,6 +8,7 @@ import click
 import torch
 
 from distill.checkpoint import load_model
+from store.runtime import AMP_MODES
 from synth.engine import rank_and_world
 from synth.methods import list_methods, method_config
 
@@ -47,9 +48,12 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--resume", is_flag=True, help="Finish an interrupted run (exactly the missing units).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--device", default=DEVICE, show_default=True)
+@click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True,
+              help="Mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher (CUDA; slow first batch).")
 def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str | None, student: str | None,
               generator: str | None, rounds: int | None, batch_size: int, iterations: int | None, seed: int,
-              sets: tuple[str, ...], resume: bool, overwrite: bool, device: str) -> None:
+              sets: tuple[str, ...], resume: bool, overwrite: bool, device: str, amp: str, compile_: bool) -> None:
     """Fill a store with a method's images of the teacher, and the teacher's logits of those images.
 
     Generator methods (adversarial, dafl) first train a generator and a proxy student (checkpointed beside
@@ -62,7 +66,7 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
     method_config(method, hparams)  # unknown keys fail before any loading
     with distributed(device) as rank_device:  # under torchrun every rank takes its share of the write units
         res = run_synth(SynthJob(method, num_images, out, hparams, batch_size, seed, student, stats, resume,
-                                 overwrite, rank_device), teacher)
+                                 overwrite, rank_device, amp=amp, compile=compile_), teacher)
         if rank_and_world()[0] != 0:
             return
     click.echo(f"wrote {out}: {num_images} images by {method} ({res['units']} units of {batch_size}) "

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
+from . import fs
 from .backends import backend_for_existing, backend_for_new
 from .errors import StoreError
 from .reader import StoreReader
@@ -42,16 +42,16 @@ def create(path: str | os.PathLike, meta: StoreMeta, *, backend: str | None = No
     """Create a store at its final size, every unit pending; never clobbers data that is not a dfkd store."""
     path = os.fspath(path)
     cls = backend_for_new(path, backend)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
+    if fs.exists(path):
+        if not fs.isdir(path):
             raise StoreError(f"{path} exists and is a file; choose another path for the store")
-        if os.listdir(path):
+        if fs.listdir(path):
             if not _is_store(path):
                 raise StoreError(f"{path} exists and is not a dfkd store; refusing to overwrite it, choose another path")
             if not overwrite:
                 raise StoreError(f"a store already exists at {path}; pass --resume to finish it "
                                  "or --overwrite to replace it")
-            shutil.rmtree(path)
+            fs.rmtree(path)
     return StoreWriter(cls.create(path, meta, **options))
 
 
@@ -66,7 +66,7 @@ def create_or_resume(path: str | os.PathLike, meta: StoreMeta, *, resume: bool =
                      backend: str | None = None, **options: Any) -> StoreWriter:
     """Start a run, or continue one: a resumed store must have been planned exactly like `meta`."""
     path = os.fspath(path)
-    if resume and os.path.exists(path) and not overwrite:
+    if resume and fs.exists(path) and not overwrite:
         writer = open_writer(path)
         old, new = plan_key(writer.meta), plan_key(meta)
         if old != new:

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import store
+from store.runtime import amp_dtype
 
 from .methods import SynthContext, create_method, method_config
 from .methods.generative import artifact_prefix
@@ -41,6 +42,8 @@ class SynthConfig:
     logits_dtype: str = "float32"
     device: str = "cpu"
     progress: bool | None = None
+    amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16), off, bf16, fp16
+    compile: bool = False  # torch.compile the teacher (and student)
 
 
 @contextlib.contextmanager
@@ -84,6 +87,7 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     """Fill (or finish) the store at cfg.out with `method`'s images of `teacher`; returns the writer."""
     config = method_config(method, hparams)  # validates names and types before anything is written
     device = torch.device(cfg.device)
+    amp = amp_dtype(cfg.amp, device)
     teacher = teacher.to(device)
     fp = fingerprint(teacher)
     if record is not None:
@@ -97,8 +101,13 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
                            mean=tuple(mean), std=tuple(std), provenance=provenance)
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     with frozen(teacher, student):
-        ctx = SynthContext(teacher, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record,
-                           None if student is None else student.to(device))
+        net, stu = teacher, None if student is None else student.to(device)
+        if device.type == "cuda":  # NHWC convolutions are the fast path for tensor cores
+            net = net.to(memory_format=torch.channels_last)
+            stu = None if stu is None else stu.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            net = torch.compile(net)
+        ctx = SynthContext(net, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record, stu, amp)
         m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
         rank, world = rank_and_world()
         show = show and rank == 0

@@ -246,3 +246,14 @@ def test_unknown_hyper_parameter_and_missing_record(tmp_path):
     assert res.exit_code == 2 and "dfkd record" in res.output
     res = _synth(tmp_path, "--teacher", t, "--method", "adi")
     assert res.exit_code == 2 and "--student" in res.output
+
+
+def test_amp_is_off_on_cpu_and_named_modes_need_cuda():
+    from store.errors import DfkdError
+    from store.runtime import amp_dtype
+
+    assert amp_dtype("auto", "cpu") is None and amp_dtype("off", "cpu") is None
+    with pytest.raises(DfkdError, match="needs a CUDA device"):
+        amp_dtype("bf16", "cpu")
+    with pytest.raises(DfkdError, match="amp must be one of"):
+        amp_dtype("fp8", "cpu")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import fs
 from ..errors import StoreError
 from ..schema import Records, StoreMeta
 
@@ -34,9 +34,9 @@ def get_backend(name: str) -> type["Backend"]:
 
 def backend_for_existing(path: str) -> type["Backend"]:
     """Pick the backend that wrote the store at `path`, or say why there is no store there."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise StoreError(f"no store at {path}: the path does not exist; check it, or create one with `dfkd synth`")
-    if not os.path.isdir(path):
+    if not fs.isdir(path):
         raise StoreError(f"{path} is a file, not a dfkd store (a store is a directory: *.zarr or a WebDataset folder)")
     for cls in _REGISTRY.values():
         if cls.recognizes(path):

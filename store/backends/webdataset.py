@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .. import fs
 from ..errors import StoreError
 from ..schema import Records, StoreMeta
 from . import tar
@@ -68,6 +69,12 @@ def _png_load(b: memoryview) -> np.ndarray:
     return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
 
 
+def _local_only(path: str) -> None:
+    if fs.is_url(path):
+        raise StoreError(f"{path}: WebDataset stores live on local paths for now; write a Zarr store to the URL "
+                         "(the default), or write locally and copy the shards")
+
+
 @register_backend
 class WebDatasetBackend(Backend):
     """Per-sample members `<key>.png|npy`, `<key>.logits.npy`, `<key>.cls`, `<key>.json` + a meta.json sidecar."""
@@ -81,11 +88,12 @@ class WebDatasetBackend(Backend):
 
     @classmethod
     def recognizes(cls, path: str) -> bool:
-        return os.path.isfile(os.path.join(path, META_FILE))
+        return fs.isfile(fs.join(path, META_FILE))
 
     @classmethod
     def create(cls, path: str, meta: StoreMeta, *, image_format: str | None = None,
                **options: Any) -> "WebDatasetBackend":
+        _local_only(path)
         if options:
             raise StoreError(f"the webdataset backend has no option(s) {sorted(options)}; it takes image_format")
         fmt = image_format or ("png" if meta.image_shape[0] in (1, 3) else "npy")
@@ -103,6 +111,7 @@ class WebDatasetBackend(Backend):
 
     @classmethod
     def open(cls, path: str, writable: bool = False) -> "WebDatasetBackend":
+        _local_only(path)
         try:
             with open(os.path.join(path, META_FILE)) as f:
                 doc = json.load(f)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import warnings
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from .. import fs
 from ..errors import StoreError
 from ..schema import Records, StoreMeta
 from .base import Backend, register_backend
@@ -45,7 +45,7 @@ class ZarrBackend(Backend):
 
     @classmethod
     def recognizes(cls, path: str) -> bool:
-        return os.path.isfile(os.path.join(path, "zarr.json"))
+        return fs.isfile(fs.join(path, "zarr.json"))
 
     @classmethod
     def create(cls, path: str, meta: StoreMeta, *, compressor: str = "lz4", chunk_size: int | None = None,

@@ -33,6 +33,11 @@ class SynthContext:
     teacher_fingerprint: str = ""
     record: Any = None          # a synth.record.Record, for stat/spectral matching of recorded layers
     student: nn.Module | None = None  # for ADI's competition term
+    amp: torch.dtype | None = None  # autocast dtype on CUDA (bf16/fp16); None: full fp32
+
+    def autocast(self) -> Any:
+        """Mixed precision for forward passes when enabled (loss statistics are still taken in fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """Pixel space [0, 1] -> teacher input."""

@@ -52,6 +52,7 @@ class InversionMethod(Method):
         best = x.detach().clone()
         best_score = torch.full((b,), math.inf, device=dev)
         last: dict[str, float] = {}
+        scaler = torch.amp.GradScaler(dev.type, enabled=ctx.amp == torch.float16)  # fp16 needs loss scaling
         for it in range(cfg.iterations):
             for g in opt.param_groups:  # cosine schedule to 0
                 g["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations))
@@ -59,18 +60,20 @@ class InversionMethod(Method):
             view = torch.roll(x, shifts=(dx, dy), dims=(2, 3)) if (dx or dy) else x
             if cfg.flip and bool(torch.rand((), generator=gen) < 0.5):
                 view = view.flip(3)
-            logits = self.forward_teacher(view)
-            ce_each = F.cross_entropy(logits.float(), targets, reduction="none")
-            parts = {"ce": cfg.w_ce * ce_each.mean()} if cfg.w_ce else {}
-            parts.update(self.terms(view, logits, targets))
-            loss = sum(parts.values())
+            with ctx.autocast():
+                logits = self.forward_teacher(view)
+                ce_each = F.cross_entropy(logits.float(), targets, reduction="none")
+                parts = {"ce": cfg.w_ce * ce_each.mean()} if cfg.w_ce else {}
+                parts.update(self.terms(view, logits, targets))
+                loss = sum(parts.values())
             with torch.no_grad():  # keep each image's best iterate (the one scored by this forward)
                 better = ce_each.detach() < best_score
                 best[better] = x.detach()[better]
                 best_score = torch.where(better, ce_each.detach(), best_score)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             with torch.no_grad():
                 x.clamp_(min=lo, max=hi)
             if it == cfg.iterations - 1:  # reading values syncs the device: only once per batch

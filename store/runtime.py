@@ -1,0 +1,27 @@
+"""Compute settings both stages share: the mixed-precision dtype for a device (on by default on CUDA only)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import DfkdError
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+def amp_dtype(mode: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for `mode` on `device`, or None for full fp32.
+
+    auto: bf16 where the GPU supports it, else fp16 (with a grad scaler); always off on CPU, where
+    autocast buys nothing for these models.
+    """
+    device = torch.device(device)
+    if mode not in AMP_MODES:
+        raise DfkdError(f"amp must be one of {', '.join(AMP_MODES)}, got {mode!r}")
+    if mode == "off" or device.type != "cuda":
+        if mode in ("bf16", "fp16") and device.type != "cuda":
+            raise DfkdError(f"--amp {mode} needs a CUDA device; on {device.type} use --amp off (or auto)")
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16

@@ -1,0 +1,75 @@
+"""Stores at fsspec URLs: a Zarr store on an S3 server started on 127.0.0.1 (moto), written and read bit-exact."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import store
+from tests.helpers import expected, fill, small_meta
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on a free local port; credentials and endpoint through the usual env variables."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    import fsspec
+    import s3fs
+
+    fsspec.config.conf.pop("s3", None)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    deadline = time.time() + 30
+    while True:
+        try:
+            fs.mkdir("dfkd-test")
+            break
+        except Exception:  # noqa: BLE001 - the server is still starting
+            if time.time() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.2)
+    yield "s3://dfkd-test"
+    proc.kill()
+    proc.wait()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_zarr_store_on_s3_round_trips_bit_exact(s3):
+    url = f"{s3}/run.zarr"
+    meta = small_meta()
+    w = store.create_or_resume(url, meta, resume=True)
+    half = w.pending_units()[: meta.num_units // 2]
+    fill(w, half)  # an interrupted run: half the units
+    w = store.create_or_resume(url, meta, resume=True)  # resumed from the URL: only the rest is pending
+    assert w.pending_units() == [u for u in range(meta.num_units) if u not in half]
+    fill(w)
+    w.finalize()
+    r = store.open(url)
+    got, exp = r.read(0, meta.num_samples), expected(meta)
+    np.testing.assert_array_equal(got.images, exp.images)
+    np.testing.assert_array_equal(got.logits, exp.logits)
+    np.testing.assert_array_equal(got.labels, exp.labels)
+    seen = np.concatenate([b.indices.numpy() for b in store.StoreDataset(url, batch_size=16, seed=0)])
+    assert sorted(seen.tolist()) == list(range(meta.num_samples))
+    with pytest.raises(store.StoreError, match="already exists"):
+        store.create(url, meta)
+
+
+def test_webdataset_on_a_url_says_use_zarr(s3):
+    with pytest.raises(store.StoreError, match="local paths"):
+        store.create(f"{s3}/run.wds", small_meta())
