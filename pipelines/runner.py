@@ -204,7 +204,9 @@ class Runner:
             if stage.key.startswith("teacher") and self.teacher(stage.teacher).checkpoint:
                 action = "reuse"  # a given checkpoint: nothing to do
             if not selected:
-                if action != "reuse":
+                if action == "reuse":  # its fingerprint still feeds the selected stages after it
+                    self.fingerprints[stage.key] = fp
+                else:
                     if any(match(s.key, only) and stage.key in s.deps for s in self.stages):
                         raise PipelineError(f"stage {stage.key} is needed by the selected stages and is not done; "
                                             f"run it first (dfkd run {self.p.path} --only {stage.key}) or drop --only")

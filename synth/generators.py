@@ -1,9 +1,11 @@
 """Generators G(z) -> images for the generative methods: a registry, the DCGAN-style family, checkpoints.
 
-Generators emit pixel space [0, 1] (tanh mapped to [0, 1]); methods normalize for the teacher. So what
-the teacher saw in training is what the store holds, up to uint8 rounding. (The published DAFL/DFAD
-generators end with tanh + a non-affine BatchNorm in the teacher's input space; values outside the
-valid pixel range there would be clipped in a store.)
+A generator's `output_space` says what it emits: "input" (the teacher's normalized input space, as the
+published DAFL/DFAD generators do: tanh then a non-affine BatchNorm, which keeps every batch spread out
+and the min-max game from collapsing) or "pixel" ([0, 1]: tanh mapped to pixels, so the store holds
+exactly what the teacher saw — but measured here it saturates, and DAFL collapsed to one black image).
+Input-space samples are clipped to the valid pixel range when stored; the stored logits are the
+teacher's on the stored images either way.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ class GeneratorSpec:
     latent_dim: int
     image_shape: tuple[int, int, int]
     width: int
+    head: str = "bn"
 
     def build(self) -> nn.Module:
-        return create_generator(self.arch, self.latent_dim, self.image_shape, self.width)
+        return create_generator(self.arch, self.latent_dim, self.image_shape, self.width, self.head)
 
 
 _GENERATORS: dict[str, Callable[..., nn.Module]] = {}
@@ -50,17 +53,20 @@ def list_generators() -> list[str]:
     return sorted(_GENERATORS)
 
 
-def create_generator(arch: str, latent_dim: int, image_shape: tuple[int, int, int], width: int = 64) -> nn.Module:
-    """Build a generator by name for (latent size, C×H×W output)."""
+def create_generator(arch: str, latent_dim: int, image_shape: tuple[int, int, int], width: int = 64,
+                     head: str = "bn") -> nn.Module:
+    """Build a generator by name for (latent size, C×H×W output); head "bn" (published) or "tanh" (pixels)."""
     if arch not in _GENERATORS:
         raise GeneratorError(f"unknown generator {arch!r}; choose one of {', '.join(list_generators())}")
-    return _GENERATORS[arch](latent_dim, tuple(image_shape), width)
+    if head not in ("bn", "tanh"):
+        raise GeneratorError(f"generator head must be bn (published: teacher input space) or tanh (pixels), got {head!r}")
+    return _GENERATORS[arch](latent_dim, tuple(image_shape), width, head)
 
 
 class DCGAN(nn.Module):
     """DCGAN-style generator of DAFL/DFAD: linear to (2w)×(H/4)×(W/4), two nearest ×2 upsamplings, 3×3 convs."""
 
-    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], width: int) -> None:
+    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], width: int, head: str = "bn") -> None:
         super().__init__()
         c, h, w = image_shape
         if h % 4 or w % 4 or h < 4 or w < 4:
@@ -74,18 +80,20 @@ class DCGAN(nn.Module):
         self.up2 = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, padding=1),
                                  nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True),
                                  nn.Conv2d(width, c, 3, padding=1), nn.Tanh())
+        self.output_space = "input" if head == "bn" else "pixel"
+        self.out_bn = nn.BatchNorm2d(c, affine=False) if head == "bn" else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise GeneratorError(f"this generator takes latent vectors of size {self.latent_dim}, got {tuple(z.shape)}")
-        x = self.bn0(self.project(z).view(len(z), -1, *self.init))
-        return (self.up2(self.up1(x)) + 1) / 2  # pixel space [0, 1]
+        x = self.up2(self.up1(self.bn0(self.project(z).view(len(z), -1, *self.init))))
+        return self.out_bn(x) if self.out_bn is not None else (x + 1) / 2  # teacher input space / pixels
 
 
 @register_generator
-def dcgan(latent_dim: int, image_shape: tuple[int, int, int], width: int = 64) -> nn.Module:
+def dcgan(latent_dim: int, image_shape: tuple[int, int, int], width: int = 64, head: str = "bn") -> nn.Module:
     """DAFL/DFAD's generator ("GeneratorA"), any channel count, sides a multiple of 4."""
-    return DCGAN(latent_dim, image_shape, width)
+    return DCGAN(latent_dim, image_shape, width, head)
 
 
 def save_generator(path: str, model: nn.Module, spec: GeneratorSpec, extra: dict[str, Any] | None = None) -> None:
@@ -108,7 +116,8 @@ def load_generator(path: str) -> tuple[nn.Module, GeneratorSpec, dict[str, Any]]
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise GeneratorError(f"{path} is not a dfkd generator file; pass the *.generator.pt written by dfkd synth")
     s = blob["spec"]
-    spec = GeneratorSpec(s["arch"], int(s["latent_dim"]), tuple(int(v) for v in s["image_shape"]), int(s["width"]))
+    spec = GeneratorSpec(s["arch"], int(s["latent_dim"]), tuple(int(v) for v in s["image_shape"]), int(s["width"]),
+                         s.get("head", "tanh"))
     model = spec.build()
     model.load_state_dict(blob["state_dict"])
     return model, spec, blob.get("extra", {})

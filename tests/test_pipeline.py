@@ -73,6 +73,7 @@ def test_second_run_reuses_every_stage_and_reports(tmp_path):
     assert "| teacher | stat | stat | mlp | mlp |" in first
     second = _run(path)
     assert _actions(second) == {k: "reused" for k in _actions(first)}
+    assert _actions(_run(path, "--only", "distill:s/stat")) == {"distill:s/stat": "reused"}  # upstream not re-run
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "report.png").exists()
     assert "| teacher | noise | noise | mlp |" in (tmp_path / "out" / "report.md").read_text()
 

@@ -33,6 +33,7 @@ class GenerativeConfig:
     latent_dim: int = 100
     width: int = 64
     arch: str = "dcgan"
+    head: str = "bn"  # bn: the published tanh + non-affine BatchNorm in the teacher's input space; tanh: pixels
     lr_g: float = 1e-3
     lr_s: float = 0.01
     student_optimizer: str = "sgd"
@@ -59,7 +60,7 @@ class GenerativeMethod(Method):
                               "(a zoo name such as lenet5_half, or a student checkpoint)")
         if config.student_optimizer not in ("sgd", "adam"):
             raise MethodError(f"{self.name}.student_optimizer must be sgd or adam, got {config.student_optimizer!r}")
-        self.spec = GeneratorSpec(config.arch, config.latent_dim, tuple(ctx.image_shape), config.width)
+        self.spec = GeneratorSpec(config.arch, config.latent_dim, tuple(ctx.image_shape), config.width, config.head)
         if config.generator:
             g, spec, _ = load_generator(config.generator)
             if spec.latent_dim != config.latent_dim:
@@ -96,7 +97,8 @@ class GenerativeMethod(Method):
 
     def images(self, z: torch.Tensor) -> torch.Tensor:
         """G(z) in the teacher's input space."""
-        return self.ctx.normalize(self.generator_model(z))
+        out = self.generator_model(z)
+        return out if self.generator_model.output_space == "input" else self.ctx.normalize(out)
 
     def _identity(self) -> dict[str, Any]:
         student = self.ctx.student
@@ -186,7 +188,10 @@ class GenerativeMethod(Method):
         if not self.trained:
             raise MethodError(f"{self.name}: the generator is not trained; the engine calls prepare() first")
         self.generator_model.eval()
-        return self.generator_model(self.sample_z(len(targets), gen)), {}
+        out = self.generator_model(self.sample_z(len(targets), gen))
+        if self.generator_model.output_space == "input":  # clipped to valid pixels; logits follow the stored image
+            out = self.ctx.denormalize(out).clamp(0, 1)
+        return out, {}
 
 
 # -- discrepancies ---------------------------------------------------------------------------------
