@@ -20,6 +20,8 @@ from distill.evaluate import accuracy
 
 from .data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
+from synth.methods import method_config
+
 from .report import write_report
 from .spec import Pipeline, PipelineError
 
@@ -131,7 +133,9 @@ class Runner:
             if s.student.startswith("distill:"):
                 d, _, rest = s.student[len("distill:"):].partition("/")
                 deps.append(f"distill:{d}/{rest.rpartition('/')[0]}")
-            conf = {**dataclasses.asdict(s), "seed": p.run.seed if s.seed < 0 else s.seed}
+            conf = {**dataclasses.asdict(s), "seed": p.run.seed if s.seed < 0 else s.seed,  # resolved defaults too:
+                    "method_config": None if s.method == "real" else  # a new library default re-runs the store
+                    dataclasses.asdict(method_config(s.method, s.params))}
             stages.append(Stage(f"synth:{s.name}", deps, conf, self._synth_runner(s),
                                 (lambda n=s.name: [self.store_path(n)]), teacher=tname))
         for d in p.distill:
@@ -204,8 +208,9 @@ class Runner:
             if stage.key.startswith("teacher") and self.teacher(stage.teacher).checkpoint:
                 action = "reuse"  # a given checkpoint: nothing to do
             if not selected:
-                if action == "reuse":  # its fingerprint still feeds the selected stages after it
+                if action == "reuse":  # its fingerprint feeds the selected stages; its figures the report
                     self.fingerprints[stage.key] = fp
+                    stage.result = self.read_state(stage.key).get("result", {})
                 else:
                     if any(match(s.key, only) and stage.key in s.deps for s in self.stages):
                         raise PipelineError(f"stage {stage.key} is needed by the selected stages and is not done; "

@@ -9,6 +9,7 @@ the finished generator is saved as `<stem>.generator.pt`, and `generator=FILE` s
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ class GenerativeConfig:
     weight_decay_s: float = 1e-4
     checkpoint_every: int = 50
     generator: str = ""
+    sample_bn: str = "batch"  # batch: BN statistics of each write unit's batch, as in training; running: eval mode
 
 
 def artifact_prefix(store_path: str) -> str:
@@ -58,6 +60,8 @@ class GenerativeMethod(Method):
         if self.needs_student and ctx.student is None and not config.generator:
             raise MethodError(f"{self.name} trains a proxy student beside its generator; pass --student "
                               "(a zoo name such as lenet5_half, or a student checkpoint)")
+        if config.sample_bn not in ("batch", "running"):
+            raise MethodError(f"{self.name}.sample_bn must be batch or running, got {config.sample_bn!r}")
         if config.student_optimizer not in ("sgd", "adam"):
             raise MethodError(f"{self.name}.student_optimizer must be sgd or adam, got {config.student_optimizer!r}")
         self.spec = GeneratorSpec(config.arch, config.latent_dim, tuple(ctx.image_shape), config.width, config.head)
@@ -184,11 +188,22 @@ class GenerativeMethod(Method):
     # -- filling the store -----------------------------------------------------------------------
     @torch.no_grad()
     def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """Samples of the trained generator (eval mode: each image depends on its own z only)."""
+        """Samples of the trained generator, one write unit per batch.
+
+        sample_bn=batch (default) normalizes with the batch's own statistics, as every sample the proxy
+        student learned from was made (on a copy, so the saved generator's running statistics stay);
+        sample_bn=running uses eval mode, where each image depends on its own z only — measured on
+        Fashion-MNIST, a collapsed DAFL generator then gave one grey image for every z.
+        """
         if not self.trained:
             raise MethodError(f"{self.name}: the generator is not trained; the engine calls prepare() first")
-        self.generator_model.eval()
-        out = self.generator_model(self.sample_z(len(targets), gen))
+        if self.config.sample_bn == "batch":
+            if getattr(self, "_sampler", None) is None:
+                self._sampler = copy.deepcopy(self.generator_model).train()
+            g = self._sampler
+        else:
+            g = self.generator_model.eval()
+        out = g(self.sample_z(len(targets), gen))
         if self.generator_model.output_space == "input":  # clipped to valid pixels; logits follow the stored image
             out = self.ctx.denormalize(out).clamp(0, 1)
         return out, {}
