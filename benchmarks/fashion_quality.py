@@ -16,38 +16,18 @@ import argparse
 import os
 import time
 
-import numpy as np
-import torch
 
-import store
 from distill.augment import normalize
 from distill.checkpoint import load_model
 from distill.sources import StoreSource
 from distill.trainer import StudentSpec, TrainConfig, Trainer
 from pipelines.data import load_data
+from pipelines.jobs import fill_real_store
 from synth.engine import SynthConfig, synthesize
 from synth.record import Record, record
 
 SETTINGS = {"A": ("lenet5_half", ["real", "noise", "stat", "deepinversion", "adi"]),
             "B": ("lenet5_half_zskd", ["real", "noise", "stat", "spectral"])}
-
-
-def real_store(path: str, teacher, spec, data, n: int, seed: int) -> None:
-    """n real training images (class-balanced draw) with the teacher's logits: real-data KD at equal count."""
-    if os.path.exists(path):
-        return
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(data.train_images), n, replace=False))
-    x = data.train_images[idx]
-    with torch.no_grad():
-        logits = torch.cat([teacher(normalize(x[i:i + 1000], spec.mean, spec.std)) for i in range(0, n, 1000)])
-    meta = store.StoreMeta(num_samples=n, image_shape=spec.image_shape, num_classes=spec.num_classes, unit_size=256,
-                           logits_dtype="float32", mean=spec.mean, std=spec.std, provenance={"method": "real"})
-    w = store.create(path, meta)
-    for u in w.pending_units():
-        lo, hi = w.unit_range(u)
-        w.write_unit(u, x[lo:hi].numpy(), logits[lo:hi].numpy(), data.train_labels[idx[lo:hi]].numpy())
-    w.finalize()
 
 
 def main() -> None:
@@ -84,7 +64,8 @@ def main() -> None:
             path = os.path.join(args.dir, f"{setting}-{method}.zarr")
             t0 = time.perf_counter()
             if method == "real":
-                real_store(path, teacher, spec, data, args.num_images, 0)
+                if not os.path.exists(path):
+                    fill_real_store(path, tpath, data, args.num_images, seed=0)
             else:
                 hp = {} if method == "noise" else {"iterations": args.iterations}
                 synthesize(teacher, method, SynthConfig(num_images=args.num_images, out=path, resume=True,

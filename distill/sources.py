@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import store
+from store.runtime import rank_and_world
 
 Triple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
@@ -71,9 +72,7 @@ class TensorSource:
         self.num_classes, self.mean, self.std, self.name = num_classes, mean, std, name
         self.image_shape = tuple(images.shape[1:])
         self.epoch = 0
-        dist = torch.distributed
-        self.rank, self.world = ((dist.get_rank(), dist.get_world_size())
-                                 if dist.is_available() and dist.is_initialized() else (0, 1))
+        self.rank, self.world = rank_and_world()
         self.per_rank = len(images) // self.world  # equal shares: every rank takes the same number of steps
 
     def set_epoch(self, epoch: int) -> None:

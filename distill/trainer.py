@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from store.errors import DfkdError
-from store.runtime import amp_dtype
+from store.runtime import amp_dtype, rank_and_world
 
 from .augment import augment, normalize
 from .checkpoint import ModelSpec, atomic_save, read_checkpoint, save_model
@@ -78,14 +78,6 @@ class Student:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _parallel(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     """DDP around the model when running under torch.distributed (gradients averaged across ranks)."""
     if world <= 1:
@@ -128,7 +120,7 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.device = torch.device(config.device)
         self.batches_read = 0
-        self.rank, self.world = _rank_and_world()
+        self.rank, self.world = rank_and_world()
         self.amp = amp_dtype(config.amp, self.device)
         self.reads_per_rank: list[Any] = []
         c, h, w = source.image_shape

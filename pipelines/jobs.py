@@ -19,7 +19,8 @@ from distill.models import check_model_name
 from distill.sources import StoreSource, TensorSource
 from distill.trainer import StudentSpec, TrainConfig, Trainer
 from store.errors import DfkdError
-from synth.engine import SynthConfig, rank_and_world, synthesize
+from store.runtime import rank_and_world
+from synth.engine import SynthConfig, synthesize
 from synth.methods import method_class
 from synth.methods.generative import GenerativeMethod, artifact_prefix
 from synth.record import Record, record

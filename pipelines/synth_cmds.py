@@ -9,7 +9,7 @@ import torch
 
 from distill.checkpoint import load_model
 from store.runtime import AMP_MODES
-from synth.engine import rank_and_world
+from store.runtime import rank_and_world
 from synth.methods import list_methods, method_config
 
 from .data import load_data

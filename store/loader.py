@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .api import open as open_store
 from .errors import StoreError
+from .runtime import rank_and_world
 from .reader import StoreReader
 from .schema import Records, StoreMeta
 
@@ -61,12 +62,6 @@ def split_batches(n: int, batch_size: int, drop_last: bool) -> list[tuple[int, i
     return [(i * batch_size, min((i + 1) * batch_size, n)) for i in range(count)]
 
 
-def _default_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class StoreDataset(IterableDataset):
     """Yields whole `Batch`es (use `DataLoader(ds, batch_size=None)`); call `set_epoch` before each epoch."""
 
@@ -79,7 +74,7 @@ class StoreDataset(IterableDataset):
             raise StoreError(f"batch_size must be >= 1, got {batch_size}")
         if (rank is None) != (world_size is None):
             raise StoreError("give both rank and world_size, or neither (then torch.distributed decides)")
-        self.rank, self.world_size = (rank, world_size) if rank is not None else _default_rank()
+        self.rank, self.world_size = (rank, world_size) if rank is not None else rank_and_world()
         if not 0 <= self.rank < self.world_size:
             raise StoreError(f"rank {self.rank} is outside a world of size {self.world_size}")
         self.path, self.batch_size, self.shuffle, self.seed = str(path), batch_size, shuffle, seed

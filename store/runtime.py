@@ -9,6 +9,13 @@ from .errors import DfkdError
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed job this process is part of; (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def amp_dtype(mode: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype for `mode` on `device`, or None for full fp32.
 

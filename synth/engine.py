@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import store
-from store.runtime import amp_dtype
+from store.runtime import amp_dtype, rank_and_world
 
 from .methods import SynthContext, create_method, method_config
 from .methods.generative import artifact_prefix
@@ -141,15 +141,6 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     if rank == 0:  # after every rank's last unit
         writer.finalize()
     return writer
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed job this process is part of; (0, 1) outside one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier(world: int) -> None:

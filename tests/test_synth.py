@@ -156,7 +156,7 @@ def test_record_round_trip_and_exact_stats(tmp_path, tiny_record):
 
 # -- the engine ------------------------------------------------------------------------------------
 def test_stored_logits_are_the_teachers_on_stored_images(tmp_path):
-    teacher, spec = tiny_teacher()
+    teacher, _ = tiny_teacher()
     out = str(tmp_path / "s.zarr")
     synthesize(teacher, "deepinversion", SynthConfig(num_images=40, out=out, batch_size=16), image_shape=SHAPE,
                num_classes=10, mean=MEAN, std=STD, hparams={"iterations": 3})
