@@ -152,3 +152,36 @@ def test_bad_generator_inputs_give_one_line(tmp_path):
     res = _cli("--teacher", t, "--method", "adversarial", "--out", str(tmp_path / "o.zarr"))
     assert res.exit_code == 2 and "--student" in res.output
     assert not os.path.exists(tmp_path / "o.zarr")  # nothing was written
+
+
+def _stat_after_forward(m: Adversarial, z: torch.Tensor) -> float:
+    with torch.no_grad():
+        m.ctx.teacher(m.images(z))
+        return float(m.stats.loss(1.0))
+
+
+def test_stat_prior_pulls_generator_samples_toward_the_teachers_bn_statistics():
+    teacher, _ = tiny_teacher()
+    student = _student()
+    with frozen(teacher):
+        torch.manual_seed(0)
+        m = create_method("adversarial", _ctx(teacher, student), {**SMALL, "lr_g": 0.01, "w_stat": 100.0})
+        m.setup()
+        m.generator_model.eval()
+        student.train()
+        z = torch.randn(64, 16)
+        before = _stat_after_forward(m, z)
+        for _ in range(3):
+            m.generator_step(z)
+        assert _stat_after_forward(m, z) < before
+        m.close()
+    assert not teacher._forward_hooks and not any(mod._forward_hooks for mod in teacher.modules())
+
+
+def test_stat_prior_without_bn_or_record_fails_with_one_line(tmp_path):
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t, bn=False)
+    res = _cli("--teacher", t, "--method", "adversarial", "--student", "lenet5_half", "--set", "w_stat=1",
+               "--out", str(tmp_path / "o.zarr"))
+    assert res.exit_code == 2 and "dfkd record" in res.output and res.output.strip().count("\n") == 0
+    assert not os.path.exists(tmp_path / "o.zarr")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..generators import GeneratorError, GeneratorSpec, load_generator, save_generator
 from ..hooks import FeatureHooks
+from .feature_stats import StatTerms
 from .base import Method, MethodError, SynthContext, register_method
 
 
@@ -42,6 +43,11 @@ class GenerativeConfig:
     checkpoint_every: int = 50
     generator: str = ""
     sample_bn: str = "batch"  # batch: BN statistics of each write unit's batch, as in training; running: eval mode
+    # Feature-statistics prior on G's samples (DFQ, Choi et al. 2020: DFAD + BN statistics): the teacher's BN
+    # running statistics, or a record's (--stats) for teachers without BN; 0 = the published method alone.
+    w_stat: float = 0.0
+    stat_layers: str = ""
+    first_multiplier: float = 1.0
 
 
 def artifact_prefix(store_path: str) -> str:
@@ -76,8 +82,12 @@ class GenerativeMethod(Method):
             self.spec, self.generator_model, self.trained = spec, g, True
         else:
             self.generator_model, self.trained = self.spec.build(), False
-        self.generator_model.to(ctx.device)
+        # NHWC convolutions: 2.5x faster for this generator on CPU as well as on GPUs (measured, width 16, b256)
+        self.generator_model.to(ctx.device, memory_format=torch.channels_last)
         self.rounds_done = 0
+        self.stats: StatTerms | None = None
+        if config.w_stat and not config.generator:  # built now so a teacher it cannot serve fails before training
+            self.stats = StatTerms(ctx, config.stat_layers, self.name)
 
     # -- training ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -94,6 +104,16 @@ class GenerativeMethod(Method):
     def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """One round of the method's min-max (or max) game; returns its losses (detached, on the device)."""
         raise NotImplementedError
+
+    def stat_prior(self) -> torch.Tensor | float:
+        """w_stat x the feature-statistics loss of the teacher's last forward (0 when the prior is off)."""
+        if self.stats is None:
+            return 0.0
+        return self.config.w_stat * self.stats.loss(self.config.first_multiplier)
+
+    def close(self) -> None:
+        if self.stats is not None:
+            self.stats.close()
 
     def sample_z(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """Latent vectors drawn on the CPU (the same on every device), moved to the device."""
@@ -285,7 +305,7 @@ class Adversarial(GenerativeMethod):
             p.requires_grad_(False)
         try:
             x = self.images(z)
-            loss = -self.discrepancy(self.ctx.student(x), self.ctx.teacher(x))
+            loss = -self.discrepancy(self.ctx.student(x), self.ctx.teacher(x)) + self.stat_prior()
             self.opt_g.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_g.step()
@@ -302,6 +322,7 @@ class Adversarial(GenerativeMethod):
         return {"student": loss_s, "generator": loss_g}
 
     def close(self) -> None:
+        super().close()
         for h in (self.t_hooks, self.s_hooks):
             if h is not None:
                 h.remove()
@@ -353,7 +374,7 @@ class DAFL(GenerativeMethod):
         mean_p = F.softmax(t, 1).mean(0)
         entropy = (mean_p * torch.log10(mean_p.clamp_min(1e-12))).sum()  # negative entropy of the batch's classes
         activation = -feats.float().abs().mean()
-        loss_g = c.w_onehot * onehot + c.w_entropy * entropy + c.w_activation * activation
+        loss_g = c.w_onehot * onehot + c.w_entropy * entropy + c.w_activation * activation + self.stat_prior()
         loss_s = kl_divergence(student(x.detach()), t.detach())
         self.opt_g.zero_grad(set_to_none=True)
         self.opt_s.zero_grad(set_to_none=True)
@@ -363,5 +384,6 @@ class DAFL(GenerativeMethod):
         return {"generator": loss_g.detach(), "student": loss_s.detach()}
 
     def close(self) -> None:
+        super().close()
         if self.hooks is not None:
             self.hooks.remove()
