@@ -174,20 +174,28 @@ class DistillJob:
     progress: bool | None = None
     amp: str = "auto"
     compile: bool = False
+    eval_every: int = 0  # epochs between test evaluations; 0: the last epoch only
+
+
+def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    teacher: nn.Module | None = None, source: Any = None) -> Trainer:
+    """The trainer for a job: every student in one pass over `source` (default: the job's store)."""
+    for name in job.students:
+        check_model_name(name)
+    if source is None:
+        source = StoreSource(job.store, job.batch_size, seed=job.seed, workers=job.workers)
+    cfg = TrainConfig(epochs=job.epochs, seed=job.seed, augment=job.augment, device=job.device, out_dir=job.out,
+                      resume=job.resume, progress=job.progress, eval_every=job.eval_every or job.epochs,
+                      amp=job.amp, compile=job.compile,
+                      objective=Objective(kd=job.kd, ce_teacher=job.ce_teacher, temperature=job.temperature))
+    specs = [StudentSpec(s, job.optimizer, job.lr, weight_decay=job.weight_decay) for s in job.students]
+    return Trainer(source, specs, cfg, teacher=teacher, eval_data=evaluation)
 
 
 def run_distill(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
                 teacher: nn.Module | None = None) -> dict[str, Any]:
     """Distill every student in one pass over the store; returns the trainer's metrics plus seconds."""
-    for name in job.students:
-        check_model_name(name)
     t0 = time.perf_counter()
-    source = StoreSource(job.store, job.batch_size, seed=job.seed, workers=job.workers)
-    cfg = TrainConfig(epochs=job.epochs, seed=job.seed, augment=job.augment, device=job.device, out_dir=job.out,
-                      resume=job.resume, progress=job.progress, eval_every=job.epochs, amp=job.amp,
-                      compile=job.compile,
-                      objective=Objective(kd=job.kd, ce_teacher=job.ce_teacher, temperature=job.temperature))
-    specs = [StudentSpec(s, job.optimizer, job.lr, weight_decay=job.weight_decay) for s in job.students]
-    metrics = Trainer(source, specs, cfg, teacher=teacher, eval_data=evaluation).fit()
+    metrics = distill_trainer(job, evaluation, teacher).fit()
     metrics["seconds"] = time.perf_counter() - t0
     return metrics

@@ -9,14 +9,14 @@ import click
 
 from distill.checkpoint import ModelSpec, load_model
 from distill.evaluate import accuracy
-from distill.losses import Objective
 from distill.models import check_model_name
 from distill.sources import StoreSource, TensorSource
 from store.runtime import AMP_MODES
-from distill.trainer import StudentSpec, TrainConfig, Trainer, TrainError
+from distill.trainer import TrainError
 
 from .data import load_data
 from .distributed import distributed
+from .jobs import DistillJob, distill_trainer
 from .jobs import train_teacher as train_teacher_job
 
 
@@ -113,6 +113,10 @@ def _distill(store_path: str | None, kd_data: str | None, students: tuple[str, .
     t_model, t_spec = None, None
     if teacher is not None:
         t_model, t_spec, _ = load_model(teacher, "teacher")
+    job = DistillJob(store_path or "", list(students), out, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                     lr=lr, weight_decay=weight_decay, temperature=temperature, kd=kd_weight, ce_teacher=ce_teacher,
+                     augment=augment, seed=seed, workers=workers, device=device, resume=resume, amp=amp,
+                     compile=compile_, eval_every=1)
     if kd_data is not None:
         if t_model is None:
             raise click.UsageError("--kd-data needs --teacher (the teacher labels the real images online)")
@@ -128,15 +132,11 @@ def _distill(store_path: str | None, kd_data: str | None, students: tuple[str, .
     if eval_data is not None:
         ev = load_data(eval_data, data_root)
         evaluation = (ev.test_images, ev.test_labels)
-    cfg = TrainConfig(epochs=epochs, seed=seed, augment=augment, device=device, out_dir=out, resume=resume, amp=amp,
-                      compile=compile_,
-                      objective=Objective(kd=kd_weight, ce_teacher=ce_teacher, temperature=temperature))
-    specs = [StudentSpec(s, optimizer, lr, weight_decay=weight_decay) for s in students]
     if resume and not os.path.exists(os.path.join(out, "run.pt")):
         click.echo(f"nothing to resume in {out}: starting")
     elif not resume and os.path.exists(os.path.join(out, "run.pt")):
         raise click.UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    trainer = Trainer(source, specs, cfg, teacher=t_model, eval_data=evaluation)
+    trainer = distill_trainer(job, evaluation, t_model, source)
     if trainer.start_epoch and trainer.rank == 0:
         click.echo(f"resuming {out} at epoch {trainer.start_epoch + 1}/{epochs}")
     metrics = trainer.fit()
@@ -150,6 +150,6 @@ def _distill(store_path: str | None, kd_data: str | None, students: tuple[str, .
         rows.append((name, m["arch"], f"{m['parameters']:,}", _pct(m["final"].get("test_top1")),
                      f"{sum(r['seconds'] for r in m['history']):.1f}"))
     click.echo(f"distilled from {source.name}, {epochs} epochs, {metrics['batches_read']} batches read "
-               f"(each fed to {len(specs)} student(s))")
+               f"(each fed to {len(students)} student(s))")
     click.echo(_table(rows, ("model", "arch", "parameters", "test top-1 (last epoch)", "train s")))
     click.echo(f"metrics: {os.path.join(out, 'metrics.json')}")
