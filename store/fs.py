@@ -59,3 +59,44 @@ def rmtree(path: str) -> None:
         return
     fs, p = _fs(path)
     fs.rm(p, recursive=True)
+
+
+def makedirs(path: str) -> None:
+    """Create a directory (object stores have none: a prefix exists once an object is under it)."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    fs, p = _fs(path)
+    fs.makedirs(p, exist_ok=True)
+
+
+def read_bytes(path: str) -> bytes:
+    """A whole file; FileNotFoundError when it is absent, as for local files."""
+    if not is_url(path):
+        with open(path, "rb") as f:
+            return f.read()
+    fs, p = _fs(path)
+    return fs.cat_file(p)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Publish `data` at `path` whole or not at all: a synced temporary renamed into place locally; one PUT
+    on an object store (an object appears complete or not at all), so no temporary is left behind there."""
+    if not is_url(path):
+        tmp = path + ".partial"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    fs, p = _fs(path)
+    fs.pipe_file(p, data)
+
+
+def remove(path: str) -> None:
+    if not is_url(path):
+        os.remove(path)
+        return
+    fs, p = _fs(path)
+    fs.rm_file(p)

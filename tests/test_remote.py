@@ -1,4 +1,5 @@
-"""Stores at fsspec URLs: a Zarr store on an S3 server started on 127.0.0.1 (moto), written and read bit-exact."""
+"""Stores at fsspec URLs: Zarr and WebDataset stores on an S3 server started on 127.0.0.1 (moto), written,
+resumed and read back bit-exact."""
 
 import socket
 import subprocess
@@ -49,8 +50,9 @@ def s3(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_zarr_store_on_s3_round_trips_bit_exact(s3):
-    url = f"{s3}/run.zarr"
+@pytest.mark.parametrize("suffix", [".zarr", ".wds"])
+def test_store_on_s3_round_trips_bit_exact(s3, suffix):
+    url = f"{s3}/run{suffix}"
     meta = small_meta()
     w = store.create_or_resume(url, meta, resume=True)
     half = w.pending_units()[: meta.num_units // 2]
@@ -68,8 +70,3 @@ def test_zarr_store_on_s3_round_trips_bit_exact(s3):
     assert sorted(seen.tolist()) == list(range(meta.num_samples))
     with pytest.raises(store.StoreError, match="already exists"):
         store.create(url, meta)
-
-
-def test_webdataset_on_a_url_says_use_zarr(s3):
-    with pytest.raises(store.StoreError, match="local paths"):
-        store.create(f"{s3}/run.wds", small_meta())

@@ -1,11 +1,11 @@
-"""WebDataset backend: a folder of tar shards, one shard per write unit, published by atomic rename."""
+"""WebDataset backend: a folder of tar shards, one shard per write unit, each published whole (atomic
+rename on local disks, one PUT on object stores), so the shards' presence is the done mask."""
 
 from __future__ import annotations
 
 import functools
 import io
 import json
-import os
 import re
 from typing import Any
 
@@ -69,12 +69,6 @@ def _png_load(b: memoryview) -> np.ndarray:
     return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
 
 
-def _local_only(path: str) -> None:
-    if fs.is_url(path):
-        raise StoreError(f"{path}: WebDataset stores live on local paths for now; write a Zarr store to the URL "
-                         "(the default), or write locally and copy the shards")
-
-
 @register_backend
 class WebDatasetBackend(Backend):
     """Per-sample members `<key>.png|npy`, `<key>.logits.npy`, `<key>.cls`, `<key>.json` + a meta.json sidecar."""
@@ -93,7 +87,6 @@ class WebDatasetBackend(Backend):
     @classmethod
     def create(cls, path: str, meta: StoreMeta, *, image_format: str | None = None,
                **options: Any) -> "WebDatasetBackend":
-        _local_only(path)
         if options:
             raise StoreError(f"the webdataset backend has no option(s) {sorted(options)}; it takes image_format")
         fmt = image_format or ("png" if meta.image_shape[0] in (1, 3) else "npy")
@@ -101,20 +94,15 @@ class WebDatasetBackend(Backend):
             raise StoreError(f"unknown image format {fmt!r}; choose one of {IMAGE_FORMATS}")
         if fmt == "png" and meta.image_shape[0] not in (1, 3):
             raise StoreError(f"PNG holds 1 or 3 channels, these images have {meta.image_shape[0]}; use image_format='npy'")
-        os.makedirs(path, exist_ok=True)
+        fs.makedirs(path)
         doc = {"dfkd": meta.to_json(), "webdataset": {"image_format": fmt, "shard_pattern": f"{PREFIX}-%06d.tar"}}
-        tmp = os.path.join(path, META_FILE + ".partial")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(path, META_FILE))
+        fs.write_atomic(fs.join(path, META_FILE), json.dumps(doc, indent=1, sort_keys=True).encode())
         return cls(path, meta, True, fmt)
 
     @classmethod
     def open(cls, path: str, writable: bool = False) -> "WebDatasetBackend":
-        _local_only(path)
         try:
-            with open(os.path.join(path, META_FILE)) as f:
-                doc = json.load(f)
+            doc = json.loads(fs.read_bytes(fs.join(path, META_FILE)))
         except (OSError, ValueError) as exc:
             raise StoreError(f"{path}/{META_FILE} cannot be read ({exc}); the store is corrupt, re-create it") from None
         if not isinstance(doc, dict):
@@ -127,7 +115,7 @@ class WebDatasetBackend(Backend):
 
     def _units_on_disk(self) -> dict[int, str]:
         out = {}
-        for name in os.listdir(self.path):
+        for name in fs.listdir(self.path):
             m = _SHARD_RE.match(name)
             if m:
                 out[int(m.group(1))] = name
@@ -152,20 +140,13 @@ class WebDatasetBackend(Backend):
                 (f"{key}.cls", str(int(records.labels[i])).encode()),
                 (f"{key}.json", b'{"index": %d, "unit": %d}' % (lo + i, unit)),
             ]
-        final = os.path.join(self.path, shard_name(unit))
-        tmp = final + ".partial"
-        with open(tmp, "wb") as f:
-            f.write(tar.pack(entries))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)  # the shard's appearance is the unit's completion mark
+        fs.write_atomic(fs.join(self.path, shard_name(unit)), tar.pack(entries))  # its appearance marks the unit done
 
     def read_unit(self, unit: int) -> Records:
         lo, hi = self.meta.unit_range(unit)
-        where = os.path.join(self.path, shard_name(unit))
+        where = fs.join(self.path, shard_name(unit))
         try:
-            with open(where, "rb") as f:
-                buf = f.read()
+            buf = fs.read_bytes(where)
         except FileNotFoundError:
             raise StoreError(f"{where} is missing: unit {unit} is not written; finish the store with --resume") from None
         n, (c, h, w), k = hi - lo, self.meta.image_shape, self.meta.num_classes
@@ -215,7 +196,7 @@ class WebDatasetBackend(Backend):
 
     def audit(self) -> list[tuple[bool, str]]:
         found = []
-        for name in sorted(os.listdir(self.path)):
+        for name in sorted(fs.listdir(self.path)):
             if name.endswith(".partial"):
                 found.append((False, f"leftover {name} from an interrupted write (harmless; removed on resume)"))
             elif name != META_FILE and not _SHARD_RE.match(name):
@@ -226,6 +207,6 @@ class WebDatasetBackend(Backend):
         return found
 
     def clear_partials(self) -> None:
-        for name in os.listdir(self.path):
+        for name in fs.listdir(self.path):
             if name.endswith(".partial") and name != META_FILE + ".partial":
-                os.remove(os.path.join(self.path, name))
+                fs.remove(fs.join(self.path, name))
