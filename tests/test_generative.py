@@ -34,15 +34,22 @@ def _discrepancy(m: Adversarial, z: torch.Tensor) -> float:
         return float(m.discrepancy(m.ctx.student(x), m.ctx.teacher(x)))
 
 
+def _ready(teacher, student, **hparams) -> Adversarial:
+    """An adversarial method set up for single steps, its generator's BN statistics fixed (eval mode), so the
+    same z gives the same images before and after a step."""
+    torch.manual_seed(0)
+    m = create_method("adversarial", _ctx(teacher, student), {**SMALL, "lr_g": 0.01, **hparams})
+    m.setup()
+    m.generator_model.eval()
+    student.train()
+    return m
+
+
 def test_generator_step_raises_and_student_step_lowers_the_discrepancy():
     teacher, _ = tiny_teacher()
     student = _student()
     with frozen(teacher):
-        torch.manual_seed(0)
-        m = create_method("adversarial", _ctx(teacher, student), {**SMALL, "lr_g": 0.01, "lr_s": 0.05})
-        m.setup()
-        m.generator_model.eval()  # fixed BN statistics: the same z gives the same images before and after
-        student.train()
+        m = _ready(teacher, student, lr_s=0.05)
         z = torch.randn(64, 16)
         before = _discrepancy(m, z)
         m.generator_step(z)
@@ -164,11 +171,7 @@ def test_stat_prior_pulls_generator_samples_toward_the_teachers_bn_statistics():
     teacher, _ = tiny_teacher()
     student = _student()
     with frozen(teacher):
-        torch.manual_seed(0)
-        m = create_method("adversarial", _ctx(teacher, student), {**SMALL, "lr_g": 0.01, "w_stat": 100.0})
-        m.setup()
-        m.generator_model.eval()
-        student.train()
+        m = _ready(teacher, student, w_stat=100.0)
         z = torch.randn(64, 16)
         before = _stat_after_forward(m, z)
         for _ in range(3):
