@@ -34,7 +34,8 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--method", type=click.Choice(list_methods()), required=True, help="Synthesis method.")
 @click.option("--num-images", type=int, required=True, help="Images in the store.")
 @click.option("--out", required=True, help="Store path (*.zarr, or *.wds for WebDataset).")
-@click.option("--stats", default=None, help="Record from dfkd record: statistics/spectra of chosen layers.")
+@click.option("--stats", default=None, help="Record from dfkd record: statistics/spectra of chosen layers (stat, spectral; "
+                                         "adversarial/dafl with --set w_stat=W).")
 @click.option("--student", default=None,
               help="adi: the competing student's checkpoint. adversarial/dafl: the proxy student, a zoo name "
                    "(e.g. lenet5_half) or a checkpoint to start from; it is saved as <store stem>.student.pt.")
