@@ -44,16 +44,28 @@ def rows_of(runner: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return teachers, rows
 
 
+def with_real_ratio(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's top-1 over that of the same teacher's and architecture's student distilled from the
+    `real` store (real-data KD at the same image count): the ratio the quality targets are stated in."""
+    real = {(r["teacher"], r["arch"]): r["test_top1"] for r in rows
+            if r["method"] == "real" and r["distill"] != "(proxy)" and r["test_top1"]}
+    return [{**r, "vs_real": (r["test_top1"] / real[(r["teacher"], r["arch"])]
+                              if (r["teacher"], r["arch"]) in real and r["test_top1"] is not None else None)}
+            for r in rows]
+
+
 def markdown(runner: Any, teachers: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     about = "; ".join(f"{n} = {t['arch']}, test top-1 {_pct(t['test_top1'])}" for n, t in teachers.items())
     head = (f"# {runner.p.run.name}: data-free distillation report\n\n"
             f"Data {runner.p.data.name}. Teachers: {about}. Students: last epoch's top-1 on the real test split.\n\n")
-    lines = ["| teacher | store | method | student | arch | test top-1 | images | synthesis s | distillation s |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| teacher | store | method | student | arch | test top-1 | / real-data KD | images | synthesis s | "
+             "distillation s |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     fmt = lambda v: "-" if v is None else f"{v:.0f}"
-    for r in rows:
+    for r in with_real_ratio(rows):
+        ratio = "-" if r["vs_real"] is None else f"{r['vs_real']:.2f}"
         lines.append(f"| {r['teacher']} | {r['store']} | {r['method']} | {r['student']} | {r['arch']} | {_pct(r['test_top1'])} | "
-                     f"{r['images'] if r['images'] is not None else '-'} | {fmt(r['synth_s'])} | {fmt(r['distill_s'])} |")
+                     f"{ratio} | {r['images'] if r['images'] is not None else '-'} | {fmt(r['synth_s'])} | "
+                     f"{fmt(r['distill_s'])} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -139,3 +139,14 @@ def test_shipped_pipelines_parse_and_dry_run(tmp_path):
         assert lines[0].startswith("teacher")
     with pytest.raises(PipelineError, match="does not exist"):
         load_pipeline(str(tmp_path / "none.toml"))
+
+
+def test_report_states_each_student_against_real_data_kd_of_its_teacher_and_arch():
+    from pipelines.report import with_real_ratio
+
+    def row(teacher, method, arch, top1, distill="d"):
+        return {"teacher": teacher, "method": method, "arch": arch, "test_top1": top1, "distill": distill}
+    rows = with_real_ratio([row("A", "real", "s", 0.80), row("A", "deepinversion", "s", 0.72),
+                            row("A", "adversarial", "s", 0.40, distill="(proxy)"), row("A", "noise", "t", 0.10),
+                            row("B", "real", "s", 0.50), row("B", "stat", "s", 0.25)])
+    assert [r["vs_real"] for r in rows] == pytest.approx([1.0, 0.9, 0.5, None, 1.0, 0.5])
