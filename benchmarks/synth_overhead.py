@@ -143,8 +143,8 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
             ms = _timed(step, iterations, dev)
         elif method == "round_floor":
             student.train()
-            ms = _round_floor(teacher, student, create_generator("dcgan", 100, shape).to(dev).train(), batch,
-                              iterations, dev)
+            g = create_generator("dcgan", 100, shape).to(dev, memory_format=torch.channels_last).train()  # as the method's
+            ms = _round_floor(teacher, student, g, batch, iterations, dev)
         elif method == "adversarial":
             student.train()
             m = create_method(method, ctx, {"batch_size": batch, "latent_dim": 100})
