@@ -48,6 +48,9 @@ class GenerativeConfig:
     w_stat: float = 0.0
     stat_layers: str = ""
     first_multiplier: float = 1.0
+    # Train on what the store will hold: samples clipped to valid pixels (straight-through for G's gradient).
+    # Off: the published methods never store their samples, and the proxy student learns on unclipped ones.
+    train_clipped: bool = False
 
 
 def artifact_prefix(store_path: str) -> str:
@@ -120,9 +123,13 @@ class GenerativeMethod(Method):
         return torch.randn((n, self.config.latent_dim), generator=gen).to(self.ctx.device)
 
     def images(self, z: torch.Tensor) -> torch.Tensor:
-        """G(z) in the teacher's input space."""
+        """G(z) in the teacher's input space (with train_clipped: clipped to valid pixels, gradient passed through)."""
         out = self.generator_model(z)
-        return out if self.generator_model.output_space == "input" else self.ctx.normalize(out)
+        x = out if self.generator_model.output_space == "input" else self.ctx.normalize(out)
+        if self.config.train_clipped:
+            lo, hi = self.ctx.normalize(torch.zeros_like(x[:1])), self.ctx.normalize(torch.ones_like(x[:1]))
+            x = x + (torch.minimum(torch.maximum(x, lo), hi) - x).detach()
+        return x
 
     def _identity(self) -> dict[str, Any]:
         student = self.ctx.student
