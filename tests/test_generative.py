@@ -204,3 +204,14 @@ def test_train_clipped_shows_the_game_stored_pixels_and_still_trains_the_generat
         x.sum().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator_model.parameters()
                    if p.requires_grad)
+
+
+def test_stat_prior_hooks_leave_the_teacher_when_training_ends(tmp_path):
+    teacher, _ = tiny_teacher()
+    student = _student()
+    with frozen(teacher, student):
+        m = create_method("adversarial", _ctx(teacher, student), {**SMALL, "w_stat": 1.0})
+        assert any(mod._forward_hooks or mod._forward_pre_hooks for mod in teacher.modules())
+        m.prepare(str(tmp_path / "g"), seed=0, show=False)
+        assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in teacher.modules())
+        m.close()

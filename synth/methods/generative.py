@@ -199,6 +199,9 @@ class GenerativeMethod(Method):
                 p.requires_grad_(f)
             if student is not None:
                 student.eval()
+            if self.stats is not None:  # the prior is for training only: no hooks on the teacher while filling
+                self.stats.close()
+                self.stats = None
         save_generator(f"{prefix}.generator.pt", self.generator_model, self.spec,
                        {"method": self.name, "teacher_fingerprint": self.ctx.teacher_fingerprint,
                         "rounds": self.rounds_done, "config": asdict(c)})
