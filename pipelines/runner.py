@@ -217,6 +217,8 @@ class Runner:
                                             f"run it first (dfkd run {self.p.path} --only {stage.key}) or drop --only")
                 continue
             if dry_run:
+                if action == "reuse":  # downstream stages are judged against it, as in a real run
+                    self.fingerprints[stage.key] = fp
                 why = {"reuse": "output exists with the same fingerprint", "resume": "interrupted: continues",
                        "run": "after its inputs" if fp is None or any(d in pending for d in stage.deps) else "new"}
                 self.echo(f"{stage.key:<40} {action:<7} {why[action]}")

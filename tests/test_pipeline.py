@@ -73,6 +73,9 @@ def test_second_run_reuses_every_stage_and_reports(tmp_path):
     assert "| teacher | stat | stat | mlp | mlp |" in first
     second = _run(path)
     assert _actions(second) == {k: "reused" for k in _actions(first)}
+    listed = [line.split() for line in _run(path, "--dry-run").splitlines() if line.split()[:1] in (["teacher"],
+              ["synth:noise"], ["synth:stat"], ["distill:s/noise"], ["distill:s/stat"])]
+    assert len(listed) == 5 and all(words[1] == "reuse" for words in listed)  # downstream of reused stages too
     assert _actions(_run(path, "--only", "distill:s/stat")) == {"distill:s/stat": "reused"}  # upstream not re-run
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "report.png").exists()
     assert "| teacher | noise | noise | mlp |" in (tmp_path / "out" / "report.md").read_text()
