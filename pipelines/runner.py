@@ -17,11 +17,10 @@ import torch
 import store
 from distill.checkpoint import load_model
 from distill.evaluate import accuracy
+from synth.methods import method_config
 
 from .data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
-from synth.methods import method_config
-
 from .report import write_report
 from .spec import Pipeline, PipelineError
 

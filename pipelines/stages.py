@@ -11,8 +11,8 @@ from distill.checkpoint import ModelSpec, load_model
 from distill.evaluate import accuracy
 from distill.models import check_model_name
 from distill.sources import StoreSource, TensorSource
-from store.runtime import AMP_MODES
 from distill.trainer import TrainError
+from store.runtime import AMP_MODES
 
 from .data import load_data
 from .distributed import distributed

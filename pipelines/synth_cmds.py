@@ -8,8 +8,7 @@ import click
 import torch
 
 from distill.checkpoint import load_model
-from store.runtime import AMP_MODES
-from store.runtime import rank_and_world
+from store.runtime import AMP_MODES, rank_and_world
 from synth.methods import list_methods, method_config
 
 from .data import load_data

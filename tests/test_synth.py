@@ -113,7 +113,7 @@ def test_unknown_layer_path():
 # -- methods lower their loss -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_record():
-    teacher, spec = tiny_teacher(bn=False)
+    teacher, _ = tiny_teacher(bn=False)
     torch.manual_seed(1)
     data = [(torch.randn(64, *SHAPE) * 0.5, torch.randint(0, 10, (64,))) for _ in range(3)]
     return teacher, record(teacher, data, num_classes=10), data

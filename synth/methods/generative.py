@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from ..generators import GeneratorError, GeneratorSpec, load_generator, save_generator
 from ..hooks import FeatureHooks
-from .feature_stats import StatTerms
 from .base import Method, MethodError, SynthContext, register_method
+from .feature_stats import StatTerms
 
 
 @dataclass
@@ -88,6 +88,9 @@ class GenerativeMethod(Method):
         # NHWC convolutions: 2.5x faster for this generator on CPU as well as on GPUs (measured, width 16, b256)
         self.generator_model.to(ctx.device, memory_format=torch.channels_last)
         self.rounds_done = 0
+        self._sampler: nn.Module | None = None  # sample_bn=batch: a train-mode copy, made on first use
+        m, s = torch.tensor(ctx.mean).view(-1, 1, 1), torch.tensor(ctx.std).view(-1, 1, 1)
+        self._pixel_range = ((0 - m) / s).to(ctx.device), ((1 - m) / s).to(ctx.device)  # [0, 1] in input space
         self.stats: StatTerms | None = None
         if config.w_stat and not config.generator:  # built now so a teacher it cannot serve fails before training
             self.stats = StatTerms(ctx, config.stat_layers, self.name)
@@ -115,8 +118,10 @@ class GenerativeMethod(Method):
         return self.config.w_stat * self.stats.loss(self.config.first_multiplier)
 
     def close(self) -> None:
+        """Remove the prior's hooks from the teacher (training's end, or the engine's close)."""
         if self.stats is not None:
             self.stats.close()
+            self.stats = None
 
     def sample_z(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """Latent vectors drawn on the CPU (the same on every device), moved to the device."""
@@ -127,8 +132,7 @@ class GenerativeMethod(Method):
         out = self.generator_model(z)
         x = out if self.generator_model.output_space == "input" else self.ctx.normalize(out)
         if self.config.train_clipped:
-            lo, hi = self.ctx.normalize(torch.zeros_like(x[:1])), self.ctx.normalize(torch.ones_like(x[:1]))
-            x = x + (torch.minimum(torch.maximum(x, lo), hi) - x).detach()
+            x = x + (x.clamp(*self._pixel_range) - x).detach()
         return x
 
     def _identity(self) -> dict[str, Any]:
@@ -199,9 +203,7 @@ class GenerativeMethod(Method):
                 p.requires_grad_(f)
             if student is not None:
                 student.eval()
-            if self.stats is not None:  # the prior is for training only: no hooks on the teacher while filling
-                self.stats.close()
-                self.stats = None
+            self.close()  # training hooks (the prior, DAFL features, ZSKT attention) leave the teacher before the fill
         save_generator(f"{prefix}.generator.pt", self.generator_model, self.spec,
                        {"method": self.name, "teacher_fingerprint": self.ctx.teacher_fingerprint,
                         "rounds": self.rounds_done, "config": asdict(c)})
@@ -228,7 +230,7 @@ class GenerativeMethod(Method):
         if not self.trained:
             raise MethodError(f"{self.name}: the generator is not trained; the engine calls prepare() first")
         if self.config.sample_bn == "batch":
-            if getattr(self, "_sampler", None) is None:
+            if self._sampler is None:
                 self._sampler = copy.deepcopy(self.generator_model).train()
             g = self._sampler
         else:
