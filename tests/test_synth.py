@@ -257,3 +257,22 @@ def test_amp_is_off_on_cpu_and_named_modes_need_cuda():
         amp_dtype("bf16", "cpu")
     with pytest.raises(DfkdError, match="amp must be one of"):
         amp_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize("method,term", [("stat", "stat"), ("spectral", "spectral")])
+def test_first_multiplier_weighs_only_the_first_recorded_layer(method, term, tiny_record):
+    teacher, rec, data = tiny_record
+    ctx = SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"), record=rec)
+    x, targets = data[0][0][:16], data[0][1][:16]
+    got = {}
+    with frozen(teacher):
+        for mult in (1.0, 4.0):
+            m = create_method(method, ctx, {"first_multiplier": mult})
+            logits = teacher(x)
+            got[mult] = m.terms(x, logits, targets)[term].item()
+            first = rec.layers[0]
+            one = (losses.stat_loss(m.stats.hooks.captured[first], rec.mean[first], rec.var[first]) if method == "stat"
+                   else losses.spectral_loss(m.hooks.captured[first], rec.amplitude[first])).item()
+            m.close()
+    assert len(rec.layers) > 1 and one > 0
+    assert got[4.0] - got[1.0] == pytest.approx(3.0 * one, rel=1e-5)

@@ -13,9 +13,13 @@ from .inversion import InversionConfig, InversionMethod
 
 @dataclass
 class SpectralConfig(InversionConfig):
-    """CE + spectral distance per layer; `layers`: comma-separated paths (default: every recorded layer)."""
+    """CE + spectral distance per layer; `layers`: comma-separated paths (default: every recorded layer).
+
+    `first_multiplier` weighs the first matched layer, as DeepInversion weighs its first BN layer.
+    """
 
     w_spectral: float = 1.0
+    first_multiplier: float = 1.0
     layers: str = ""
 
 
@@ -37,7 +41,9 @@ class Spectral(InversionMethod):
         self.hooks = FeatureHooks(ctx.teacher, paths, capture="output").__enter__()
 
     def terms(self, x, logits, targets):
-        total = sum(spectral_loss(self.hooks.captured[p], ref) for p, ref in self.refs.items())
+        first = self.config.first_multiplier
+        total = sum((first if i == 0 else 1.0) * spectral_loss(self.hooks.captured[p], ref)
+                    for i, (p, ref) in enumerate(self.refs.items()))
         return {"spectral": self.config.w_spectral * total}
 
     def close(self) -> None:
