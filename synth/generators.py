@@ -96,17 +96,22 @@ def dcgan(latent_dim: int, image_shape: tuple[int, int, int], width: int = 64, h
     return DCGAN(latent_dim, image_shape, width, head)
 
 
-def save_generator(path: str, model: nn.Module, spec: GeneratorSpec, extra: dict[str, Any] | None = None) -> None:
-    """Self-describing generator file (spec + weights + plain metadata), written atomically."""
+def save_generator(path: str, model: nn.Module, spec: GeneratorSpec, extra: dict[str, Any] | None = None,
+                   snapshots: list[dict[str, torch.Tensor]] | None = None) -> None:
+    """Self-describing generator file (spec + weights + plain metadata, + optional snapshots), written atomically.
+
+    `snapshots` are state dicts of the same generator taken along its training; the store is then filled
+    from all of them (see GenerativeConfig.snapshots).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save({"format": FORMAT, "spec": {**asdict(spec), "image_shape": list(spec.image_shape)},
-                "state_dict": model.state_dict(), "extra": extra or {}}, tmp)
+                "state_dict": model.state_dict(), "extra": extra or {}, "snapshots": list(snapshots or [])}, tmp)
     os.replace(tmp, path)
 
 
-def load_generator(path: str) -> tuple[nn.Module, GeneratorSpec, dict[str, Any]]:
-    """Rebuild a generator from its file alone (weights_only: opening it never runs code)."""
+def _read(path: str) -> dict[str, Any]:
+    """The file's contents, with one clear line for a missing, unreadable or foreign file."""
     if not os.path.exists(path):
         raise GeneratorError(f"generator file {path} does not exist; train one with dfkd synth --method adversarial|dafl")
     try:
@@ -115,9 +120,20 @@ def load_generator(path: str) -> tuple[nn.Module, GeneratorSpec, dict[str, Any]]
         raise GeneratorError(f"{path} is not a readable generator file ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise GeneratorError(f"{path} is not a dfkd generator file; pass the *.generator.pt written by dfkd synth")
+    return blob
+
+
+def load_generator(path: str) -> tuple[nn.Module, GeneratorSpec, dict[str, Any]]:
+    """Rebuild a generator from its file alone (weights_only: opening it never runs code)."""
+    blob = _read(path)
     s = blob["spec"]
     spec = GeneratorSpec(s["arch"], int(s["latent_dim"]), tuple(int(v) for v in s["image_shape"]), int(s["width"]),
                          s.get("head", "tanh"))
     model = spec.build()
     model.load_state_dict(blob["state_dict"])
     return model, spec, blob.get("extra", {})
+
+
+def load_snapshots(path: str) -> list[dict[str, torch.Tensor]]:
+    """The state dicts a generator file holds from along its training (empty for a single generator)."""
+    return list(_read(path).get("snapshots", []))

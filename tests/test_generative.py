@@ -11,7 +11,8 @@ import store
 from distill.checkpoint import ModelSpec, load_model
 from pipelines.cli import cli
 from synth.engine import SynthConfig, frozen, synthesize
-from synth.generators import GeneratorError, GeneratorSpec, create_generator, load_generator, save_generator
+from synth.generators import (GeneratorError, GeneratorSpec, create_generator, load_generator, load_snapshots,
+                              save_generator)
 from synth.methods import SynthContext, create_method
 from synth.methods.generative import Adversarial
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
@@ -95,6 +96,29 @@ def test_generator_training_killed_and_resumed_continues_from_its_checkpoint(tmp
     assert spec == GeneratorSpec("dcgan", 16, SHAPE, 8) and extra["rounds"] == 4
 
 
+def test_snapshots_along_training_survive_a_kill_and_each_fill_an_equal_share(tmp_path):
+    teacher, _ = tiny_teacher()
+    half, _ = _train(tmp_path, "half", {**SMALL, "rounds": 2}, teacher)  # the generator as it is at round 2
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "snap", {**SMALL, "snapshots": 2}, teacher, stop_at=4)  # after round 2's checkpoint
+    _train(tmp_path, "snap", {**SMALL, "snapshots": 2}, teacher)
+    (snap,) = load_snapshots(str(tmp_path / "snap.generator.pt"))
+    for k, v in half.generator_model.state_dict().items():
+        torch.testing.assert_close(snap[k], v, rtol=0, atol=0)
+    assert load_snapshots(str(tmp_path / "half.generator.pt")) == []
+
+    student = _student()
+    with frozen(teacher, student):
+        m = create_method("adversarial", _ctx(teacher, student), {"latent_dim": 16,
+                                                                  "generator": str(tmp_path / "snap.generator.pt")})
+        x, _ = m.synthesize(torch.arange(16) % 10, torch.Generator().manual_seed(5))
+        z = torch.randn((16, 16), generator=torch.Generator().manual_seed(5))
+        final = load_generator(str(tmp_path / "snap.generator.pt"))[0].train()
+        parts = torch.cat([half.generator_model.train()(z[:8]), final(z[8:])])
+    torch.testing.assert_close(x, m.ctx.denormalize(parts).clamp(0, 1))
+    assert not torch.equal(x[:8], m.ctx.denormalize(final(z)[:8]).clamp(0, 1))
+
+
 def _cli(*args):
     return CliRunner().invoke(cli, ["synth", "--num-images", "48", "--batch-size", "16", "--device", "cpu", *args])
 
@@ -158,6 +182,9 @@ def test_bad_generator_inputs_give_one_line(tmp_path):
         create_generator("dcgan", 16, (3, 30, 30))
     res = _cli("--teacher", t, "--method", "adversarial", "--out", str(tmp_path / "o.zarr"))
     assert res.exit_code == 2 and "--student" in res.output
+    res = _cli("--teacher", t, "--method", "adversarial", "--student", "lenet5_half", "--rounds", "2",
+               "--set", "snapshots=3", "--out", str(tmp_path / "o.zarr"))
+    assert res.exit_code == 2 and "snapshots must lie in [1, rounds=2]" in res.output
     assert not os.path.exists(tmp_path / "o.zarr")  # nothing was written
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..generators import GeneratorError, GeneratorSpec, load_generator, save_generator
+from ..generators import GeneratorError, GeneratorSpec, load_generator, load_snapshots, save_generator
 from ..hooks import FeatureHooks
 from .base import Method, MethodError, SynthContext, register_method
 from .feature_stats import StatTerms
@@ -51,6 +51,10 @@ class GenerativeConfig:
     # Train on what the store will hold: samples clipped to valid pixels (straight-through for G's gradient).
     # Off: the published methods never store their samples, and the proxy student learns on unclipped ones.
     train_clipped: bool = False
+    # Fill the store from this many generators taken evenly along training (the last is the final one), each
+    # making an equal share of every write unit. 1: the final generator only (published). The proxy student
+    # learned from the whole trajectory of a moving generator; a store of the final one holds less variety.
+    snapshots: int = 1
 
 
 def artifact_prefix(store_path: str) -> str:
@@ -71,6 +75,8 @@ class GenerativeMethod(Method):
                               "(a zoo name such as lenet5_half, or a student checkpoint)")
         if config.sample_bn not in ("batch", "running"):
             raise MethodError(f"{self.name}.sample_bn must be batch or running, got {config.sample_bn!r}")
+        if config.snapshots < 1 or (not config.generator and config.snapshots > config.rounds):
+            raise MethodError(f"{self.name}.snapshots must lie in [1, rounds={config.rounds}], got {config.snapshots}")
         if config.student_optimizer not in ("sgd", "adam"):
             raise MethodError(f"{self.name}.student_optimizer must be sgd or adam, got {config.student_optimizer!r}")
         self.spec = GeneratorSpec(config.arch, config.latent_dim, tuple(ctx.image_shape), config.width, config.head)
@@ -83,12 +89,14 @@ class GenerativeMethod(Method):
                 raise GeneratorError(f"{config.generator} makes {tuple(spec.image_shape)} images but the teacher "
                                      f"takes {tuple(ctx.image_shape)}; use a generator trained for this teacher")
             self.spec, self.generator_model, self.trained = spec, g, True
+            self.snapshot_states = load_snapshots(config.generator)  # the file decides, not config.snapshots
         else:
             self.generator_model, self.trained = self.spec.build(), False
+            self.snapshot_states: list[dict[str, torch.Tensor]] = []  # taken along training, final one excluded
         # NHWC convolutions: 2.5x faster for this generator on CPU as well as on GPUs (measured, width 16, b256)
         self.generator_model.to(ctx.device, memory_format=torch.channels_last)
         self.rounds_done = 0
-        self._sampler: nn.Module | None = None  # sample_bn=batch: a train-mode copy, made on first use
+        self._samplers: list[nn.Module] = []  # one per snapshot + the final generator, made on first use
         m, s = torch.tensor(ctx.mean).view(-1, 1, 1), torch.tensor(ctx.std).view(-1, 1, 1)
         self._pixel_range = ((0 - m) / s).to(ctx.device), ((1 - m) / s).to(ctx.device)  # [0, 1] in input space
         self.stats: StatTerms | None = None
@@ -145,7 +153,7 @@ class GenerativeMethod(Method):
         return {"identity": self._identity(), "rounds_done": self.rounds_done, "z_gen": z_gen.get_state(),
                 "generator": self.generator_model.state_dict(), "opt_g": self.opt_g.state_dict(),
                 "student": None if s is None else s.state_dict(),
-                "opt_s": None if self.opt_s is None else self.opt_s.state_dict()}
+                "opt_s": None if self.opt_s is None else self.opt_s.state_dict(), "snapshots": self.snapshot_states}
 
     def _load_state(self, path: str, z_gen: torch.Generator) -> None:
         try:
@@ -162,6 +170,7 @@ class GenerativeMethod(Method):
             self.ctx.student.load_state_dict(st["student"])
             self.opt_s.load_state_dict(st["opt_s"])
         z_gen.set_state(st["z_gen"].cpu())
+        self.snapshot_states = list(st.get("snapshots", []))
         self.rounds_done = int(st["rounds_done"])
 
     def _save_state(self, path: str, z_gen: torch.Generator) -> None:
@@ -175,6 +184,7 @@ class GenerativeMethod(Method):
             return
         c, student = self.config, self.ctx.student
         state_path = f"{prefix}.generator-train.pt"
+        snap_rounds = {-(-k * c.rounds // c.snapshots) for k in range(1, c.snapshots)}  # ceil(k R / S), final excluded
         z_gen = torch.Generator().manual_seed(seed)
         self.setup()
         if resume and os.path.exists(state_path):
@@ -193,6 +203,9 @@ class GenerativeMethod(Method):
             for i in bar:
                 losses = self.train_round(z_gen)
                 self.rounds_done = i + 1
+                if self.rounds_done in snap_rounds:
+                    self.snapshot_states.append({k: v.detach().cpu().clone()
+                                                 for k, v in self.generator_model.state_dict().items()})
                 if self.rounds_done % c.checkpoint_every == 0 or self.rounds_done == c.rounds:
                     self._save_state(state_path, z_gen)
                     bar.set_postfix({k: f"{float(v):.3g}" for k, v in losses.items()})
@@ -206,7 +219,7 @@ class GenerativeMethod(Method):
             self.close()  # training hooks (the prior, DAFL features, ZSKT attention) leave the teacher before the fill
         save_generator(f"{prefix}.generator.pt", self.generator_model, self.spec,
                        {"method": self.name, "teacher_fingerprint": self.ctx.teacher_fingerprint,
-                        "rounds": self.rounds_done, "config": asdict(c)})
+                        "rounds": self.rounds_done, "config": asdict(c)}, snapshots=self.snapshot_states)
         self.trained = True
 
     def load_trained(self, prefix: str) -> None:
@@ -215,12 +228,13 @@ class GenerativeMethod(Method):
         if spec != self.spec:
             raise GeneratorError(f"{prefix}.generator.pt is a {spec}, this run builds a {self.spec}")
         self.generator_model.load_state_dict(g.state_dict())
+        self.snapshot_states = load_snapshots(f"{prefix}.generator.pt")
         self.trained = True
 
     # -- filling the store -----------------------------------------------------------------------
     @torch.no_grad()
     def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """Samples of the trained generator, one write unit per batch.
+        """Samples of the trained generator (equal shares from each snapshot), one write unit per batch.
 
         sample_bn=batch (default) normalizes with the batch's own statistics, as every sample the proxy
         student learned from was made (on a copy, so the saved generator's running statistics stay);
@@ -229,13 +243,15 @@ class GenerativeMethod(Method):
         """
         if not self.trained:
             raise MethodError(f"{self.name}: the generator is not trained; the engine calls prepare() first")
-        if self.config.sample_bn == "batch":
-            if self._sampler is None:
-                self._sampler = copy.deepcopy(self.generator_model).train()
-            g = self._sampler
-        else:
-            g = self.generator_model.eval()
-        out = g(self.sample_z(len(targets), gen))
+        if not self._samplers:  # copies, so the saved generator (and its running statistics) stay as they are
+            for state in [*self.snapshot_states, None]:
+                g = copy.deepcopy(self.generator_model)
+                if state is not None:
+                    g.load_state_dict(state)
+                self._samplers.append(g.train() if self.config.sample_bn == "batch" else g.eval())
+        z = self.sample_z(len(targets), gen)
+        out = torch.cat([g(part) for g, part in zip(self._samplers, z.tensor_split(len(self._samplers)))
+                         if len(part)])
         if self.generator_model.output_space == "input":  # clipped to valid pixels; logits follow the stored image
             out = self.ctx.denormalize(out).clamp(0, 1)
         return out, {}
