@@ -57,10 +57,14 @@ class StatTerms:
 
 @dataclass
 class StatConfig(InversionConfig):
-    """Cross-entropy to the target + feature statistics; `layers`: comma-separated paths (default: all)."""
+    """Cross-entropy to the target + feature statistics; `layers`: comma-separated paths (default: all).
+
+    The first matched layer weighs x10, as in DeepInversion: on Fashion-MNIST's BN-free LeNet-5 with a
+    record, 66.3% of student accuracy against 41.3% at x1 (BENCHMARKS.md).
+    """
 
     w_stat: float = 1.0
-    first_multiplier: float = 1.0
+    first_multiplier: float = 10.0
     layers: str = ""
 
 

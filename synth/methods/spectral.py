@@ -15,11 +15,12 @@ from .inversion import InversionConfig, InversionMethod
 class SpectralConfig(InversionConfig):
     """CE + spectral distance per layer; `layers`: comma-separated paths (default: every recorded layer).
 
-    `first_multiplier` weighs the first matched layer, as DeepInversion weighs its first BN layer.
+    `first_multiplier` weighs the first matched layer, as DeepInversion weighs its first BN layer: x10 gave
+    68.9% of student accuracy against 55.6% at x1 on Fashion-MNIST's BN-free LeNet-5 (BENCHMARKS.md).
     """
 
     w_spectral: float = 1.0
-    first_multiplier: float = 1.0
+    first_multiplier: float = 10.0
     layers: str = ""
 
 
