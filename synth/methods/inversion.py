@@ -82,7 +82,7 @@ class InversionMethod(Method):
                 loss = sum(parts.values())
             with torch.no_grad():  # keep each image's best iterate (the one scored by this forward)
                 better = ce_each.detach() < best_score
-                best[better] = x.detach()[better]
+                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x.detach(), best)  # no mask index: no sync
                 best_score = torch.where(better, ce_each.detach(), best_score)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
