@@ -81,11 +81,23 @@ def competition(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     return 1.0 - (0.5 * kl(p) + 0.5 * kl(q)).clamp(0.0, 1.0)
 
 
-def amplitude(x: torch.Tensor) -> torch.Tensor:
-    """Mean amplitude spectrum over the batch: 2-D FFT per channel for maps, 1-D for vectors (fp32)."""
+def amplitudes(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample amplitude spectra: 2-D FFT per channel for maps, 1-D for vectors (fp32)."""
     x = x.float()
     spec = torch.fft.rfft2(x, norm="ortho") if x.dim() == 4 else torch.fft.rfft(x.flatten(2) if x.dim() == 3 else x, norm="ortho")
-    return spec.abs().mean(0)
+    return spec.abs()
+
+
+def amplitude(x: torch.Tensor) -> torch.Tensor:
+    """Mean amplitude spectrum over the batch."""
+    return amplitudes(x).mean(0)
+
+
+def class_amplitude_sums(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of the samples' amplitude spectra (K×spectrum) and the per-class counts; no host sync."""
+    a = amplitudes(x)
+    sums = a.new_zeros((num_classes, *a.shape[1:])).index_add_(0, labels, a)
+    return sums, torch.bincount(labels, minlength=num_classes).to(a.dtype)
 
 
 def spectral_loss(x: torch.Tensor, ref_amplitude: torch.Tensor) -> torch.Tensor:
@@ -93,3 +105,15 @@ def spectral_loss(x: torch.Tensor, ref_amplitude: torch.Tensor) -> torch.Tensor:
     a = amplitude(x)
     ref = ref_amplitude.float().to(a.device)
     return torch.linalg.vector_norm(a - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-12)
+
+
+def class_spectral_loss(x: torch.Tensor, labels: torch.Tensor, ref_class_amplitude: torch.Tensor) -> torch.Tensor:
+    """spectral_loss per class (each class's samples against its recorded K×spectrum row), averaged over the
+    classes present in the batch."""
+    ref = ref_class_amplitude.float().to(x.device)
+    sums, counts = class_amplitude_sums(x, labels, ref.shape[0])
+    mean = sums / counts.clamp_min(1).view(-1, *([1] * (sums.dim() - 1)))
+    dist = torch.linalg.vector_norm((mean - ref).flatten(1), dim=1) / \
+        torch.linalg.vector_norm(ref.flatten(1), dim=1).clamp_min(1e-12)
+    present = (counts > 0).to(dist.dtype)
+    return (dist * present).sum() / present.sum().clamp_min(1)

@@ -14,7 +14,7 @@ from torch import nn
 from store.errors import DfkdError
 
 from .hooks import FeatureHooks
-from .losses import amplitude
+from .losses import amplitude, class_amplitude_sums
 from .teacher import fingerprint
 
 FORMAT = "dfkd-record"
@@ -111,8 +111,7 @@ def record(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
                 s[2] += count
                 s[3] = s[3] + amp
                 if num_classes:
-                    per = torch.stack([amplitude(a[y == k]) * int((y == k).sum()) if bool((y == k).any())
-                                       else torch.zeros_like(amp) for k in range(num_classes)])
+                    per = class_amplitude_sums(a, y, num_classes)[0]
                     s[4] = per if s[4] is None else s[4] + per
             counts = torch.bincount(y, minlength=num_classes) if num_classes else None
             if num_classes:

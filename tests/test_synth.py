@@ -74,6 +74,31 @@ def test_spectral_loss_hand_computed_and_zero_on_own_spectrum():
     assert losses.spectral_loss(feats, losses.amplitude(feats)).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_class_spectral_loss_hand_computed_and_zero_on_the_recorded_classes(tiny_record):
+    v = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # flat 0.5, zero, flat 0.5
+    ref = torch.tensor([[1.0, 0.5, 0.5], [9.0, 9.0, 9.0], [0.5, 0.5, 0.5]])  # class 1 is absent: its row is ignored
+    got = losses.class_spectral_loss(v, torch.tensor([0, 2, 2]), ref)
+    class2 = math.sqrt(3 * 0.25 ** 2) / math.sqrt(3 * 0.25)  # mean of the zero and the impulse: flat 0.25
+    assert got.item() == pytest.approx((0.5 / math.sqrt(1.5) + class2) / 2)
+    teacher, _, data = tiny_record
+    x = torch.cat([d[0] for d in data])
+    y = torch.cat([d[1] for d in data])
+    rec = record(teacher, [(x, y)], num_classes=10)
+    with FeatureHooks(teacher, rec.layers, capture="output") as hooks, torch.no_grad():
+        teacher(x)
+        feats = dict(hooks.captured)
+    for layer in rec.layers:
+        assert losses.class_spectral_loss(feats[layer], y, rec.class_amplitude[layer]).item() == pytest.approx(0, abs=1e-5)
+
+
+def test_per_class_spectral_needs_a_per_class_record(tiny_record):
+    teacher, _, data = tiny_record
+    rec = record(teacher, data)  # no per-class spectra
+    ctx = SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"), record=rec)
+    with pytest.raises(Exception, match="dfkd record --per-class"):
+        create_method("spectral", ctx, {"per_class": True})
+
+
 def test_bn_loss_is_near_zero_on_the_data_behind_the_statistics():
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(4, momentum=None)  # cumulative average: one batch gives exactly its statistics
@@ -120,17 +145,20 @@ def tiny_record():
 
 
 @pytest.mark.parametrize("method,bn", [("stat", True), ("deepinversion", True), ("adi", True), ("stat", False),
-                                       ("spectral", False)])
+                                       ("spectral", False), ("spectral-per-class", False)])
 def test_each_method_lowers_its_loss(method, bn, tiny_record):
     teacher = tiny_teacher(bn)[0] if bn else tiny_record[0]
     student = tiny_teacher(bn=True, seed=3)[0]
-    ctx = SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"), record=None if bn else tiny_record[1],
-                       student=student)
+    rec = None if bn else tiny_record[1]
+    extra = {}
+    if method == "spectral-per-class":
+        method, extra = "spectral", {"per_class": True}  # the fixture's record has per-class spectra
+    ctx = SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"), record=rec, student=student)
     targets = torch.arange(16) % 10
     totals = []
     with frozen(teacher, student):
         for iters in (1, 15):
-            m = create_method(method, ctx, {"iterations": iters, "jitter": 0, "flip": False})
+            m = create_method(method, ctx, {"iterations": iters, "jitter": 0, "flip": False, **extra})
             x, last = m.synthesize(targets, torch.Generator().manual_seed(0))
             m.close()
             totals.append(last["total"])

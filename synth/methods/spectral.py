@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..hooks import FeatureHooks
-from ..losses import spectral_loss
+from ..losses import class_spectral_loss, spectral_loss
 from .base import MethodError, SynthContext, layer_list, register_method
 from .inversion import InversionConfig, InversionMethod
 
@@ -22,6 +22,7 @@ class SpectralConfig(InversionConfig):
     w_spectral: float = 1.0
     first_multiplier: float = 10.0
     layers: str = ""
+    per_class: bool = False  # match each target class's spectrum (a record made with `dfkd record --per-class`)
 
 
 @register_method
@@ -38,12 +39,20 @@ class Spectral(InversionMethod):
         missing = [p for p in paths if p not in ctx.record.amplitude]
         if missing:
             raise MethodError(f"the record has no spectrum for layer {missing[0]!r}; it holds {ctx.record.layers}")
-        self.refs = {p: ctx.record.amplitude[p].to(ctx.device) for p in paths}
+        if config.per_class:
+            missing = [p for p in paths if p not in ctx.record.class_amplitude]
+            if missing:
+                raise MethodError(f"spectral.per_class needs per-class spectra and the record has none for layer "
+                                  f"{missing[0]!r}; make the record with `dfkd record --per-class`")
+            self.refs = {p: ctx.record.class_amplitude[p].to(ctx.device) for p in paths}
+        else:
+            self.refs = {p: ctx.record.amplitude[p].to(ctx.device) for p in paths}
         self.hooks = FeatureHooks(ctx.teacher, paths, capture="output").__enter__()
 
     def terms(self, x, logits, targets):
-        first = self.config.first_multiplier
-        total = sum((first if i == 0 else 1.0) * spectral_loss(self.hooks.captured[p], ref)
+        first, per_class = self.config.first_multiplier, self.config.per_class
+        total = sum((first if i == 0 else 1.0) * (class_spectral_loss(self.hooks.captured[p], targets, ref) if per_class
+                                                  else spectral_loss(self.hooks.captured[p], ref))
                     for i, (p, ref) in enumerate(self.refs.items()))
         return {"spectral": self.config.w_spectral * total}
 
