@@ -17,7 +17,7 @@ import torch
 import store
 from distill.checkpoint import load_model
 from distill.evaluate import accuracy
-from synth.methods import method_config
+from synth.methods import config_identity, method_config
 
 from .data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
@@ -134,7 +134,7 @@ class Runner:
                 deps.append(f"distill:{d}/{rest.rpartition('/')[0]}")
             conf = {**dataclasses.asdict(s), "seed": p.run.seed if s.seed < 0 else s.seed,  # resolved defaults too:
                     "method_config": None if s.method == "real" else  # a new library default re-runs the store
-                    dataclasses.asdict(method_config(s.method, s.params))}
+                    config_identity(method_config(s.method, s.params))}
             stages.append(Stage(f"synth:{s.name}", deps, conf, self._synth_runner(s),
                                 (lambda n=s.name: [self.store_path(n)]), teacher=tname))
         for d in p.distill:

@@ -3,11 +3,11 @@ the spectrum recorded on real data (2-D FFT per channel for maps, 1-D for vector
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..hooks import FeatureHooks
 from ..losses import class_spectral_loss, spectral_loss
-from .base import MethodError, SynthContext, layer_list, register_method
+from .base import INERT_DEFAULT, MethodError, SynthContext, layer_list, register_method
 from .inversion import InversionConfig, InversionMethod
 
 
@@ -22,7 +22,8 @@ class SpectralConfig(InversionConfig):
     w_spectral: float = 1.0
     first_multiplier: float = 10.0
     layers: str = ""
-    per_class: bool = False  # match each target class's spectrum (a record made with `dfkd record --per-class`)
+    # match each target class's spectrum (a record made with `dfkd record --per-class`)
+    per_class: bool = field(default=False, metadata=INERT_DEFAULT)
 
 
 @register_method
