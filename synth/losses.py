@@ -93,11 +93,11 @@ def amplitude(x: torch.Tensor) -> torch.Tensor:
     return amplitudes(x).mean(0)
 
 
-def class_amplitude_sums(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class sums of the samples' amplitude spectra (K×spectrum) and the per-class counts; no host sync."""
-    a = amplitudes(x)
-    sums = a.new_zeros((num_classes, *a.shape[1:])).index_add_(0, labels, a)
-    return sums, torch.bincount(labels, minlength=num_classes).to(a.dtype)
+def class_sums(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of per-sample values (K×...) and per-class counts, by index_add (no host sync on CUDA)."""
+    sums = values.new_zeros((num_classes, *values.shape[1:])).index_add_(0, labels, values)
+    counts = values.new_zeros(num_classes).index_add_(0, labels, values.new_ones(len(labels)))
+    return sums, counts
 
 
 def spectral_loss(x: torch.Tensor, ref_amplitude: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ def class_spectral_loss(x: torch.Tensor, labels: torch.Tensor, ref_class_amplitu
     """spectral_loss per class (each class's samples against its recorded K×spectrum row), averaged over the
     classes present in the batch."""
     ref = ref_class_amplitude.float().to(x.device)
-    sums, counts = class_amplitude_sums(x, labels, ref.shape[0])
+    sums, counts = class_sums(amplitudes(x), labels, ref.shape[0])
     mean = sums / counts.clamp_min(1).view(-1, *([1] * (sums.dim() - 1)))
     dist = torch.linalg.vector_norm((mean - ref).flatten(1), dim=1) / \
         torch.linalg.vector_norm(ref.flatten(1), dim=1).clamp_min(1e-12)

@@ -14,7 +14,7 @@ from torch import nn
 from store.errors import DfkdError
 
 from .hooks import FeatureHooks
-from .losses import amplitude, class_amplitude_sums
+from .losses import amplitudes, class_sums
 from .teacher import fingerprint
 
 FORMAT = "dfkd-record"
@@ -104,14 +104,15 @@ def record(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
                 a = hooks.captured[l].float()
                 dims = [0] + list(range(2, a.dim()))
                 count = a.numel() // a.shape[1]
-                amp = amplitude(a) * len(a)
+                each = amplitudes(a)  # one FFT per layer and batch serves both the mean and the per-class spectra
+                amp = each.sum(0)
                 s = sums.setdefault(l, [0, 0, 0, 0, None])
                 s[0] += a.sum(dims).double()
                 s[1] += (a.double() ** 2).sum(dims)
                 s[2] += count
                 s[3] = s[3] + amp
                 if num_classes:
-                    per = class_amplitude_sums(a, y, num_classes)[0]
+                    per = class_sums(each, y, num_classes)[0]
                     s[4] = per if s[4] is None else s[4] + per
             counts = torch.bincount(y, minlength=num_classes) if num_classes else None
             if num_classes:
