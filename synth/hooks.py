@@ -28,13 +28,17 @@ class FeatureHooks:
     """Captures the input (or output) of chosen layers on every forward; a context manager that cleans up.
 
     `captured[path]` holds the latest tensor, still attached to the graph so losses can flow through it.
+    With `transform(path, tensor)`, the layer sees (and `captured` holds) the transformed tensor instead:
+    a pre-hook replaces the input, a forward hook the output (synth.deferred's taps use this).
     """
 
-    def __init__(self, model: nn.Module, paths: list[str], capture: str = "input") -> None:
+    def __init__(self, model: nn.Module, paths: list[str], capture: str = "input",
+                 transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         if capture not in ("input", "output"):
             raise ValueError("capture must be 'input' or 'output'")
         self.modules = resolve(model, paths)
         self.capture = capture
+        self.transform = transform
         self.captured: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -43,8 +47,23 @@ class FeatureHooks:
             self.captured[path] = inputs[0] if self.capture == "input" else output
         return fn
 
+    def _transforming_hook(self, path: str) -> Callable:
+        def pre(module: nn.Module, inputs: tuple) -> tuple:
+            self.captured[path] = self.transform(path, inputs[0])
+            return (self.captured[path], *inputs[1:])
+
+        def post(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            self.captured[path] = self.transform(path, output)
+            return self.captured[path]
+        return pre if self.capture == "input" else post
+
     def __enter__(self) -> "FeatureHooks":
-        self._handles = [m.register_forward_hook(self._hook(p)) for p, m in self.modules.items()]
+        if self.transform is None:
+            self._handles = [m.register_forward_hook(self._hook(p)) for p, m in self.modules.items()]
+        elif self.capture == "input":
+            self._handles = [m.register_forward_pre_hook(self._transforming_hook(p)) for p, m in self.modules.items()]
+        else:
+            self._handles = [m.register_forward_hook(self._transforming_hook(p)) for p, m in self.modules.items()]
         return self
 
     def __exit__(self, *exc: object) -> None:

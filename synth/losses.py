@@ -6,34 +6,48 @@ import torch
 import torch.nn.functional as F
 
 
-class _ChannelMoments(torch.autograd.Function):
-    """Per-channel (mean, biased variance) in one pass, with a one-kernel backward.
+def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, biased variance) from sums of x and x² (no graph: the autograd Functions' forward).
 
-    Forward: sums of x and x² (on CPU 5-6x faster than torch.var_mean's Welford pass; fp32 sums of
-    activations lose precision only when |mean| >> std, far from what feature maps show). Backward:
-    d/dx = gm/n + 2 gv (x - mu)/n as one fused multiply-add per element, where autograd's own mean +
-    var graph makes several passes and temporaries.
+    On CPU 5-6x faster than torch.var_mean's Welford pass; fp32 sums of activations lose precision only
+    when |mean| >> std, far from what feature maps show.
     """
+    dims = [0] + list(range(2, x.dim()))
+    n = x.numel() // x.shape[1]
+    mean = x.sum(dims) / n
+    return mean, ((x * x).sum(dims) / n - mean * mean).clamp_min(0)
+
+
+def moments_grad(x: torch.Tensor, mean: torch.Tensor, g_mean: torch.Tensor | None, g_var: torch.Tensor | None,
+                 into: torch.Tensor | None = None) -> torch.Tensor:
+    """d/dx of (mean, var) against their gradients: g_mean/n + 2 g_var (x - mean)/n, one fused multiply-add
+    (plus `into`, a gradient to add it to, in the same pass when its dtype allows)."""
+    n = x.numel() // x.shape[1]
+    g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+    g_var = torch.zeros_like(mean) if g_var is None else g_var
+    scale = 2.0 * g_var / n
+    shift = g_mean / n - scale * mean
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    if into is None:
+        return torch.addcmul(shift.view(view), x, scale.view(view))
+    out = torch.addcmul(into, x, scale.view(view).to(into.dtype))
+    return out.add_(shift.view(view).to(into.dtype))
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel (mean, biased variance) in one pass, with a one-kernel backward (autograd's own mean +
+    var graph makes several passes and temporaries)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dims = [0] + list(range(2, x.dim()))
-        n = x.numel() // x.shape[1]
-        mean = x.sum(dims) / n
-        var = ((x * x).sum(dims) / n - mean * mean).clamp_min(0)
+        mean, var = moments(x)
         ctx.save_for_backward(x, mean)
         return mean, var
 
     @staticmethod
     def backward(ctx, g_mean: torch.Tensor | None, g_var: torch.Tensor | None) -> torch.Tensor:
         x, mean = ctx.saved_tensors
-        n = x.numel() // x.shape[1]
-        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-        g_var = torch.zeros_like(mean) if g_var is None else g_var
-        scale = 2.0 * g_var / n
-        shift = g_mean / n - scale * mean
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(view), x, scale.view(view))
+        return moments_grad(x, mean, g_mean, g_var)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,21 +55,55 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ChannelMoments.apply(x if x.dtype in (torch.float32, torch.float64) else x.float())
 
 
+def moment_distance(mu: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """||mu - mean||_2 + ||v - var||_2: the stat loss from a batch's channel moments."""
+    return torch.linalg.vector_norm(mu - mean.float()) + torch.linalg.vector_norm(v - var.float())
+
+
 def stat_loss(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """DeepInversion's feature-distribution term: ||mu(x) - mean||_2 + ||var(x) - var||_2."""
-    mu, v = channel_stats(x)
-    return torch.linalg.vector_norm(mu - mean.float()) + torch.linalg.vector_norm(v - var.float())
+    return moment_distance(*channel_stats(x), mean, var)
+
+
+_PAIRS = ((((slice(None), slice(None, -1)), (slice(None), slice(1, None)))),  # (minuend, subtrahend) over (H, W):
+          (((slice(None, -1), slice(None)), (slice(1, None), slice(None)))),  # width, height, the two diagonals
+          (((slice(1, None), slice(None, -1)), (slice(None, -1), slice(1, None)))),
+          (((slice(None, -1), slice(None, -1)), (slice(1, None), slice(1, None)))))
 
 
 def _diffs(x: torch.Tensor) -> list[torch.Tensor]:
     """Neighbour differences along width, height and both diagonals."""
-    return [x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
-            x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:]]
+    return [x[(..., *a)] - x[(..., *b)] for a, b in _PAIRS]
+
+
+class _TotalVariationL2(torch.autograd.Function):
+    """tv_l2 with a hand-written backward: each difference map scattered back by two in-place slice updates.
+
+    Autograd's own graph for the four slices, differences and norms allocates a zero-filled input-sized
+    tensor per slice and adds them up (about 30 kernels per step); this is 4 differences and 8 updates.
+    Costs 1.0 ms against 2.4 ms forward + backward at 256×1×28×28 on 2 CPU cores.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        norms = torch.stack([torch.linalg.vector_norm(d) for d in _diffs(x)])
+        ctx.save_for_backward(x, norms)  # x, not the four maps: the teacher's first layer keeps x anyway
+        return norms.sum()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        x, norms = ctx.saved_tensors
+        scales = g / norms.clamp_min(torch.finfo(norms.dtype).tiny)  # a zero map has zero differences: no NaN
+        grad = torch.zeros_like(x)
+        for (a, b), d, s in zip(_PAIRS, _diffs(x), scales):
+            grad[(..., *a)].addcmul_(d, s)
+            grad[(..., *b)].addcmul_(d, -s)
+        return grad
 
 
 def tv_l2(x: torch.Tensor) -> torch.Tensor:
     """Total variation, L2 form: sum of the norms of the four neighbour-difference maps."""
-    return sum(torch.linalg.vector_norm(d) for d in _diffs(x))
+    return _TotalVariationL2.apply(x)
 
 
 def tv_l1(x: torch.Tensor) -> torch.Tensor:

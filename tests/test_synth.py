@@ -19,6 +19,7 @@ from synth import losses
 from synth.engine import SynthConfig, frozen, synthesize
 from synth.hooks import FeatureHooks, HookError, bn_layers
 from synth.methods import SynthContext, create_method
+from synth.methods.feature_stats import StatTerms
 from synth.record import Record, record
 from synth.teacher import fingerprint
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
@@ -53,6 +54,17 @@ def test_tv_and_l2_hand_computed():
     assert losses.tv_l2(x).item() == pytest.approx(math.sqrt(5) + math.sqrt(13) + 1 + 4)
     assert losses.tv_l1(x).item() == pytest.approx(1.5 + 2.5 + 1 + 4)
     assert losses.l2_prior(x).item() == pytest.approx(math.sqrt(21))
+
+
+def test_tv_l2_gradient_matches_autograd_of_the_plain_formula():
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(losses.tv_l2, (x,))
+    (got,) = torch.autograd.grad(losses.tv_l2(x), x)
+    (ref,) = torch.autograd.grad(sum(torch.linalg.vector_norm(d) for d in losses._diffs(x)), x)
+    assert torch.allclose(got, ref)
+    flat = torch.zeros(1, 1, 4, 4, requires_grad=True)  # every difference 0: gradient 0, not NaN
+    losses.tv_l2(flat).backward()
+    assert torch.equal(flat.grad, torch.zeros_like(flat))
 
 
 def test_competition_hand_computed():
@@ -325,3 +337,39 @@ def test_an_inert_option_at_its_default_stays_out_of_fingerprints():
     assert "per_class" not in config_identity(method_config("spectral"))
     assert config_identity(method_config("spectral", {"per_class": True}))["per_class"] is True
     assert config_identity(method_config("stat"))["first_multiplier"] == 10.0  # other defaults stay in
+
+
+def _plain_stat_loss(teacher, x):
+    """The BN-statistics loss (first layer x10) by plain autograd on hooked BN inputs: the reference."""
+    mods, paths = dict(teacher.named_modules()), bn_layers(teacher)
+    with FeatureHooks(teacher, paths) as hooks:
+        logits = teacher(x)
+        return logits, sum((10.0 if i == 0 else 1.0) * losses.stat_loss(hooks.captured[p], mods[p].running_mean,
+                                                                       mods[p].running_var) for i, p in enumerate(paths))
+
+
+def test_tapped_bn_statistics_give_the_plain_gradient_and_pass_others_through():
+    teacher, _ = tiny_teacher()
+    teacher.double()
+    ctx = SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"))
+    x = torch.randn(16, *SHAPE, dtype=torch.float64, requires_grad=True)
+    with frozen(teacher):
+        logits, plain = _plain_stat_loss(teacher, x)
+        (want,) = torch.autograd.grad(plain + logits.logsumexp(1).mean(), x)
+        (no_stats,) = torch.autograd.grad(teacher(x).logsumexp(1).mean(), x)
+        terms = StatTerms(ctx, "", "stat")
+        try:
+            logits = teacher(x)
+            tapped = terms.loss(10.0)
+            assert tapped.item() == pytest.approx(plain.item())
+            assert set(terms.slots) == set(bn_layers(teacher))
+            (got,) = torch.autograd.grad(tapped + logits.logsumexp(1).mean(), x)
+            torch.testing.assert_close(got, want)
+            (got,) = torch.autograd.grad(teacher(x).logsumexp(1).mean(), x)  # taps on, statistics unused
+            torch.testing.assert_close(got, no_stats)
+            logits = teacher(x)  # the statistics entering the loss twice: their gradient twice, no more
+            (got,) = torch.autograd.grad(terms.loss(10.0) + terms.loss(10.0) + logits.logsumexp(1).mean(), x)
+            (ref,) = torch.autograd.grad(2 * _plain_stat_loss(teacher, x)[1], x)
+            torch.testing.assert_close(got, ref + no_stats)
+        finally:
+            terms.close()

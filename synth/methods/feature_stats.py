@@ -11,14 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..deferred import MomentSlot, tap, tapped_channel_stats
 from ..hooks import FeatureHooks, bn_layers
-from ..losses import competition, l2_prior, stat_loss, tv_l1, tv_l2
+from ..losses import channel_stats, competition, l2_prior, moment_distance, tv_l1, tv_l2
 from .base import MethodError, SynthContext, layer_list, register_method
 from .inversion import InversionConfig, InversionMethod
 
 
 class StatTerms:
-    """Hooks on the matched layers and their reference (mean, var); removed by `close`."""
+    """Hooks on the matched layers and their reference (mean, var); removed by `close`.
+
+    Each BN input passes a tap (synth.deferred), so its statistics' gradient is formed when the backward
+    pass reaches the layer instead of all at once at the loss: same gradient, less memory.
+    """
 
     def __init__(self, ctx: SynthContext, layers: str, method: str) -> None:
         if ctx.record is not None:
@@ -41,18 +46,28 @@ class StatTerms:
             self.refs = {p: (mods[p].running_mean, mods[p].running_var) for p in paths}
             capture = "input"
         self.paths = paths
-        self.hooks = FeatureHooks(ctx.teacher, paths, capture=capture).__enter__()
+        self.slots: dict[str, MomentSlot | None] = {}
+        # Taps on BN inputs only: a recorded layer's output is often changed in place by the activation after
+        # it (the record reads it after the forward, as the loss does here), which a tap's output cannot allow.
+        self.hooks = FeatureHooks(ctx.teacher, paths, capture=capture,
+                                  transform=self._tap if capture == "input" else None).__enter__()
+
+    def _tap(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        out, self.slots[path] = tap(x)
+        return out
 
     def loss(self, first_multiplier: float) -> torch.Tensor:
         """Sum over matched layers of the stat loss; the first layer weighted by `first_multiplier`."""
         total = 0.0
         for i, p in enumerate(self.paths):
-            mean, var = self.refs[p]
-            total = total + (first_multiplier if i == 0 else 1.0) * stat_loss(self.hooks.captured[p], mean, var)
+            x, slot = self.hooks.captured[p], self.slots.get(p)
+            mu, v = channel_stats(x) if slot is None else tapped_channel_stats(x, slot)
+            total = total + (first_multiplier if i == 0 else 1.0) * moment_distance(mu, v, *self.refs[p])
         return total
 
     def close(self) -> None:
         self.hooks.remove()
+        self.slots = {}
 
 
 @dataclass
