@@ -10,9 +10,10 @@ the finished generator is saved as `<stem>.generator.pt`, and `generator=FILE` s
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..generators import GeneratorError, GeneratorSpec, load_generator, load_snapshots, save_generator
 from ..hooks import FeatureHooks
-from .base import Method, MethodError, SynthContext, register_method
+from .base import INERT_DEFAULT, Method, MethodError, SynthContext, config_identity, register_method
 from .feature_stats import StatTerms
 
 
@@ -55,6 +56,9 @@ class GenerativeConfig:
     # making an equal share of every write unit. 1: the final generator only (published). The proxy student
     # learned from the whole trajectory of a moving generator; a store of the final one holds less variety.
     snapshots: int = 1
+    # Learning rates of G and the proxy student over the rounds: constant (the published MNIST runs) or cosine
+    # to 0, so the game settles and the proxy student ends on a low rate (it is scored at its last round).
+    schedule: str = field(default="constant", metadata=INERT_DEFAULT)
 
 
 def artifact_prefix(store_path: str) -> str:
@@ -77,6 +81,8 @@ class GenerativeMethod(Method):
             raise MethodError(f"{self.name}.sample_bn must be batch or running, got {config.sample_bn!r}")
         if config.snapshots < 1 or (not config.generator and config.snapshots > config.rounds):
             raise MethodError(f"{self.name}.snapshots must lie in [1, rounds={config.rounds}], got {config.snapshots}")
+        if config.schedule not in ("constant", "cosine"):
+            raise MethodError(f"{self.name}.schedule must be constant or cosine, got {config.schedule!r}")
         if config.student_optimizer not in ("sgd", "adam"):
             raise MethodError(f"{self.name}.student_optimizer must be sgd or adam, got {config.student_optimizer!r}")
         self.spec = GeneratorSpec(config.arch, config.latent_dim, tuple(ctx.image_shape), config.width, config.head)
@@ -115,6 +121,16 @@ class GenerativeMethod(Method):
                           if c.student_optimizer == "sgd" else
                           torch.optim.Adam(params, lr=c.lr_s, weight_decay=c.weight_decay_s))
 
+    def set_lr(self, round_index: int) -> None:
+        """Learning rates for this round: a function of its index only, so a resumed run follows the same curve."""
+        c = self.config
+        if c.schedule == "constant":
+            return
+        factor = 0.5 * (1 + math.cos(math.pi * round_index / c.rounds))
+        for opt, base in ((self.opt_g, c.lr_g), (self.opt_s, c.lr_s)):
+            for group in (opt.param_groups if opt is not None else []):
+                group["lr"] = base * factor
+
     def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """One round of the method's min-max (or max) game; returns its losses (detached, on the device)."""
         raise NotImplementedError
@@ -145,7 +161,7 @@ class GenerativeMethod(Method):
 
     def _identity(self) -> dict[str, Any]:
         student = self.ctx.student
-        return {"method": self.name, "config": asdict(self.config), "teacher": self.ctx.teacher_fingerprint,
+        return {"method": self.name, "config": config_identity(self.config), "teacher": self.ctx.teacher_fingerprint,
                 "student": None if student is None else [list(v.shape) for v in student.state_dict().values()]}
 
     def _state(self, z_gen: torch.Generator) -> dict[str, Any]:
@@ -201,6 +217,7 @@ class GenerativeMethod(Method):
             bar = tqdm(range(self.rounds_done, c.rounds), initial=self.rounds_done, total=c.rounds,
                        desc=f"{self.name}: training the generator", unit="round", disable=not show)
             for i in bar:
+                self.set_lr(i)
                 losses = self.train_round(z_gen)
                 self.rounds_done = i + 1
                 if self.rounds_done in snap_rounds:
