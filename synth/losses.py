@@ -20,18 +20,19 @@ def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def moments_grad(x: torch.Tensor, mean: torch.Tensor, g_mean: torch.Tensor | None, g_var: torch.Tensor | None,
                  into: torch.Tensor | None = None) -> torch.Tensor:
-    """d/dx of (mean, var) against their gradients: g_mean/n + 2 g_var (x - mean)/n, one fused multiply-add
-    (plus `into`, a gradient to add it to, in the same pass when its dtype allows)."""
+    """d/dx of (mean, var) against their gradients: g_mean/n + 2 g_var (x - mean)/n, one fused multiply-add;
+    with `into`, that plus another gradient (fp32: added in place; half precision: summed in fp32 first)."""
     n = x.numel() // x.shape[1]
     g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
     g_var = torch.zeros_like(mean) if g_var is None else g_var
-    scale = 2.0 * g_var / n
-    shift = g_mean / n - scale * mean
     view = (1, -1) + (1,) * (x.dim() - 2)
+    scale = (2.0 * g_var / n).view(view)
+    shift = (g_mean / n).view(view) - scale * mean.view(view)
     if into is None:
-        return torch.addcmul(shift.view(view), x, scale.view(view))
-    out = torch.addcmul(into, x, scale.view(view).to(into.dtype))
-    return out.add_(shift.view(view).to(into.dtype))
+        return torch.addcmul(shift, x, scale)
+    if into.dtype == scale.dtype:
+        return torch.addcmul(into, x, scale).add_(shift)
+    return (torch.addcmul(shift, x, scale) + into).to(into.dtype)  # the 2 g_var/n scale underflows in fp16
 
 
 class _ChannelMoments(torch.autograd.Function):

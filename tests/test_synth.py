@@ -373,3 +373,12 @@ def test_tapped_bn_statistics_give_the_plain_gradient_and_pass_others_through():
             torch.testing.assert_close(got, ref + no_stats)
         finally:
             terms.close()
+
+
+def test_moment_gradient_joins_a_half_precision_gradient_in_fp32():
+    x = (torch.randn(512, 3, 6, 6) * 2).half()  # n = 18432: 2 g_var / n is below fp16's normal range
+    mean = x.float().mean((0, 2, 3))
+    g_var, into = torch.full((3,), 1e-2), (torch.randn(512, 3, 6, 6) * 1e-5).half()
+    got = losses.moments_grad(x, mean, None, g_var, into=into)
+    want = (losses.moments_grad(x.float(), mean, None, g_var) + into.float()).half()
+    assert got.dtype == torch.float16 and torch.equal(got, want)
