@@ -66,10 +66,11 @@ def stat_loss(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.T
     return moment_distance(*channel_stats(x), mean, var)
 
 
-_PAIRS = ((((slice(None), slice(None, -1)), (slice(None), slice(1, None)))),  # (minuend, subtrahend) over (H, W):
-          (((slice(None, -1), slice(None)), (slice(1, None), slice(None)))),  # width, height, the two diagonals
-          (((slice(1, None), slice(None, -1)), (slice(None, -1), slice(1, None)))),
-          (((slice(None, -1), slice(None, -1)), (slice(1, None), slice(1, None)))))
+_ALL, _HEAD, _TAIL = slice(None), slice(None, -1), slice(1, None)
+_PAIRS = (((_ALL, _HEAD), (_ALL, _TAIL)),    # (minuend, subtrahend) index over (H, W): width,
+          ((_HEAD, _ALL), (_TAIL, _ALL)),    # height,
+          ((_TAIL, _HEAD), (_HEAD, _TAIL)),  # anti-diagonal,
+          ((_HEAD, _HEAD), (_TAIL, _TAIL)))  # diagonal
 
 
 def _diffs(x: torch.Tensor) -> list[torch.Tensor]:
