@@ -6,15 +6,15 @@ holds them all while the rest of the network is still being differentiated: for 
 256 that is most of a second copy of the activations. Here a tap (identity) is put on each matched
 tensor; the moments are computed from the tap's output, and their backward only leaves (g_mean, g_var)
 — two C-vectors — in a slot. The tap's backward runs after every user of its output is done (so after
-the moments' backward) and adds the moment gradient to the one coming back through the network in a
-single fused pass. The gradient is exactly the plain one; only when and where it is formed changes.
+the moments' backward) and adds the moment gradient to the one coming back through the network (a
+multiply-add and an add, where plain autograd also allocated the moment gradient and summed it). The gradient is exactly the plain one; only when and where it is formed changes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .losses import moments, moments_grad
+from .losses import at_least_fp32, moments, moments_grad
 
 
 class MomentSlot:
@@ -42,7 +42,7 @@ class MomentSlot:
 
 
 class _Tap(torch.autograd.Function):
-    """Identity forward; backward = incoming gradient + the slot's moment gradient (one fused pass)."""
+    """Identity forward; backward = incoming gradient + the slot's moment gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, slot: MomentSlot) -> torch.Tensor:
@@ -56,10 +56,9 @@ class _Tap(torch.autograd.Function):
         if g_mean is None and g_var is None:
             return grad, None
         (x,) = ctx.saved_tensors
-        mean = ctx.slot.mean.to(torch.float32)
         if grad is None:
-            return moments_grad(x, mean, g_mean, g_var).to(x.dtype), None
-        return moments_grad(x, mean, g_mean, g_var, into=grad), None
+            return moments_grad(x, ctx.slot.mean, g_mean, g_var).to(x.dtype), None
+        return moments_grad(x, ctx.slot.mean, g_mean, g_var, into=grad), None
 
 
 class _DeferredMoments(torch.autograd.Function):
@@ -68,7 +67,7 @@ class _DeferredMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, slot: MomentSlot) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.slot = slot
-        mean, var = moments(x if x.dtype in (torch.float32, torch.float64) else x.float())
+        mean, var = moments(at_least_fp32(x))
         slot.mean = mean.detach()
         return mean, var
 

@@ -58,12 +58,10 @@ class FeatureHooks:
         return pre if self.capture == "input" else post
 
     def __enter__(self) -> "FeatureHooks":
-        if self.transform is None:
-            self._handles = [m.register_forward_hook(self._hook(p)) for p, m in self.modules.items()]
-        elif self.capture == "input":
-            self._handles = [m.register_forward_pre_hook(self._transforming_hook(p)) for p, m in self.modules.items()]
-        else:
-            self._handles = [m.register_forward_hook(self._transforming_hook(p)) for p, m in self.modules.items()]
+        make = self._hook if self.transform is None else self._transforming_hook
+        pre = self.transform is not None and self.capture == "input"
+        self._handles = [(m.register_forward_pre_hook if pre else m.register_forward_hook)(make(p))
+                         for p, m in self.modules.items()]
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -51,9 +51,14 @@ class _ChannelMoments(torch.autograd.Function):
         return moments_grad(x, mean, g_mean, g_var)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 when it is in a half-precision type (autocast), else as it is (fp32 or fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance in fp32 (N×C, N×C×L or N×C×H×W; channels on dim 1)."""
-    return _ChannelMoments.apply(x if x.dtype in (torch.float32, torch.float64) else x.float())
+    return _ChannelMoments.apply(at_least_fp32(x))
 
 
 def moment_distance(mu: torch.Tensor, v: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from synth.engine import SynthConfig, frozen, synthesize
 from synth.generators import (GeneratorError, GeneratorSpec, create_generator, load_generator, load_snapshots,
                               save_generator)
 from synth.methods import SynthContext, create_method
-from synth.methods.generative import Adversarial
+from synth.methods.generative import Adversarial, AdversarialConfig
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 
 SMALL = {"rounds": 4, "batch_size": 32, "latent_dim": 16, "width": 8, "checkpoint_every": 2}
@@ -101,8 +101,8 @@ def test_cosine_schedule_follows_the_round_index_through_a_kill_and_resume(tmp_p
     cosine = {**SMALL, "schedule": "cosine"}
     whole, _ = _train(tmp_path, "whole", cosine, teacher)
     last = 0.5 * (1 + np.cos(np.pi * 3 / 4))  # the rate of the fourth (last) round
-    assert whole.opt_s.param_groups[0]["lr"] == pytest.approx(SMALL.get("lr_s", 0.01) * last)
-    assert whole.opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 * last)
+    assert whole.opt_s.param_groups[0]["lr"] == pytest.approx(AdversarialConfig().lr_s * last)
+    assert whole.opt_g.param_groups[0]["lr"] == pytest.approx(AdversarialConfig().lr_g * last)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, "cut", cosine, teacher, stop_at=4)
     resumed, _ = _train(tmp_path, "cut", cosine, teacher)
