@@ -1,21 +1,23 @@
 """Model checkpoints that rebuild themselves: architecture, its arguments, normalization, weights.
 
-Only tensors and plain values are stored, and files are read with torch.load(weights_only=True), so
-opening a checkpoint never runs code. Writes are atomic (temporary file, then rename).
+Only tensors and plain values are stored, files are read with torch.load(weights_only=True), and the
+architecture a file names is built only from the zoo, torchvision or timm, unless the user names that
+same `package.module:factory` (`model_code`): opening a checkpoint never runs code the file chose.
+Writes are atomic (temporary file, then rename).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Collection
 
 import torch
 from torch import nn
 
 from store.errors import DfkdError
 
-from .models import create_model
+from .models import check_file_model, create_model
 
 FORMAT = "dfkd-model"
 
@@ -73,15 +75,38 @@ def read_checkpoint(path: str, what: str = "model") -> dict[str, Any]:
                               "it is corrupt or not a dfkd file") from None
 
 
-def load_model(path: str, what: str = "model") -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
-    """Rebuild a model from its checkpoint alone: (model in eval mode, spec, metrics)."""
+def spec_from_file(d: Any, path: str, model_code: Collection[str] = ()) -> ModelSpec:
+    """The spec a file gives, checked: plain fields only, an architecture the file may choose."""
+    names = {f.name for f in fields(ModelSpec)}
+    if not isinstance(d, dict) or set(d) - names or {"arch", "num_classes", "in_channels", "image_size"} - set(d):
+        raise CheckpointError(f"{path} has a malformed model spec; it is corrupt or not a dfkd file")
+    check_file_model(d["arch"], d.get("kwargs", {}), path, model_code)
+    try:
+        spec = ModelSpec(**{**d, "mean": tuple(float(v) for v in d["mean"]), "std": tuple(float(v) for v in d["std"])})
+        for name in ("num_classes", "in_channels", "image_size"):
+            if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
+                raise ValueError(name)
+    except (TypeError, ValueError, KeyError):
+        raise CheckpointError(f"{path} has a malformed model spec; it is corrupt or not a dfkd file") from None
+    return spec
+
+
+def load_model(path: str, what: str = "model", model_code: Collection[str] = ()
+               ) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+    """Rebuild a model from its checkpoint alone: (model in eval mode, spec, metrics).
+
+    `model_code`: the `package.module:factory` names the user trusts (named on the command line or in
+    the pipeline file); a file naming any other factory is refused before anything is imported.
+    """
     ckpt = read_checkpoint(path, what)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dfkd model checkpoint (no '{FORMAT}' header); "
                               "save models with dfkd, or wrap your weights with distill.checkpoint.save_model")
-    d = dict(ckpt["spec"])
-    spec = ModelSpec(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
-    model = spec.build()
+    spec = spec_from_file(ckpt.get("spec"), path, model_code)
+    try:
+        model = spec.build()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {spec.arch} cannot be built from the file's arguments ({exc})") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

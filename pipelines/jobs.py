@@ -66,10 +66,11 @@ def make_record(teacher: nn.Module, spec: ModelSpec, real: RealData, out: str, *
     return rec, rec.save(out)
 
 
-def build_student(student: str, teacher: ModelSpec, trainable: bool, seed: int = 0) -> tuple[nn.Module, ModelSpec]:
-    """A student for synthesis: a checkpoint, or (for methods that train it) a fresh zoo model."""
+def build_student(student: str, teacher: ModelSpec, trainable: bool, seed: int = 0,
+                  model_code: tuple[str, ...] = ()) -> tuple[nn.Module, ModelSpec]:
+    """A student for synthesis: a checkpoint, or (for methods that train it) a fresh model the user named."""
     if os.path.isfile(student) or not trainable:
-        model, spec, _ = load_model(student, "student")
+        model, spec, _ = load_model(student, "student", model_code)
     else:
         check_model_name(student)
         spec = ModelSpec(student, teacher.num_classes, teacher.in_channels, teacher.image_size, teacher.mean,
@@ -100,15 +101,17 @@ class SynthJob:
     progress: bool | None = None
     amp: str = "auto"
     compile: bool = False
+    model_code: tuple[str, ...] = ()  # package.module:factory names the user trusts checkpoints to name
 
 
 def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
     """Fill a store; for generator methods also save the proxy student beside it. Returns paths and seconds."""
     t0 = time.perf_counter()
     generative = issubclass(method_class(job.method), GenerativeMethod)
-    model, spec, _ = load_model(teacher_path, "teacher")
+    model, spec, _ = load_model(teacher_path, "teacher", job.model_code)
     rec = Record.load(job.stats) if job.stats else None
-    stu, stu_spec = build_student(job.student, spec, generative, job.seed) if job.student else (None, None)
+    stu, stu_spec = (build_student(job.student, spec, generative, job.seed, job.model_code) if job.student
+                     else (None, None))
     cfg = SynthConfig(num_images=job.num_images, out=job.out, batch_size=job.batch_size, seed=job.seed,
                       resume=job.resume, overwrite=job.overwrite, device=job.device, progress=job.progress,
                       amp=job.amp, compile=job.compile)
@@ -125,10 +128,11 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
 
 
 def fill_real_store(path: str, teacher_path: str, real: RealData, num_images: int, *, seed: int = 0,
-                    unit_size: int = 256, device: str = "cpu", overwrite: bool = False) -> dict[str, Any]:
+                    unit_size: int = 256, device: str = "cpu", overwrite: bool = False,
+                    model_code: tuple[str, ...] = ()) -> dict[str, Any]:
     """`num_images` real training images (a seeded draw) with the teacher's logits: real-data KD at equal count."""
     t0 = time.perf_counter()
-    teacher, spec, _ = load_model(teacher_path, "teacher")
+    teacher, spec, _ = load_model(teacher_path, "teacher", model_code)
     if tuple(real.image_shape) != tuple(spec.image_shape) or real.num_classes != spec.num_classes:
         raise JobError(f"the teacher takes {spec.num_classes} classes of {spec.image_shape} images; {real.name} has "
                        f"{real.num_classes} of {real.image_shape}")

@@ -19,7 +19,7 @@ def rows_of(runner: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for t in runner.p.teachers:
         if not os.path.isfile(runner.teacher_path(t.name)):  # not trained yet (a partial run with --only)
             continue
-        _, spec, metrics = load_model(runner.teacher_path(t.name), "teacher")
+        _, spec, metrics = load_model(runner.teacher_path(t.name), "teacher", runner.p.model_code)
         teachers[t.name] = {"arch": spec.arch, "test_top1": metrics.get("test_top1")}
     synth = {s.key[len("synth:"):]: s for s in runner.stages if s.key.startswith("synth:")}
     methods = {s.name: s.method for s in runner.p.synth}

@@ -259,7 +259,7 @@ class Runner:
     def _record_runner(self, name: str) -> Callable[[bool, bool], dict[str, Any]]:
         def run(resume: bool, overwrite: bool) -> dict[str, Any]:
             t = self.teacher(name)
-            model, spec, _ = load_model(self.teacher_path(name), "teacher")
+            model, spec, _ = load_model(self.teacher_path(name), "teacher", self.p.model_code)
             rec, size = make_record(model, spec, self.data, self.record_path(name), layers=t.record_layers or None,
                                     per_class=t.record_per_class, device=self.device)
             return {"layers": rec.layers, "bytes": size}
@@ -272,16 +272,18 @@ class Runner:
             tname = s.teacher or self.p.teachers[0].name
             if s.method == "real":
                 return fill_real_store(self.store_path(s.name), self.teacher_path(tname), self.data, s.num_images,
-                                       seed=seed, unit_size=s.batch_size, device=self.device, overwrite=True)
+                                       seed=seed, unit_size=s.batch_size, device=self.device, overwrite=True,
+                                       model_code=self.p.model_code)
             student = s.student
             if student.startswith("distill:"):
                 student = self.path("distill", student[len("distill:"):] + ".pt")
             job = SynthJob(s.method, s.num_images, self.store_path(s.name), dict(s.params), s.batch_size, seed,
                            student or None, self.record_path(tname) if s.stats else None, resume=resume,
-                           overwrite=overwrite and not resume, device=self.device, progress=self.progress)
+                           overwrite=overwrite and not resume, device=self.device, progress=self.progress,
+                           model_code=self.p.model_code)
             res = run_synth(job, self.teacher_path(tname))
             if "student" in res:  # a generator method's proxy student is a distilled student in its own right
-                proxy, spec, _ = load_model(res["student"], "student")
+                proxy, spec, _ = load_model(res["student"], "student", self.p.model_code)
                 res["student_top1"] = accuracy(proxy, self.data.test_images, self.data.test_labels, spec.mean,
                                                spec.std, device=self.device)
             return res

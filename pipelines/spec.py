@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.models import ModelError, check_model_name
+from distill.models import ModelError, check_model_name, is_code_name
 from store.errors import DfkdError
 from synth.methods import MethodError, list_methods, method_class, method_config
 from synth.methods.generative import GenerativeMethod
@@ -21,12 +21,13 @@ class PipelineError(DfkdError):
 
 @dataclass
 class RunSection:
-    """[run]: where outputs go (relative to the current directory), seed, device."""
+    """[run]: where outputs go (relative to the current directory), seed, device, trusted model factories."""
 
     name: str = "pipeline"
     out: str = "runs/pipeline"
     seed: int = 0
     device: str = "auto"
+    model_code: list[str] = field(default_factory=list)  # package.module:factory names a checkpoint may name
 
 
 @dataclass
@@ -101,6 +102,14 @@ class Pipeline:
     teachers: list[TeacherSection]
     synth: list[SynthSection]
     distill: list[DistillSection]
+
+    @property
+    def model_code(self) -> tuple[str, ...]:
+        """The model factories this file names ([run] model_code, teachers, students): the only code a
+        checkpoint of this pipeline may ask dfkd to import."""
+        named = [*self.run.model_code, *(t.model for t in self.teachers), *(s.student for s in self.synth),
+                 *(n for d in self.distill for n in d.students)]
+        return tuple(n for n in named if is_code_name(n))
 
 
 def _check_type(where: str, key: str, value: Any, hint: Any) -> Any:

@@ -18,6 +18,7 @@ from .data import load_data
 from .distributed import distributed
 from .jobs import DistillJob, distill_trainer
 from .jobs import train_teacher as train_teacher_job
+from .options import model_code_option
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -91,11 +92,12 @@ def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], wh
 @click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True,
               help="Mixed precision on CUDA (auto: bf16 where supported, else fp16 + grad scaler); off on CPU.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the students (CUDA; slow first steps).")
+@model_code_option
 def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
                 eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
                 lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
                 augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str,
-                compile_: bool) -> None:
+                compile_: bool, model_code: tuple[str, ...]) -> None:
     """Train one or more students at once from a store (or, with --kd-data, from real data and a teacher)."""
     if (store_path is None) == (kd_data is None):
         raise click.UsageError("give exactly one of --store (data-free) or --kd-data (classical KD on real data)")
@@ -104,17 +106,17 @@ def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str
     with distributed(device) as rank_device:  # under torchrun: DDP per student, equal batches per rank
         _distill(store_path, kd_data, students, teacher, eval_data, data_root, epochs, batch_size, optimizer, lr,
                  weight_decay, temperature, kd_weight, ce_teacher, augment, workers, seed, rank_device, out, resume,
-                 amp, compile_)
+                 amp, compile_, model_code)
 
 
 def _distill(store_path: str | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
              eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
              lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
              augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str = "auto",
-             compile_: bool = False) -> None:
+             compile_: bool = False, model_code: tuple[str, ...] = ()) -> None:
     t_model, t_spec = None, None
     if teacher is not None:
-        t_model, t_spec, _ = load_model(teacher, "teacher")
+        t_model, t_spec, _ = load_model(teacher, "teacher", model_code)
     job = DistillJob(store_path or "", list(students), out, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                      lr=lr, weight_decay=weight_decay, temperature=temperature, kd=kd_weight, ce_teacher=ce_teacher,
                      augment=augment, seed=seed, workers=workers, device=device, resume=resume, amp=amp,

@@ -14,6 +14,7 @@ from synth.methods import list_methods, method_config
 from .data import load_data
 from .distributed import distributed
 from .jobs import SynthJob, make_record, run_synth
+from .options import model_code_option
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -51,9 +52,11 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True,
               help="Mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher (CUDA; slow first batch).")
+@model_code_option
 def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str | None, student: str | None,
               generator: str | None, rounds: int | None, batch_size: int, iterations: int | None, seed: int,
-              sets: tuple[str, ...], resume: bool, overwrite: bool, device: str, amp: str, compile_: bool) -> None:
+              sets: tuple[str, ...], resume: bool, overwrite: bool, device: str, amp: str, compile_: bool,
+              model_code: tuple[str, ...]) -> None:
     """Fill a store with a method's images of the teacher, and the teacher's logits of those images.
 
     Generator methods (adversarial, dafl) first train a generator and a proxy student (checkpointed beside
@@ -66,7 +69,7 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
     method_config(method, hparams)  # unknown keys fail before any loading
     with distributed(device) as rank_device:  # under torchrun every rank takes its share of the write units
         res = run_synth(SynthJob(method, num_images, out, hparams, batch_size, seed, student, stats, resume,
-                                 overwrite, rank_device, amp=amp, compile=compile_), teacher)
+                                 overwrite, rank_device, amp=amp, compile=compile_, model_code=model_code), teacher)
         if rank_and_world()[0] != 0:
             return
     click.echo(f"wrote {out}: {num_images} images by {method} ({res['units']} units of {batch_size}) "
@@ -84,10 +87,11 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
 @click.option("--batch-size", type=int, default=500, show_default=True)
 @click.option("--device", default=DEVICE, show_default=True)
 @click.option("--out", required=True, help="Record file (.safetensors).")
+@model_code_option
 def record_cmd(teacher: str, data: str, data_root: str | None, layers: str | None, per_class: bool, batch_size: int,
-               device: str, out: str) -> None:
+               device: str, out: str, model_code: tuple[str, ...]) -> None:
     """One pass of the teacher over real data: per-layer channel mean/variance and mean amplitude spectra."""
-    model, spec, _ = load_model(teacher, "teacher")
+    model, spec, _ = load_model(teacher, "teacher", model_code)
     real = load_data(data, data_root)
     chosen = [l.strip() for l in layers.split(",")] if layers else None
     rec, size = make_record(model, spec, real, out, layers=chosen, per_class=per_class, batch_size=batch_size,

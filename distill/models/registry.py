@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+import inspect
+from typing import Any, Callable, Collection
 
 from torch import nn
 
@@ -26,6 +27,47 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 def list_models() -> list[str]:
     """Names of the zoo's models (torchvision:NAME, timm:NAME and package.module:factory also work)."""
     return sorted(_MODELS)
+
+
+SAFE_PREFIXES = ("torchvision:", "timm:")
+# Arguments that make torchvision or timm fetch or read weights: a file may never set them.
+LOADER_KWARGS = frozenset({"weights", "weights_backbone", "progress", "pretrained", "pretrained_cfg",
+                           "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"})
+SCALARS = (bool, int, float, str, type(None))
+
+
+def is_code_name(name: str) -> bool:
+    """Whether `name` is a `package.module:factory` (building it imports code), not a zoo/torchvision/timm name."""
+    return name not in _MODELS and ":" in name and not name.startswith(SAFE_PREFIXES)
+
+
+def check_file_model(name: Any, kwargs: Any, where: str, model_code: Collection[str] = ()) -> None:
+    """Refuse what a file may not choose: a code factory the user did not name, or non-scalar/undeclared kwargs.
+
+    A file (checkpoint, generator, record) names its architecture; dfkd builds it only from the zoo,
+    torchvision or timm, unless the user named that same `package.module:factory` (`--model-code`).
+    """
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"{where} names no architecture; it is corrupt or not a dfkd file")
+    if is_code_name(name) and name not in model_code:
+        raise ModelError(f"{where} names the model factory {name!r}; dfkd never imports code a file names. "
+                         f"If you trust it, pass --model-code {name}")
+    if not is_code_name(name):
+        check_model_name(name)
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"{where}: model arguments must be a mapping, got {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if not isinstance(value, SCALARS) and not (isinstance(value, (list, tuple)) and all(isinstance(v, SCALARS) for v in value)):
+            raise ModelError(f"{where}: model argument {key!r} is a {type(value).__name__}; a file may only give "
+                             "plain numbers, strings, booleans or lists of them")
+        if key in LOADER_KWARGS:
+            raise ModelError(f"{where}: model argument {key!r} would load weights from elsewhere; a file may not set it")
+    if name in _MODELS:
+        params = inspect.signature(_MODELS[name]).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            bad = sorted(set(kwargs) - set(params) | set(kwargs) & {"num_classes", "in_channels", "image_size"})
+            if bad:
+                raise ModelError(f"{where}: {name} takes no argument {bad[0]!r}; the file is corrupt or from another dfkd")
 
 
 def check_model_name(name: str) -> None:
