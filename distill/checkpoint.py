@@ -8,13 +8,12 @@ Writes are atomic (temporary file, then rename).
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Collection
 
-import torch
 from torch import nn
 
+from store import fs
 from store.errors import DfkdError
 
 from .models import check_file_model, create_model
@@ -47,29 +46,21 @@ class ModelSpec:
         return create_model(self.arch, self.num_classes, self.in_channels, self.image_size, **self.kwargs)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_model(path: str, model: nn.Module, spec: ModelSpec, metrics: dict[str, Any] | None = None) -> None:
     """Write a self-describing model checkpoint."""
     d = asdict(spec)
     d["mean"], d["std"] = list(spec.mean), list(spec.std)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"format": FORMAT, "version": 1, "spec": d, "state_dict": state, "metrics": metrics or {}}, path)
+    fs.save_torch({"format": FORMAT, "version": 1, "spec": d, "state_dict": state, "metrics": metrics or {}}, path)
 
 
 def read_checkpoint(path: str, what: str = "model") -> dict[str, Any]:
     """Load a checkpoint file safely, with one clear line for a missing or foreign file."""
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise CheckpointError(f"{what} file {path} does not exist; check the path, or make one with "
                               "`dfkd train-teacher`" if what == "teacher" else f"{what} file {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return fs.load_torch(path)
     except Exception as exc:  # unpickling errors come in many types
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}); "
                               "it is corrupt or not a dfkd file") from None

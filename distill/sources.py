@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Iterator, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -28,6 +29,7 @@ class Source(Protocol):
     name: str
 
     def set_epoch(self, epoch: int) -> None: ...
+    def identity(self) -> dict: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Triple]: ...
 
@@ -46,6 +48,13 @@ class StoreSource:
         self.workers = workers
         if len(self.dataset) == 0:
             raise store.StoreError(f"{path} has no finished samples to distill from; finish it with --resume")
+        self.reader = store.open(path)
+        check_targets(self.reader)
+        self.batch_size, self.seed = batch_size, seed
+
+    def identity(self) -> dict:
+        """The store's identity (plan, done units, checksums) and how it is batched."""
+        return {"store": self.reader.identity(), "batch_size": self.batch_size, "seed": self.seed}
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -75,6 +84,10 @@ class TensorSource:
         self.rank, self.world = rank_and_world()
         self.per_rank = len(images) // self.world  # equal shares: every rank takes the same number of steps
 
+    def identity(self) -> dict:
+        """The data by name and size, and how it is batched."""
+        return {"data": self.name, "images": len(self.images), "batch_size": self.batch_size, "seed": self.seed}
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -88,3 +101,20 @@ class TensorSource:
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             yield self.images[idx], None, self.labels[idx]
+
+
+def check_targets(reader: store.StoreReader) -> None:
+    """Refuse a store whose logits are not finite or whose labels are out of range, naming the units: training
+    on them gives NaN students or wrong targets. Reads logits and labels only (no images)."""
+    k, nonfinite, out_of_range = reader.meta.num_classes, [], []
+    for u in reader.done_units():
+        logits, labels = reader.backend.read_targets(u)
+        if not np.isfinite(logits).all():
+            nonfinite.append(u)
+        if len(labels) and (labels.min() < -1 or labels.max() >= k):
+            out_of_range.append(u)
+    for units, what in ((nonfinite, "NaN or inf logits"), (out_of_range, f"labels outside [-1, {k})")):
+        if units:
+            shown = ", ".join(map(str, units[:8])) + (", ..." if len(units) > 8 else "")
+            raise store.StoreError(f"{reader.path}: unit(s) {shown} hold {what}; `dfkd store verify {reader.path}` lists "
+                                   "them: re-make the store with its synthesis (--overwrite) before distilling")

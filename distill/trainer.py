@@ -20,11 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from store import fs
 from store.errors import DfkdError
+from store.identity import check_same_run, plain, weights_fingerprint
 from store.runtime import amp_dtype, rank_and_world
 
 from .augment import augment, normalize
-from .checkpoint import ModelSpec, atomic_save, read_checkpoint, save_model
+from .checkpoint import ModelSpec, read_checkpoint, save_model
 from .evaluate import accuracy
 from .losses import Objective
 from .sources import Source
@@ -162,30 +164,31 @@ class Trainer:
         return None if self.cfg.out_dir is None else os.path.join(self.cfg.out_dir, "run.pt")
 
     def _identity(self) -> dict[str, Any]:
-        return {"source": self.source.name, "students": [s.name for s in self.students], "epochs": self.cfg.epochs,
-                "seed": self.cfg.seed, "augment": self.cfg.augment}
+        """Everything the weights of an uninterrupted run depend on (checked by store.identity on resume)."""
+        c = self.cfg
+        return plain({"source": self.source.identity(), "students": [asdict(s.student) for s in self.students],
+                      "epochs": c.epochs, "seed": c.seed, "augment": c.augment, "objective": asdict(c.objective),
+                      "compute": {"device": self.device.type, "amp": str(self.amp), "world_size": self.world},
+                      "teacher": None if self.teacher is None else weights_fingerprint(self.teacher.state_dict())})
 
     def _save(self, epoch: int) -> None:
         if self.cfg.out_dir is None or self.rank != 0:  # one writer: every rank holds the same weights
             return
         for s in self.students:
             save_model(os.path.join(self.cfg.out_dir, f"{s.name}.pt"), s.model, s.spec, {"history": s.history})
-        atomic_save({"identity": self._identity(), "epoch": epoch, "batches_read": self.batches_read,
+        fs.save_torch({"identity": self._identity(), "epoch": epoch, "batches_read": self.batches_read,
                      "students": [{"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
                                    "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
                                    "history": s.history}
                                   for s in self.students]}, self._run_file())
-        with open(os.path.join(self.cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump(self.metrics(), f, indent=1)
+        fs.write_text_atomic(os.path.join(self.cfg.out_dir, "metrics.json"), json.dumps(self.metrics(), indent=1))
 
     def _resume(self) -> None:
         path = self._run_file()
         if path is None or not os.path.exists(path):
             return  # nothing to resume: start from scratch
         state = read_checkpoint(path, "run checkpoint")
-        if state.get("identity") != self._identity():
-            raise TrainError(f"cannot resume {path}: it was started with other settings ({state.get('identity')}); "
-                             "use the original settings, or another --out")
+        check_same_run(state.get("identity"), self._identity(), path, "use the original settings, or another --out")
         for s, st in zip(self.students, state["students"]):
             s.model.load_state_dict(st["model"])
             s.optimizer.load_state_dict(st["optimizer"])
@@ -249,6 +252,10 @@ class Trainer:
             evaluate = self.eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
             for s in self.students:
                 loss_sum, agree, seen = _reduce_sums(sums[s.name], self.world, self.device)
+                if not math.isfinite(loss_sum):  # every rank sees the same sum: all stop, nothing is saved
+                    raise TrainError(f"student {s.name}'s loss became {loss_sum} in epoch {epoch + 1}; its weights are "
+                                     "no longer finite and were not saved: lower --lr, or check the store with "
+                                     "`dfkd store verify`")
                 row = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_agreement": agree / max(1, seen),
                        "seconds": round(seconds, 3)}
                 if evaluate and self.rank == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from typing import Any
@@ -22,14 +23,29 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an ordinary fault of the file system: which path, what happened, what to do."""
+    where = exc.filename or "a file"
+    reason = exc.strerror or str(exc)
+    fix = {errno.ENOSPC: "free some space or write elsewhere, then rerun (add --resume where the command has it)",
+           errno.EDQUOT: "free some space or write elsewhere, then rerun (add --resume where the command has it)",
+           errno.EACCES: "choose a folder you can write to, or fix its permissions",
+           errno.EPERM: "choose a folder you can write to, or fix its permissions",
+           errno.EROFS: "the file system is read-only; write to another folder",
+           errno.ENOENT: "check the path"}.get(exc.errno or 0, "check the path and the disk")
+    return f"{where}: {reason}; {fix}"
+
+
 class DfkdGroup(click.Group):
-    """A click group that turns every DfkdError into one clear line."""
+    """A click group that turns every DfkdError, and ordinary file-system faults, into one clear line."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except DfkdError as exc:
             raise UserError(str(exc)) from None
+        except OSError as exc:
+            raise UserError(os_error_line(exc)) from None
 
 
 @click.group(cls=DfkdGroup, context_settings={"help_option_names": ["-h", "--help"]})

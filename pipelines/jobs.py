@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import store
+from store import fs
 from distill.augment import normalize
 from distill.checkpoint import ModelSpec, load_model, save_model
 from distill.losses import Objective
@@ -115,13 +116,18 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
     cfg = SynthConfig(num_images=job.num_images, out=job.out, batch_size=job.batch_size, seed=job.seed,
                       resume=job.resume, overwrite=job.overwrite, device=job.device, progress=job.progress,
                       amp=job.amp, compile=job.compile)
+    prefix = artifact_prefix(job.out)
+
+    def save_student(wrote: bool) -> None:  # with the generator it was trained beside, before the fill
+        if wrote or not fs.exists(f"{prefix}.student.pt"):
+            save_model(f"{prefix}.student.pt", stu, stu_spec, {"trained_by": job.method, "store": job.out})
+
     writer = synthesize(model, job.method, cfg, image_shape=spec.image_shape, num_classes=spec.num_classes,
                         mean=spec.mean, std=spec.std, hparams=job.hparams, record=rec, student=stu,
-                        teacher_spec={"path": os.path.abspath(teacher_path), "arch": spec.arch})
+                        teacher_spec={"path": os.path.abspath(teacher_path), "arch": spec.arch},
+                        on_trained=save_student if generative and not job.hparams.get("generator") else None)
     out = {"store": job.out, "units": writer.meta.num_units}
     if generative and not job.hparams.get("generator") and rank_and_world()[0] == 0:
-        prefix = artifact_prefix(job.out)
-        save_model(f"{prefix}.student.pt", stu, stu_spec, {"trained_by": job.method, "store": job.out})
         out.update(generator=f"{prefix}.generator.pt", student=f"{prefix}.student.pt", student_arch=stu_spec.arch)
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -3,10 +3,12 @@ against synthesis time (drawn with Pillow, which torchvision already brings)."""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Callable
 
 from distill.checkpoint import load_model
+from store import fs
 
 
 def _pct(x: float | None) -> str:
@@ -97,8 +99,9 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
         c = palette[i % len(palette)]
         d.ellipse([X(s) - 4, Y(a) - 4, X(s) + 4, Y(a) + 4], fill=c)
         d.text((X(s) + 6, Y(a) - 6 + 10 * (i % 2)), label, fill=c)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    fs.write_atomic(path, buf.getvalue())
 
 
 def write_report(runner: Any, echo: Callable[[str], None]) -> dict[str, Any]:
@@ -106,8 +109,7 @@ def write_report(runner: Any, echo: Callable[[str], None]) -> dict[str, Any]:
     teachers, rows = rows_of(runner)
     text = markdown(runner, teachers, rows)
     md, png = runner.path("report.md"), runner.path("report.png")
-    with open(md, "w") as f:
-        f.write(text)
+    fs.write_text_atomic(md, text)
     plot(rows, png, f"{runner.p.run.name}: student top-1 vs synthesis time")
     echo("")
     echo(text)

@@ -15,9 +15,10 @@ from typing import Any, Callable
 import torch
 
 import store
+from store import fs
 from distill.checkpoint import load_model
 from distill.evaluate import accuracy
-from synth.methods import config_identity, method_config
+from synth.methods import method_config
 
 from .data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
@@ -105,12 +106,7 @@ class Runner:
             return {}
 
     def _write_state(self, key: str, state: dict[str, Any]) -> None:
-        path = self._state_file(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=1, default=str)
-        os.replace(tmp, path)
+        fs.write_text_atomic(self._state_file(key), json.dumps(state, indent=1, default=str))
 
     # -- the plan ----------------------------------------------------------------------------------
     def _plan(self) -> list[Stage]:
@@ -134,7 +130,7 @@ class Runner:
                 deps.append(f"distill:{d}/{rest.rpartition('/')[0]}")
             conf = {**dataclasses.asdict(s), "seed": p.run.seed if s.seed < 0 else s.seed,  # resolved defaults too:
                     "method_config": None if s.method == "real" else  # a new library default re-runs the store
-                    config_identity(method_config(s.method, s.params))}
+                    dataclasses.asdict(method_config(s.method, s.params))}
             stages.append(Stage(f"synth:{s.name}", deps, conf, self._synth_runner(s),
                                 (lambda n=s.name: [self.store_path(n)]), teacher=tname))
         for d in p.distill:

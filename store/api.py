@@ -8,6 +8,7 @@ from typing import Any
 from . import fs
 from .backends import backend_for_existing, backend_for_new
 from .errors import StoreError
+from .identity import check_same_run
 from .reader import StoreReader
 from .schema import StoreMeta
 from .writer import StoreWriter
@@ -37,28 +38,40 @@ def _is_store(path: str) -> bool:
         return False
 
 
+def check_target(path: str, overwrite: bool) -> bool:
+    """Whether a new store may go to `path`: False when nothing is there, True when a dfkd store is there and
+    `overwrite` allows replacing it; anything else (a file, a foreign folder, a store without overwrite) is
+    refused with one line, before anything is written."""
+    if not fs.exists(path):
+        return False
+    if not fs.isdir(path):
+        raise StoreError(f"{path} exists and is a file; choose another path for the store")
+    if not fs.listdir(path):
+        return False
+    if not _is_store(path):
+        raise StoreError(f"{path} exists and is not a dfkd store; refusing to overwrite it, choose another path")
+    if not overwrite:
+        raise StoreError(f"a store already exists at {path}; pass --resume to finish it or --overwrite to replace it")
+    return True
+
+
 def create(path: str | os.PathLike, meta: StoreMeta, *, backend: str | None = None, overwrite: bool = False,
            **options: Any) -> StoreWriter:
     """Create a store at its final size, every unit pending; never clobbers data that is not a dfkd store."""
     path = os.fspath(path)
     cls = backend_for_new(path, backend)
-    if fs.exists(path):
-        if not fs.isdir(path):
-            raise StoreError(f"{path} exists and is a file; choose another path for the store")
-        if fs.listdir(path):
-            if not _is_store(path):
-                raise StoreError(f"{path} exists and is not a dfkd store; refusing to overwrite it, choose another path")
-            if not overwrite:
-                raise StoreError(f"a store already exists at {path}; pass --resume to finish it "
-                                 "or --overwrite to replace it")
-            fs.rmtree(path)
+    if check_target(path, overwrite):
+        fs.rmtree(path)
     return StoreWriter(cls.create(path, meta, **options))
 
 
 def plan_key(meta: StoreMeta) -> dict[str, Any]:
-    """What must match for a resume to continue the same run: everything but volatile provenance."""
+    """What must match for a resume to continue the same run: everything but volatile provenance (when it was
+    made, and where the teacher file lay: the teacher is identified by its weights' fingerprint)."""
     d = meta.to_json()
     d["provenance"] = {k: v for k, v in meta.provenance.items() if k not in VOLATILE_KEYS}
+    if isinstance(d["provenance"].get("teacher"), dict):
+        d["provenance"]["teacher"] = {k: v for k, v in d["provenance"]["teacher"].items() if k != "path"}
     return d
 
 
@@ -68,11 +81,9 @@ def create_or_resume(path: str | os.PathLike, meta: StoreMeta, *, resume: bool =
     path = os.fspath(path)
     if resume and fs.exists(path) and not overwrite:
         writer = open_writer(path)
-        old, new = plan_key(writer.meta), plan_key(meta)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise StoreError(f"cannot resume {path}: it was made with different settings ({', '.join(diff)}); "
-                             "rerun with the original settings, or pass --overwrite to start again")
+        check_same_run(plan_key(writer.meta), plan_key(meta), path,
+                       "rerun with the original settings, or pass --overwrite to start again")
         writer.backend.clear_partials()
+        writer.reopened = writer.reopen_damaged()
         return writer
     return create(path, meta, backend=backend, overwrite=overwrite, **options)

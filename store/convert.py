@@ -1,12 +1,20 @@
-"""Copy a store into another backend (or unit size) with identical content and provenance."""
+"""Copy a store into another backend (or unit size) with identical content and provenance.
+
+The copy is written to a hidden sibling of the destination and renamed into place only when complete,
+so a failed or interrupted convert leaves an existing destination exactly as it was, and a source is
+never its own destination.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
-from .api import create
+from . import fs
+from .api import check_target, create
 from .api import open as open_store
+from .backends import backend_for_new
 from .errors import StoreError
 from .progress import progress
 from .writer import StoreWriter
@@ -15,6 +23,9 @@ from .writer import StoreWriter
 def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | None = None,
             overwrite: bool = False, **options: Any) -> StoreWriter:
     """Write every sample of `src` into a new store at `dst`; the destination backend comes from its path."""
+    if fs.same_location(src, dst):
+        raise StoreError(f"{dst} is the source store itself; converting in place would destroy it, "
+                         "give another destination")
     reader = open_store(src)
     meta = reader.meta
     if unit_size is not None and unit_size != meta.unit_size:
@@ -22,11 +33,44 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
             raise StoreError(f"{src} is unfinished; changing the unit size needs a complete store "
                              "(finish it with --resume, or convert with the same unit size)")
         meta = dataclasses.replace(meta, unit_size=unit_size)
-    writer = create(dst, meta, backend=backend, overwrite=overwrite, **options)
-    same_units = meta.unit_size == reader.meta.unit_size
-    units = reader.done_units() if same_units else range(meta.num_units)
-    for u in progress(units, desc=f"converting to {writer.backend.name}"):
-        rec = reader.read_unit(u) if same_units else reader.read(*meta.unit_range(u))
-        writer.write_unit(u, rec.images, rec.logits, rec.labels)
-    writer.finalize()
-    return writer
+    replace = check_target(dst, overwrite)  # refused now, before any work, if dst may not be replaced
+    backend = backend or backend_for_new(dst, None).name
+    tmp = fs.sibling(dst, "converting")
+    if fs.exists(tmp):  # the leftover of a killed convert to this same destination
+        fs.rmtree(tmp)
+    try:
+        writer = create(tmp, meta, backend=backend, **options)
+        same_units = meta.unit_size == reader.meta.unit_size
+        units = reader.done_units() if same_units else range(meta.num_units)
+        for u in progress(units, desc=f"converting to {writer.backend.name}"):
+            rec = reader.read_unit(u) if same_units else reader.read(*meta.unit_range(u))
+            writer.write_unit(u, rec.images, rec.logits, rec.labels)
+        writer.finalize()
+        _publish(tmp, dst, replace)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rmtree(tmp)
+        raise
+    from .api import open_writer
+
+    return open_writer(dst)
+
+
+def _publish(tmp: str, dst: str, replace: bool) -> None:
+    """Move the finished copy to `dst`; an old store there is moved aside first and removed only after."""
+    old = fs.sibling(dst, "replaced")
+    if replace:
+        if fs.exists(old):
+            fs.rmtree(old)
+        fs.rename(dst, old)
+    elif fs.exists(dst):  # an empty folder
+        fs.rmtree(dst)
+    try:
+        fs.rename(tmp, dst)
+    except BaseException:
+        if replace:
+            fs.rename(old, dst)
+        raise
+    if replace:
+        fs.rmtree(old)

@@ -4,6 +4,7 @@ usual environment variables of each file system, e.g. AWS_ACCESS_KEY_ID / AWS_EN
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any
@@ -80,18 +81,77 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Publish `data` at `path` whole or not at all: a synced temporary renamed into place locally; one PUT
-    on an object store (an object appears complete or not at all), so no temporary is left behind there."""
+    """Publish `data` at `path` whole or not at all: a synced temporary (unique to this process) renamed into
+    place locally, removed again if anything fails; one PUT on an object store (an object appears complete
+    or not at all). The parent folder is created when missing. Every artifact dfkd writes goes through here."""
     if not is_url(path):
-        tmp = path + ".partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.partial-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         return
     fs, p = _fs(path)
     fs.pipe_file(p, data)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """write_atomic for text (UTF-8): JSON metrics, reports, stage state."""
+    write_atomic(path, text.encode("utf-8"))
+
+
+def save_torch(obj: Any, path: str) -> None:
+    """torch.save into memory, then write_atomic: a full disk never leaves a torn checkpoint (nor torch's
+    cryptic zip-writer error), and the same call serves local paths and fsspec URLs."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def load_torch(path: str, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) of a local path or fsspec URL: tensors and plain values only, never code."""
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(read_bytes(path)), map_location=map_location, weights_only=True)
+
+
+def rename(src: str, dst: str) -> None:
+    """Move a file or folder to a new name on the same file system (dst must not exist)."""
+    if not is_url(src):
+        os.rename(src, dst)
+        return
+    fs, p = _fs(src)
+    fs.mv(p, _fs(dst)[1], recursive=True)
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two paths/URLs name the same place (symlinks and relative parts resolved for local paths)."""
+    if is_url(a) != is_url(b):
+        return False
+    if not is_url(a):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def sibling(path: str, tag: str) -> str:
+    """A hidden name beside `path` that keeps its suffix (so backends still recognize it): dir/.name.TAG.zarr"""
+    head, sep, name = path.rstrip("/").rpartition("/" if is_url(path) else os.sep)
+    stem, ext = os.path.splitext(name)
+    return f"{head}{sep}.{stem}.{tag}{ext}"
 
 
 def remove(path: str) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import fs
 from .api import open as open_store
 from .errors import StoreError
 
@@ -45,5 +48,7 @@ def preview(path: str, out: str, per_class: int = 8, min_cell: int = 32) -> tupl
         for j, img in enumerate(imgs):
             tile = Image.fromarray(_to_rgb(img)).resize((cw, ch), Image.NEAREST)
             canvas.paste(tile, (margin + j * (cw + gap), y))
-    canvas.save(out)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    fs.write_atomic(out, buf.getvalue())
     return m.num_classes, per_class

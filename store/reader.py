@@ -105,6 +105,16 @@ class StoreReader:
                 pos += k
         return out
 
+    def identity(self) -> dict[str, Any]:
+        """What a run trained on this store depends on: its plan, which units are done and their checksums
+        (not its path: a moved store is the same store; a store that grew is not)."""
+        from .api import plan_key
+        from .identity import digest
+
+        done = self.done_mask(refresh=True)
+        return {"plan": digest(plan_key(self.meta)), "units_done": int(done.sum()),
+                "content": digest({"done": done.tolist(), "checksums": self.backend.checksum_table()})}
+
     def options(self) -> dict[str, Any]:
         """Backend layout options (compressor, image format...)."""
         return self.backend.options()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -109,6 +110,20 @@ class Records:
     def take(self, index: np.ndarray | slice) -> "Records":
         """Select samples by position."""
         return Records(self.images[index], self.logits[index], self.labels[index])
+
+
+def checksums(rec: Records) -> np.ndarray:
+    """CRC-32 of a unit's images, logits and labels bytes (uint32 ×3), kept with its done flag: a chunk
+    lost or changed after the write no longer matches. Separate sums let a reader check targets alone."""
+    return np.array([zlib.crc32(np.ascontiguousarray(a)) for a in (rec.images, rec.logits, rec.labels)],
+                    dtype=np.uint32)
+
+
+def mismatch_error(path: str, meta: StoreMeta, unit: int, parts: list[str]) -> StoreError:
+    """The one line for a unit whose bytes no longer match the checksums written with its done flag."""
+    lo, hi = meta.unit_range(unit)
+    return StoreError(f"{path}: unit {unit} (samples {lo}..{hi - 1}) does not match its checksum ({', '.join(parts)} "
+                      "missing or damaged); rerun the synthesis with --resume, which re-makes exactly the damaged units")
 
 
 def check_records(meta: StoreMeta, rec: Records, n: int, what: str) -> Records:

@@ -17,6 +17,7 @@ class StoreWriter:
         if not backend.writable:
             raise StoreError(f"{backend.path} was opened read-only; open it with store.open_writer to write")
         self.backend = backend
+        self.reopened: list[int] = []  # units a resume found damaged and will write again
 
     @property
     def meta(self) -> StoreMeta:
@@ -59,6 +60,23 @@ class StoreWriter:
         lo, hi = self.unit_range(unit)
         rec = check_records(self.meta, Records(images, logits, labels), hi - lo, f"unit {unit} of {self.path}")
         self.backend.write_unit(unit, rec)
+
+    def damaged_units(self) -> list[int]:
+        """Done units whose data cannot be read back as written (a lost or changed chunk, a torn shard)."""
+        bad = []
+        for u in np.flatnonzero(self.done_mask()).tolist():
+            try:
+                self.backend.read_unit(u)
+            except StoreError:
+                bad.append(u)
+        return bad
+
+    def reopen_damaged(self) -> list[int]:
+        """Mark damaged done units pending again so this run re-makes exactly them (their seeds decide them)."""
+        bad = self.damaged_units()
+        for u in bad:
+            self.backend.mark_pending(u)
+        return bad
 
     def finalize(self) -> None:
         """Finish the run: consolidate metadata (once, after the last unit of every writer)."""

@@ -11,7 +11,7 @@ import datetime
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,9 +82,13 @@ def teacher_logits(teacher: nn.Module, images_u8: torch.Tensor, ctx: SynthContex
 
 def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape: tuple[int, int, int],
                num_classes: int, mean: tuple[float, ...], std: tuple[float, ...], hparams: dict[str, Any] | None = None,
-               record: Any = None, student: nn.Module | None = None, teacher_spec: dict[str, Any] | None = None
-               ) -> store.StoreWriter:
-    """Fill (or finish) the store at cfg.out with `method`'s images of `teacher`; returns the writer."""
+               record: Any = None, student: nn.Module | None = None, teacher_spec: dict[str, Any] | None = None,
+               on_trained: Callable[[bool], None] | None = None) -> store.StoreWriter:
+    """Fill (or finish) the store at cfg.out with `method`'s images of `teacher`; returns the writer.
+
+    `on_trained(wrote)` runs on rank 0 after a generator method's training, before the fill: `wrote` says
+    whether this run (re)wrote the generator, so the caller saves the proxy student with it, never after.
+    """
     config = method_config(method, hparams)  # validates names and types before anything is written
     device = torch.device(cfg.device)
     amp = amp_dtype(cfg.amp, device)
@@ -95,6 +99,7 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     provenance = {"method": method, "hparams": asdict(config), "teacher_fingerprint": fp,
                   "teacher": teacher_spec or {}, "record": None if record is None else
                   {"layers": record.layers, "num_images": record.num_images, "data": record.data},
+                  "compute": {"device": device.type, "amp": None if amp is None else str(amp).replace("torch.", "")},
                   "dfkd_version": VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     meta = store.StoreMeta(num_samples=cfg.num_images, image_shape=tuple(image_shape), num_classes=num_classes,
                            unit_size=cfg.batch_size, logits_dtype=cfg.logits_dtype, base_seed=cfg.seed,
@@ -116,7 +121,9 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
             pending = writer.pending_units(rank, world, done=snapshot)
             if hasattr(m, "prepare") and not snapshot.all():  # generator methods train before they sample
                 if rank == 0:  # one generator for the whole store: rank 0 trains it, the others load it
-                    m.prepare(artifact_prefix(cfg.out), resume=cfg.resume, seed=cfg.seed, show=show)
+                    wrote = m.prepare(artifact_prefix(cfg.out), resume=cfg.resume, seed=cfg.seed, show=show)
+                    if on_trained is not None:
+                        on_trained(wrote)
                 _barrier(world)
                 if rank != 0:
                     m.load_trained(artifact_prefix(cfg.out))
@@ -162,7 +169,7 @@ def _open_store(cfg: SynthConfig, meta: store.StoreMeta, rank: int, world: int) 
             writer = store.create_or_resume(cfg.out, meta, resume=cfg.resume, overwrite=cfg.overwrite,
                                             backend=cfg.backend)
             payload = writer.done_mask().copy()
-        except store.StoreError as e:
+        except store.DfkdError as e:
             payload = str(e)
     if world > 1:
         import torch.distributed as dist

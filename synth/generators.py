@@ -10,13 +10,13 @@ teacher's on the stored images either way.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from store import fs
 from store.errors import DfkdError
 
 FORMAT = "dfkd-generator"
@@ -103,19 +103,16 @@ def save_generator(path: str, model: nn.Module, spec: GeneratorSpec, extra: dict
     `snapshots` are state dicts of the same generator taken along its training; the store is then filled
     from all of them (see GenerativeConfig.snapshots).
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"format": FORMAT, "spec": {**asdict(spec), "image_shape": list(spec.image_shape)},
-                "state_dict": model.state_dict(), "extra": extra or {}, "snapshots": list(snapshots or [])}, tmp)
-    os.replace(tmp, path)
+    fs.save_torch({"format": FORMAT, "spec": {**asdict(spec), "image_shape": list(spec.image_shape)},
+                "state_dict": model.state_dict(), "extra": extra or {}, "snapshots": list(snapshots or [])}, path)
 
 
 def _read(path: str) -> dict[str, Any]:
     """The file's contents, with one clear line for a missing, unreadable or foreign file."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise GeneratorError(f"generator file {path} does not exist; train one with dfkd synth --method adversarial|dafl")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = fs.load_torch(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise GeneratorError(f"{path} is not a readable generator file ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:

@@ -45,7 +45,9 @@ class Record:
 
     def save(self, path: str) -> int:
         """Write the safetensors file atomically; returns its size in bytes."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from store import fs
 
         tensors = {}
         for layer in self.layers:
@@ -56,10 +58,9 @@ class Record:
                 tensors[f"{layer}/class_amplitude"] = self.class_amplitude[layer].contiguous()
         meta = {"format": FORMAT, "version": "1", "teacher_fingerprint": self.teacher_fingerprint,
                 "layers": json.dumps(self.layers), "num_images": str(self.num_images), "data": self.data}
-        tmp = path + ".partial"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-        return os.path.getsize(path)
+        data = save(tensors, metadata=meta)
+        fs.write_atomic(path, data)
+        return len(data)
 
     @classmethod
     def load(cls, path: str) -> "Record":

@@ -64,3 +64,20 @@ def slow_run(path: str, backend: str, delay: float) -> None:
 
 if __name__ == "__main__":
     slow_run(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+
+
+def tree_bytes(root) -> dict[str, bytes]:
+    """Every file under `root` (or the file itself) with its bytes: to assert nothing was changed."""
+    import os
+
+    root = str(root)
+    if os.path.isfile(root):
+        with open(root, "rb") as f:
+            return {root: f.read()}
+    out = {}
+    for d, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(d, name)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out

@@ -56,6 +56,7 @@ def test_verify_flags_nan_logits_and_bad_labels(tmp_path):
     assert res.exit_code == 1
     assert "unit 1 (samples 16..31): 1 samples have NaN or inf logits" in res.output
     assert "unit 2 (samples 32..47): labels outside [-1, 10)" in res.output
+    assert "unit 1 (samples 16..31) does not match its checksum (logits missing or damaged)" in res.output
 
 
 def test_verify_flags_corrupt_chunk(tmp_path):

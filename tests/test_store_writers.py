@@ -1,5 +1,6 @@
 """Concurrent writers lose nothing; a killed writer resumes to the exact uninterrupted store."""
 
+import dataclasses
 import multiprocessing as mp
 import os
 import signal
@@ -9,6 +10,8 @@ import time
 
 import numpy as np
 import pytest
+
+from store.identity import ResumeError
 
 import store
 from tests.helpers import expected, fill, small_meta, write_share
@@ -84,8 +87,12 @@ def test_torn_unit_is_rewritten_on_resume(tmp_path):
 def test_resume_with_other_settings_is_refused(tmp_path):
     path = str(tmp_path / "s.zarr")
     store.create(path, small_meta(base_seed=1))
-    with pytest.raises(store.StoreError, match="different settings.*base_seed"):
+    with pytest.raises(ResumeError, match="base_seed was 1, now 2"):
         store.create_or_resume(path, small_meta(base_seed=2), resume=True)
+    with pytest.raises(ResumeError, match=r'provenance.hparams.lr was 0.25, now 0.5'):
+        meta = small_meta(base_seed=1)
+        store.create_or_resume(path, dataclasses.replace(meta, provenance={**meta.provenance, "hparams": {"lr": 0.5}}),
+                               resume=True)
 
 
 def test_resume_ignores_creation_time(tmp_path):

@@ -331,14 +331,6 @@ def test_random_resized_crop_zooms_into_the_batch_and_is_seeded():
     assert (row[1:] >= row[:-1]).all() and row[-1] - row[0] < 7  # still a ramp, zoomed in: a narrower range
 
 
-def test_an_inert_option_at_its_default_stays_out_of_fingerprints():
-    from synth.methods import config_identity, method_config
-
-    assert "per_class" not in config_identity(method_config("spectral"))
-    assert config_identity(method_config("spectral", {"per_class": True}))["per_class"] is True
-    assert config_identity(method_config("stat"))["first_multiplier"] == 10.0  # other defaults stay in
-
-
 def _plain_stat_loss(teacher, x):
     """The BN-statistics loss (first layer x10) by plain autograd on hooked BN inputs: the reference."""
     mods, paths = dict(teacher.named_modules()), bn_layers(teacher)

@@ -86,8 +86,9 @@ class Backend(ABC):
         """One bool per write unit: True once the unit is completely written."""
 
     @abstractmethod
-    def read_unit(self, unit: int) -> Records:
-        """All records of one unit, read as one whole chunk (or shard)."""
+    def read_unit(self, unit: int, check: bool = True) -> Records:
+        """All records of one unit, read as one whole chunk (or shard); refused when they do not match the
+        checksums written with the unit's done flag, unless `check` is False (verify's content checks)."""
 
     def read_targets(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
         """(logits, labels) of one unit; backends that can skip the images do."""
@@ -97,6 +98,14 @@ class Backend(ABC):
     @abstractmethod
     def write_unit(self, unit: int, records: Records) -> None:
         """Write one whole unit, then mark it done; a crash before the mark leaves it pending."""
+
+    def checksum_table(self) -> list[list[int]] | None:
+        """Every unit's checksums as kept with its done flag (None where the backend keeps none)."""
+        return None
+
+    def mark_pending(self, unit: int) -> None:
+        """Take back a unit's done mark (its data were found damaged), so a resume writes it again."""
+        raise NotImplementedError
 
     def finalize(self) -> None:
         """Called once after the last unit: consolidate metadata where the backend has any."""

@@ -142,7 +142,7 @@ class WebDatasetBackend(Backend):
             ]
         fs.write_atomic(fs.join(self.path, shard_name(unit)), tar.pack(entries))  # its appearance marks the unit done
 
-    def read_unit(self, unit: int) -> Records:
+    def read_unit(self, unit: int, check: bool = True) -> Records:
         lo, hi = self.meta.unit_range(unit)
         where = fs.join(self.path, shard_name(unit))
         try:
@@ -190,6 +190,9 @@ class WebDatasetBackend(Backend):
             raise StoreError(f"{where}: {missing} of {n} samples lack an image, logits or label; "
                              "the shard is corrupt, delete it and finish the store with --resume")
         return Records(images, logits, labels)
+
+    def mark_pending(self, unit: int) -> None:
+        fs.remove(fs.join(self.path, shard_name(unit)))  # the shard's presence is its done mark
 
     def options(self) -> dict[str, Any]:
         return {"image_format": self.image_format}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+import zlib
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ from zarr.codecs import BloscCodec
 
 from .. import fs
 from ..errors import StoreError
-from ..schema import Records, StoreMeta
+from ..schema import Records, StoreMeta, checksums, mismatch_error
 from .base import Backend, register_backend
 
 ATTR_KEY = "dfkd"
@@ -42,6 +43,9 @@ class ZarrBackend(Backend):
         self.logits = group["logits"]
         self.labels = group["labels"]
         self.done = group["done"]
+        # CRC-32 of each unit's images/logits/labels, written just before its done flag (absent in stores
+        # written before dfkd kept them: those cannot tell a lost chunk from one of fill values)
+        self.checksums = group["checksums"] if "checksums" in group else None
 
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -71,6 +75,8 @@ class ZarrBackend(Backend):
         array("images", (n, c, h, w), "uint8", 0)
         array("logits", (n, k), meta.logits_dtype, 0.0)
         array("labels", (n,), "int64", -1)
+        group.create_array("checksums", shape=(meta.num_units, 3), dtype="uint32", chunks=(1, 3), compressors=None,
+                           fill_value=0)
         # One uncompressed 1-byte chunk per unit: its appearance is the unit's completion mark.
         group.create_array("done", shape=(meta.num_units,), dtype="bool", chunks=(1,), compressors=None,
                            fill_value=False)
@@ -126,18 +132,35 @@ class ZarrBackend(Backend):
         except (ImportError, AttributeError):  # zarr's internals moved: the public, sequential way
             return [a[lo:hi] for a in arrays]
 
-    def read_unit(self, unit: int) -> Records:
+    def _read_checked(self, unit: int, arrays: tuple[zarr.Array, ...], which: tuple[int, ...],
+                      check: bool = True) -> list[np.ndarray]:
+        """One unit's blocks of `arrays`, refused when they do not match the checksums written with its flag."""
         lo, hi = self.meta.unit_range(unit)
         try:
-            return Records(*self._read_together(lo, hi, (self.images, self.logits, self.labels)))
+            parts = self._read_together(lo, hi, arrays)
+            expected = None if self.checksums is None else np.asarray(self.checksums[unit])
         except Exception as exc:
-            raise StoreError(f"{self.path}: unit {unit} cannot be decoded ({type(exc).__name__}: {exc}); "
-                             "the store is corrupt, re-write the unit with --resume after clearing it") from None
+            raise StoreError(f"{self.path}: unit {unit} cannot be decoded ({type(exc).__name__}: {exc}); the chunk "
+                             "is damaged, rerun the synthesis with --resume to re-make it") from None
+        if check and expected is not None:
+            names = ("images", "logits", "labels")
+            bad = [names[i] for i, a in zip(which, parts) if zlib.crc32(np.ascontiguousarray(a)) != int(expected[i])]
+            if bad:
+                raise mismatch_error(self.path, self.meta, unit, bad)
+        return parts
+
+    def read_unit(self, unit: int, check: bool = True) -> Records:
+        return Records(*self._read_checked(unit, (self.images, self.logits, self.labels), (0, 1, 2), check))
 
     def read_targets(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = self.meta.unit_range(unit)
-        logits, labels = self._read_together(lo, hi, (self.logits, self.labels))
+        logits, labels = self._read_checked(unit, (self.logits, self.labels), (1, 2))
         return logits, labels
+
+    def checksum_table(self) -> list[list[int]] | None:
+        return None if self.checksums is None else np.asarray(self.checksums[:]).tolist()
+
+    def mark_pending(self, unit: int) -> None:
+        self.done[unit] = False
 
     def write_unit(self, unit: int, records: Records) -> None:
         lo, hi = self.meta.unit_range(unit)
@@ -151,7 +174,9 @@ class ZarrBackend(Backend):
         except (ImportError, AttributeError):  # zarr's internals moved: the public, sequential way
             for a, v in pairs:
                 a[lo:hi] = v
-        self.done[unit] = True  # only after every array of the unit is on disk
+        if self.checksums is not None:
+            self.checksums[unit] = checksums(records)
+        self.done[unit] = True  # only after every array of the unit (and its checksums) is on disk
 
     def finalize(self) -> None:
         with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3; we rely on it

@@ -1,8 +1,8 @@
 """Synthesis methods, one file per family, registered by name."""
 
 from . import feature_stats, generative, noise, spectral  # noqa: F401  (each registers its methods)
-from .base import (Method, MethodError, SynthContext, config_identity, create_method, list_methods, method_class,
-                   method_config, register_method)
+from .base import (Method, MethodError, SynthContext, create_method, list_methods, method_class, method_config,
+                   register_method)
 
-__all__ = ["Method", "MethodError", "SynthContext", "config_identity", "create_method", "list_methods", "method_class",
-           "method_config", "register_method"]
+__all__ = ["Method", "MethodError", "SynthContext", "create_method", "list_methods", "method_class", "method_config",
+           "register_method"]

@@ -74,19 +74,6 @@ def layer_list(text: str, default: list[str]) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()] or list(default)
 
 
-INERT_DEFAULT = {"inert_default": True}  # field metadata: at its default the option leaves the method unchanged
-
-
-def config_identity(config: Any) -> dict[str, Any]:
-    """The config as plain data for fingerprints, without options marked INERT_DEFAULT that are at their default.
-
-    A new option that is off by default then keeps every cached store of the method valid; changing any
-    other default still re-makes them. (Options older than this mark stay in fingerprints as they were.)
-    """
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if not (f.metadata.get("inert_default") and getattr(config, f.name) == f.default)}
-
-
 _METHODS: dict[str, type[Method]] = {}
 
 

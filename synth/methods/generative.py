@@ -13,7 +13,7 @@ import copy
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from store import fs
+from store.identity import check_same_run
+
 from ..generators import GeneratorError, GeneratorSpec, load_generator, load_snapshots, save_generator
 from ..hooks import FeatureHooks
-from .base import INERT_DEFAULT, Method, MethodError, SynthContext, config_identity, register_method
+from .base import Method, MethodError, SynthContext, register_method
 from .feature_stats import StatTerms
 
 
@@ -58,7 +61,7 @@ class GenerativeConfig:
     snapshots: int = 1
     # Learning rates of G and the proxy student over the rounds: constant (the published MNIST runs) or cosine
     # to 0. Measured on Fashion-MNIST, cosine cost both proxy students 3 points (G stops moving; BENCHMARKS.md).
-    schedule: str = field(default="constant", metadata=INERT_DEFAULT)
+    schedule: str = "constant"
 
 
 def artifact_prefix(store_path: str) -> str:
@@ -161,7 +164,8 @@ class GenerativeMethod(Method):
 
     def _identity(self) -> dict[str, Any]:
         student = self.ctx.student
-        return {"method": self.name, "config": config_identity(self.config), "teacher": self.ctx.teacher_fingerprint,
+        return {"method": self.name, "config": asdict(self.config), "teacher": self.ctx.teacher_fingerprint,
+                "compute": {"device": self.ctx.device.type, "amp": str(self.ctx.amp)},
                 "student": None if student is None else [list(v.shape) for v in student.state_dict().values()]}
 
     def _state(self, z_gen: torch.Generator) -> dict[str, Any]:
@@ -173,13 +177,12 @@ class GenerativeMethod(Method):
 
     def _load_state(self, path: str, z_gen: torch.Generator) -> None:
         try:
-            st = torch.load(path, map_location=self.ctx.device, weights_only=True)
+            st = fs.load_torch(path, map_location=self.ctx.device)
         except Exception as e:  # noqa: BLE001
             raise MethodError(f"cannot read the training checkpoint {path} ({type(e).__name__}); delete it to "
                               "start the generator training again") from None
-        if st.get("identity") != self._identity():
-            raise MethodError(f"{path} was written by a run with other settings; use the original settings, or "
-                              "--overwrite to start again")
+        check_same_run(st.get("identity"), self._identity(), path, "use the original settings, or --overwrite to "
+                       "start again")
         self.generator_model.load_state_dict(st["generator"])
         self.opt_g.load_state_dict(st["opt_g"])
         if self.ctx.student is not None:
@@ -190,21 +193,24 @@ class GenerativeMethod(Method):
         self.rounds_done = int(st["rounds_done"])
 
     def _save_state(self, path: str, z_gen: torch.Generator) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(self._state(z_gen), tmp)
-        os.replace(tmp, path)
+        fs.save_torch(self._state(z_gen), path)
 
-    def prepare(self, prefix: str, *, resume: bool = False, seed: int = 0, show: bool | None = None) -> None:
-        """Train the generator (continuing a checkpoint when resuming) and save it as `<prefix>.generator.pt`."""
+    def prepare(self, prefix: str, *, resume: bool = False, seed: int = 0, show: bool | None = None) -> bool:
+        """Train the generator (continuing a checkpoint when resuming) and save it as `<prefix>.generator.pt`.
+
+        Returns whether this run wrote the generator: False when a resume found training finished and its
+        file in place (then nothing is rewritten, and the proxy student must not be either).
+        """
         if self.trained:
-            return
+            return False
         c, student = self.config, self.ctx.student
         state_path = f"{prefix}.generator-train.pt"
         snap_rounds = {-(-k * c.rounds // c.snapshots) for k in range(1, c.snapshots)}  # ceil(k R / S), final excluded
         z_gen = torch.Generator().manual_seed(seed)
         self.setup()
-        if resume and os.path.exists(state_path):
+        if resume and fs.exists(state_path):
             self._load_state(state_path, z_gen)
+        rounds_before = self.rounds_done
         show = sys.stderr.isatty() if show is None else show
         trainable = [p for p in (student.parameters() if student is not None else [])]
         flags = [p.requires_grad for p in trainable]
@@ -226,7 +232,7 @@ class GenerativeMethod(Method):
                 if self.rounds_done % c.checkpoint_every == 0 or self.rounds_done == c.rounds:
                     self._save_state(state_path, z_gen)
                     bar.set_postfix({k: f"{float(v):.3g}" for k, v in losses.items()})
-            if not os.path.exists(state_path):  # zero rounds asked: still leave a consistent state
+            if not fs.exists(state_path):  # zero rounds asked: still leave a consistent state
                 self._save_state(state_path, z_gen)
         finally:
             for p, f in zip(trainable, flags):
@@ -234,10 +240,14 @@ class GenerativeMethod(Method):
             if student is not None:
                 student.eval()
             self.close()  # training hooks (the prior, DAFL features, ZSKT attention) leave the teacher before the fill
-        save_generator(f"{prefix}.generator.pt", self.generator_model, self.spec,
+        self.trained = True
+        path = f"{prefix}.generator.pt"
+        if resume and self.rounds_done == rounds_before and fs.exists(path):
+            return False  # finished before this run: the file there is this generator's
+        save_generator(path, self.generator_model, self.spec,
                        {"method": self.name, "teacher_fingerprint": self.ctx.teacher_fingerprint,
                         "rounds": self.rounds_done, "config": asdict(c)}, snapshots=self.snapshot_states)
-        self.trained = True
+        return True
 
     def load_trained(self, prefix: str) -> None:
         """Take the generator another process trained for this store (`<prefix>.generator.pt`)."""

@@ -3,11 +3,11 @@ the spectrum recorded on real data (2-D FFT per channel for maps, 1-D for vector
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..hooks import FeatureHooks
 from ..losses import class_spectral_loss, spectral_loss
-from .base import INERT_DEFAULT, MethodError, SynthContext, layer_list, register_method
+from .base import MethodError, SynthContext, layer_list, register_method
 from .inversion import InversionConfig, InversionMethod
 
 
@@ -23,7 +23,7 @@ class SpectralConfig(InversionConfig):
     first_multiplier: float = 10.0
     layers: str = ""
     # match each target class's spectrum (a record made with `dfkd record --per-class`)
-    per_class: bool = field(default=False, metadata=INERT_DEFAULT)
+    per_class: bool = False
 
 
 @register_method
