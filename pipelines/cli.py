@@ -32,6 +32,8 @@ def os_error_line(exc: OSError) -> str:
            errno.EACCES: "choose a folder you can write to, or fix its permissions",
            errno.EPERM: "choose a folder you can write to, or fix its permissions",
            errno.EROFS: "the file system is read-only; write to another folder",
+           errno.EEXIST: "a file stands where a folder is needed; choose another path",
+           errno.ENOTDIR: "a file stands where a folder is needed; choose another path",
            errno.ENOENT: "check the path"}.get(exc.errno or 0, "check the path and the disk")
     return f"{where}: {reason}; {fix}"
 
@@ -44,6 +46,9 @@ class DfkdGroup(click.Group):
             return super().invoke(ctx)
         except DfkdError as exc:
             raise UserError(str(exc)) from None
+        except click.UsageError as exc:  # one line, not click's usage block: what is wrong and where help is
+            where = exc.ctx.command_path if exc.ctx is not None else "dfkd"
+            raise UserError(f"{exc.format_message()} (see {where} --help)") from None
         except OSError as exc:
             raise UserError(os_error_line(exc)) from None
 
@@ -114,7 +119,7 @@ def store_verify(path: str) -> None:
 @click.argument("dst")
 @click.option("--backend", type=click.Choice(["zarr", "webdataset"]), default=None,
               help="Destination backend (default: from DST's suffix, .zarr or .wds; else zarr).")
-@click.option("--unit-size", type=int, default=None, help="Samples per write unit in DST (default: SRC's).")
+@click.option("--unit-size", type=click.IntRange(min=1), default=None, help="Samples per write unit in DST (default: SRC's).")
 @click.option("--compressor", type=click.Choice(["lz4", "zstd", "none"]), default=None, help="Zarr compressor.")
 @click.option("--image-format", type=click.Choice(["png", "npy"]), default=None, help="WebDataset image encoding.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dfkd store at DST.")
@@ -141,7 +146,7 @@ def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None
 @store_group.command("preview")
 @click.argument("path")
 @click.option("--out", required=True, help="PNG file to write.")
-@click.option("--per-class", type=int, default=8, show_default=True, help="Images per class row.")
+@click.option("--per-class", type=click.IntRange(min=1), default=8, show_default=True, help="Images per class row.")
 def store_preview(path: str, out: str, per_class: int) -> None:
     """Write a per-class image grid of the store at PATH."""
     from store.preview import preview

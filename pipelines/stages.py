@@ -36,10 +36,10 @@ def _pct(x: float | None) -> str:
 @click.option("--model", "arch", required=True, help="Zoo name (e.g. lenet5_bn), torchvision:NAME or package.module:factory.")
 @click.option("--data", required=True, help="digits, fashion-mnist, mnist, cifar10, cifar100, or an ImageFolder path.")
 @click.option("--data-root", default=None, help="Where datasets live (default $DFKD_DATA or ~/.cache/dfkd/data).")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--lr", type=float, default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--augment", type=click.Choice(["auto", "none", "crop", "flip-crop"]), default="auto", show_default=True,
               help="auto: what suits the data (flips for clothes and objects, not for digits).")
@@ -71,20 +71,20 @@ def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], wh
 @click.option("--teacher", default=None, help="Teacher checkpoint: online targets for augmented views, or for --kd-data.")
 @click.option("--eval", "eval_data", default=None, help="Real dataset whose test split scores the students.")
 @click.option("--data-root", default=None, help="Where datasets live (default $DFKD_DATA or ~/.cache/dfkd/data).")
-@click.option("--epochs", type=int, default=20, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Passes over the store. A store of a few thousand synthetic images wants hundreds: on "
                    "Fashion-MNIST a DeepInversion student gave 69.8% at 60 epochs, 77.1% at 300 (BENCHMARKS.md).")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="adam", show_default=True,
               help="adam by default: SGD at lr 0.05 let a BN-free LeNet-5-half collapse under KD (BENCHMARKS.md).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--temperature", type=float, default=4.0, show_default=True, help="KD temperature T (loss x T^2).")
-@click.option("--kd", "kd_weight", type=float, default=1.0, show_default=True, help="Weight of the KL term.")
-@click.option("--ce-teacher", type=float, default=0.0, show_default=True, help="Weight of CE to the teacher's argmax.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True, help="KD temperature T (loss x T^2).")
+@click.option("--kd", "kd_weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Weight of the KL term.")
+@click.option("--ce-teacher", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Weight of CE to the teacher's argmax.")
 @click.option("--augment", type=click.Choice(["none", "crop", "flip-crop"]), default="none", show_default=True,
               help="Label-preserving augmentation; stored logits are reused unless --teacher relabels the views.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers reading the store.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers reading the store.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", show_default=True)
 @click.option("--out", required=True, help="Run folder: a checkpoint per student, run.pt (resume), metrics.json.")
@@ -101,6 +101,9 @@ def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str
     """Train one or more students at once from a store (or, with --kd-data, from real data and a teacher)."""
     if (store_path is None) == (kd_data is None):
         raise click.UsageError("give exactly one of --store (data-free) or --kd-data (classical KD on real data)")
+    if kd_weight == 0 and ce_teacher == 0:
+        raise click.UsageError("--kd and --ce-teacher are both 0: the students would have nothing to learn; keep "
+                               "--kd 1 (the default) or give --ce-teacher a weight")
     for name in students:
         check_model_name(name)  # unknown names fail here, before any data is loaded
     with distributed(device) as rank_device:  # under torchrun: DDP per student, equal batches per rank

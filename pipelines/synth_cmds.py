@@ -32,7 +32,7 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.command("synth")
 @click.option("--teacher", required=True, help="Teacher checkpoint (from dfkd train-teacher or save_model).")
 @click.option("--method", type=click.Choice(list_methods()), required=True, help="Synthesis method.")
-@click.option("--num-images", type=int, required=True, help="Images in the store.")
+@click.option("--num-images", type=click.IntRange(min=1), required=True, help="Images in the store.")
 @click.option("--out", required=True, help="Store path (*.zarr, or *.wds for WebDataset).")
 @click.option("--stats", default=None, help="Record from dfkd record: statistics/spectra of chosen layers (stat, spectral; "
                                          "adversarial/dafl with --set w_stat=W).")
@@ -41,9 +41,9 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
                    "(e.g. lenet5_half) or a checkpoint to start from; it is saved as <store stem>.student.pt.")
 @click.option("--generator", default=None, help="adversarial/dafl: fill the store from this saved generator "
                                                  "(<stem>.generator.pt) instead of training one.")
-@click.option("--rounds", type=int, default=None, help="adversarial/dafl: generator training rounds (the budget).")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch = per write unit.")
-@click.option("--iterations", type=int, default=None, help="Optimization steps per batch (inversion methods).")
+@click.option("--rounds", type=click.IntRange(min=0), default=None, help="adversarial/dafl: generator training rounds (the budget).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch = per write unit.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Optimization steps per batch (inversion methods).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--set", "sets", multiple=True, help="Any method hyper-parameter, KEY=VALUE (e.g. w_bn=1); repeatable.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run (exactly the missing units).")
@@ -84,7 +84,7 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
 @click.option("--data-root", default=None, help="Where datasets live.")
 @click.option("--layers", default=None, help="Comma-separated layer paths (default: every conv/linear but the last).")
 @click.option("--per-class", is_flag=True, help="Also record a mean amplitude spectrum per class.")
-@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--device", default=DEVICE, show_default=True)
 @click.option("--out", required=True, help="Record file (.safetensors).")
 @model_code_option

@@ -60,9 +60,32 @@ def create(path: str | os.PathLike, meta: StoreMeta, *, backend: str | None = No
     """Create a store at its final size, every unit pending; never clobbers data that is not a dfkd store."""
     path = os.fspath(path)
     cls = backend_for_new(path, backend)
-    if check_target(path, overwrite):
-        fs.rmtree(path)
-    return StoreWriter(cls.create(path, meta, **options))
+    replace = check_target(path, overwrite)
+    if fs.is_url(path):  # object stores cannot rename a prefix: the few metadata objects are written in place
+        if replace:
+            fs.rmtree(path)
+        return StoreWriter(cls.create(path, meta, **options))
+    # Laid out beside the target and renamed into place: a kill at any point leaves either nothing at `path`
+    # (or the old store) or a complete empty store, which --resume and --overwrite both accept.
+    tmp = fs.sibling(path, f"creating-{os.getpid()}")
+    try:
+        cls.create(tmp, meta, **options)
+        if replace:
+            fs.rmtree(path)
+        elif fs.exists(path):  # an empty folder
+            fs.rmtree(path)
+        try:
+            fs.rename(tmp, path)
+        except OSError:
+            if fs.exists(path) and _is_store(path):
+                raise StoreError(f"another process created a store at {path} at the same moment; rerun with "
+                                 "--resume to join it, or choose another path") from None
+            raise
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rmtree(tmp)
+        raise
+    return StoreWriter(cls.open(path, writable=True))
 
 
 def plan_key(meta: StoreMeta) -> dict[str, Any]:
@@ -79,7 +102,7 @@ def create_or_resume(path: str | os.PathLike, meta: StoreMeta, *, resume: bool =
                      backend: str | None = None, **options: Any) -> StoreWriter:
     """Start a run, or continue one: a resumed store must have been planned exactly like `meta`."""
     path = os.fspath(path)
-    if resume and fs.exists(path) and not overwrite:
+    if resume and fs.exists(path) and not overwrite and not (fs.isdir(path) and not fs.listdir(path)):
         writer = open_writer(path)
         check_same_run(plan_key(writer.meta), plan_key(meta), path,
                        "rerun with the original settings, or pass --overwrite to start again")

@@ -1,8 +1,8 @@
 """Copy a store into another backend (or unit size) with identical content and provenance.
 
 The copy is written to a hidden sibling of the destination and renamed into place only when complete,
-so a failed or interrupted convert leaves an existing destination exactly as it was, and a source is
-never its own destination.
+so a failed or interrupted convert leaves an existing local destination exactly as it was, and a source
+is never its own destination. (At an object-store URL, which cannot rename, the copy is written in place.)
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
         meta = dataclasses.replace(meta, unit_size=unit_size)
     replace = check_target(dst, overwrite)  # refused now, before any work, if dst may not be replaced
     backend = backend or backend_for_new(dst, None).name
-    tmp = fs.sibling(dst, "converting")
-    if fs.exists(tmp):  # the leftover of a killed convert to this same destination
+    remote = fs.is_url(dst)  # object stores cannot rename: the copy is written in place (after the checks)
+    tmp = dst if remote else fs.sibling(dst, "converting")
+    if remote and replace:
+        fs.rmtree(dst)
+    if not remote and fs.exists(tmp):  # the leftover of a killed convert to this same destination
         fs.rmtree(tmp)
     try:
         writer = create(tmp, meta, backend=backend, **options)
@@ -46,7 +49,8 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
             rec = reader.read_unit(u) if same_units else reader.read(*meta.unit_range(u))
             writer.write_unit(u, rec.images, rec.logits, rec.labels)
         writer.finalize()
-        _publish(tmp, dst, replace)
+        if not remote:
+            _publish(tmp, dst, replace)
     except BaseException:
         with contextlib.suppress(Exception):
             if fs.exists(tmp):

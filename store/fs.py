@@ -94,9 +94,11 @@ def write_atomic(path: str, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+            if isinstance(exc, OSError) and exc.filename != path:  # name what the user asked for, not the temporary
+                raise OSError(exc.errno, exc.strerror or str(exc), path) from None
             raise
         return
     fs, p = _fs(path)
@@ -130,12 +132,11 @@ def load_torch(path: str, map_location: Any = "cpu") -> Any:
 
 
 def rename(src: str, dst: str) -> None:
-    """Move a file or folder to a new name on the same file system (dst must not exist)."""
-    if not is_url(src):
-        os.rename(src, dst)
-        return
-    fs, p = _fs(src)
-    fs.mv(p, _fs(dst)[1], recursive=True)
+    """Move a local file or folder to a new name (dst absent, or an empty folder). Object stores have no
+    rename: callers that publish there write in place instead."""
+    if is_url(src) or is_url(dst):
+        raise ValueError(f"rename is local only, got {src} -> {dst}")
+    os.rename(src, dst)
 
 
 def same_location(a: str, b: str) -> bool:

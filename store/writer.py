@@ -59,7 +59,10 @@ class StoreWriter:
         """Validate then write one whole unit and mark it done; nothing is written if validation fails."""
         lo, hi = self.unit_range(unit)
         rec = check_records(self.meta, Records(images, logits, labels), hi - lo, f"unit {unit} of {self.path}")
-        self.backend.write_unit(unit, rec)
+        try:
+            self.backend.write_unit(unit, rec)
+        except OSError as exc:  # a full disk or a lost mount: the unit stays pending; name the store, not a chunk
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing unit {unit}", self.path) from None
 
     def damaged_units(self) -> list[int]:
         """Done units whose data cannot be read back as written (a lost or changed chunk, a torn shard)."""

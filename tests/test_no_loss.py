@@ -110,3 +110,39 @@ def test_student_is_saved_with_its_generator_before_the_fill(tmp_path, monkeypat
             "--set", "latent_dim=16", "--set", "width=8", "--set", "batch_size=8"]
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert seen["files"] == ["d.generator-train.pt", "d.generator.pt", "d.student.pt", "t.pt"]
+
+
+_KILL_AT = """
+import os, sys
+import zarr
+import store
+from store import fs
+from tests.helpers import small_meta
+steps = {"n": 0}
+def killer(real):
+    def step(*a, **k):
+        steps["n"] += 1
+        if steps["n"] == int(sys.argv[2]):
+            os._exit(9)  # as SIGKILL: no cleanup runs
+        return real(*a, **k)
+    return step
+zarr.Group.create_array = killer(zarr.Group.create_array)
+zarr.create_group = killer(zarr.create_group)
+fs.rename = killer(fs.rename)
+store.create_or_resume(sys.argv[1], small_meta(), resume=True, backend=sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("backend,steps", [("zarr", 7), ("webdataset", 1)])
+def test_a_kill_anywhere_in_store_creation_leaves_what_resume_and_overwrite_accept(tmp_path, backend, steps):
+    import subprocess
+    import sys
+
+    for kill_at in range(1, steps + 2):
+        path = str(tmp_path / f"s{kill_at}")
+        proc = subprocess.run([sys.executable, "-c", _KILL_AT, path, str(kill_at), backend], cwd=os.getcwd())
+        assert proc.returncode in (0, 9)
+        w = store.create_or_resume(path, small_meta(), resume=True, backend=backend)
+        fill(w)
+        assert store.open(path).complete
+        store.create(path, small_meta(), backend=backend, overwrite=True)  # --overwrite accepts it as well
