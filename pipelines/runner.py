@@ -16,6 +16,7 @@ import torch
 
 import store
 from store import fs
+from store.identity import digest
 from distill.checkpoint import load_model
 from distill.evaluate import accuracy
 from synth.methods import method_config
@@ -32,10 +33,6 @@ def _sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -165,7 +162,7 @@ class Runner:
         if stage.key.startswith("teacher"):
             if self.teacher(stage.teacher).checkpoint:
                 return _sha256_file(self.teacher_path(stage.teacher))[:16]
-            return _digest(stage.config)
+            return digest(stage.config)
         parts = []
         for dep in stage.deps:
             if dep.startswith("teacher"):
@@ -177,7 +174,7 @@ class Runner:
                 parts.append(self.fingerprints[dep])
             else:
                 return None
-        return _digest({"config": stage.config, "inputs": parts})
+        return digest({"config": stage.config, "inputs": parts})
 
     def status(self, stage: Stage, forced: bool) -> tuple[str, str | None]:
         """('reuse' | 'resume' | 'run', fingerprint); fingerprint None when an input does not exist yet."""

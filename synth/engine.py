@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import store
 from store.runtime import amp_dtype, rank_and_world
 
-from .methods import SynthContext, create_method, method_config
+from .methods import MethodError, SynthContext, create_method, method_config
 from .methods.generative import artifact_prefix
 from .teacher import fingerprint
 
@@ -43,7 +43,7 @@ class SynthConfig:
     device: str = "cpu"
     progress: bool | None = None
     amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16), off, bf16, fp16
-    compile: bool = False  # torch.compile the teacher (and student)
+    compile: bool = False  # torch.compile the teacher's forward (in place: layer paths stay those of the model)
 
 
 @contextlib.contextmanager
@@ -110,8 +110,8 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
         if device.type == "cuda":  # NHWC convolutions are the fast path for tensor cores
             net = net.to(memory_format=torch.channels_last)
             stu = None if stu is None else stu.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            net = torch.compile(net)
+        if cfg.compile:  # Module.compile, not torch.compile(net): no `_orig_mod.` wrapper, so every layer path
+            net.compile()  # (records, layers=, at_layers, feature_layer) and every hook addresses the model itself
         ctx = SynthContext(net, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record, stu, amp)
         m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
         rank, world = rank_and_world()
@@ -120,13 +120,7 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
             writer, snapshot = _open_store(cfg, meta, rank, world)
             pending = writer.pending_units(rank, world, done=snapshot)
             if hasattr(m, "prepare") and not snapshot.all():  # generator methods train before they sample
-                if rank == 0:  # one generator for the whole store: rank 0 trains it, the others load it
-                    wrote = m.prepare(artifact_prefix(cfg.out), resume=cfg.resume, seed=cfg.seed, show=show)
-                    if on_trained is not None:
-                        on_trained(wrote)
-                _barrier(world)
-                if rank != 0:
-                    m.load_trained(artifact_prefix(cfg.out))
+                _prepare_on_rank0(m, cfg, rank, world, show, on_trained)
             bar = tqdm(pending, desc=f"{method} -> {cfg.out}", unit="batch", disable=not show)
             done, t0 = 0, time.perf_counter()
             for u in bar:
@@ -148,6 +142,45 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     if rank == 0:  # after every rank's last unit
         writer.finalize()
     return writer
+
+
+def _prepare_on_rank0(m: Any, cfg: SynthConfig, rank: int, world: int, show: bool,
+                      on_trained: Callable[[bool], None] | None) -> None:
+    """One generator for the whole store: rank 0 trains it while the others wait with no time limit (training
+    may take hours), then load it; an error on rank 0 ends every rank with the same one line."""
+    failure: str | None = None
+    if rank == 0:
+        try:
+            wrote = m.prepare(artifact_prefix(cfg.out), resume=cfg.resume, seed=cfg.seed, show=show)
+            if on_trained is not None:
+                on_trained(wrote)
+        except store.DfkdError as e:
+            if world == 1:
+                raise
+            failure = str(e)
+        except BaseException as e:
+            if world == 1:
+                raise
+            failure = f"rank 0 failed while training the generator ({type(e).__name__}: {e})"
+    if world == 1:
+        return
+    failure = _from_rank0(failure)
+    if failure is not None:
+        raise MethodError(failure)
+    if rank != 0:
+        m.load_trained(artifact_prefix(cfg.out))
+
+
+def _from_rank0(payload: Any) -> Any:
+    """Rank 0's payload on every rank, through a gloo group without a practical timeout (the default
+    group's 30 minutes would end the waiting ranks during a long generator training)."""
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+    box = [payload]
+    dist.broadcast_object_list(box, src=0, group=group)
+    dist.destroy_process_group(group)
+    return box[0]
 
 
 def _barrier(world: int) -> None:

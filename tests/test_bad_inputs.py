@@ -4,7 +4,6 @@ stderr, no traceback, and every file that existed before is byte-identical after
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import tarfile

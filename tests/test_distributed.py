@@ -97,3 +97,20 @@ def test_two_rank_distillation_takes_equal_steps_and_writes_one_checkpoint(tmp_p
     proc = _torchrun(2, args + ["--resume"])  # a finished run resumes to nothing and stays as it was
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
+
+
+def test_an_error_on_rank_0_during_generator_training_ends_every_rank_with_one_line(tmp_path):
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    (tmp_path / "adv.generator-train.pt").write_bytes(b"not a checkpoint")  # rank 0 fails reading it
+    args = ["synth", "--teacher", t, "--method", "adversarial", "--student", "lenet5_half", "--rounds", "2",
+            "--num-images", "32", "--batch-size", "16", "--device", "cpu", "--set", "latent_dim=16", "--set", "width=8",
+            "--set", "batch_size=8", "--out", str(tmp_path / "adv.zarr"), "--resume"]
+    proc = _torchrun(2, args)
+    out, _ = proc.communicate(timeout=300)  # no rank is left waiting
+    assert proc.returncode != 0
+    errors = [l for l in out.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], out  # the same one line from both ranks
+    assert "cannot read the training checkpoint" in errors[0]
+    ours = [l for l in out.splitlines() if 'File "' in l and "/torch/" not in l and "<frozen" not in l]
+    assert ours == [], out  # no traceback from dfkd itself (torchrun reports the failed ranks in its own way)

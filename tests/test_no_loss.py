@@ -146,3 +146,17 @@ def test_a_kill_anywhere_in_store_creation_leaves_what_resume_and_overwrite_acce
         fill(w)
         assert store.open(path).complete
         store.create(path, small_meta(), backend=backend, overwrite=True)  # --overwrite accepts it as well
+
+
+def test_two_creators_at_once_get_one_line_and_one_store(tmp_path, monkeypatch):
+    """The second of two processes creating the same store finds the first one's in place: one line, no damage."""
+    import store.api as api
+
+    path = str(tmp_path / "s.zarr")
+    first = store.create(path, small_meta())
+    fill(first)
+    before = tree_bytes(path)
+    monkeypatch.setattr(api, "check_target", lambda p, overwrite: False)  # both checked before either renamed
+    with pytest.raises(store.StoreError, match="another process created a store at .* at the same moment"):
+        store.create(path, small_meta())
+    assert tree_bytes(path) == before and sorted(os.listdir(tmp_path)) == ["s.zarr"]

@@ -1,6 +1,7 @@
 """Stores at fsspec URLs: Zarr and WebDataset stores on an S3 server started on 127.0.0.1 (moto), written,
 resumed and read back bit-exact."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -70,3 +71,34 @@ def test_store_on_s3_round_trips_bit_exact(s3, suffix):
     assert sorted(seen.tolist()) == list(range(meta.num_samples))
     with pytest.raises(store.StoreError, match="already exists"):
         store.create(url, meta)
+
+
+def test_generator_store_at_s3_keeps_its_artifacts_there_and_resumes_elsewhere(s3, tmp_path, monkeypatch):
+    """Generator, training checkpoint and proxy student go beside the store at the URL, not to a local `s3:/`."""
+    import fsspec
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+    from tests.synth_helpers import save_tiny_teacher
+
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    url = f"{s3}/gen/adv.zarr"
+    args = ["synth", "--teacher", t, "--method", "adversarial", "--student", "lenet5_half", "--rounds", "2",
+            "--num-images", "32", "--batch-size", "16", "--device", "cpu", "--set", "latent_dim=16", "--set", "width=8",
+            "--set", "batch_size=8", "--out", url]
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    remote = fsspec.filesystem("s3")
+    names = {p.rsplit("/", 1)[-1] for p in remote.ls(url.rsplit("/", 1)[0].removeprefix("s3://"))}
+    assert {"adv.zarr", "adv.generator.pt", "adv.generator-train.pt", "adv.student.pt"} <= names
+    assert not os.path.exists(tmp_path / "s3:")
+    before = {n: remote.cat_file(f"dfkd-test/gen/{n}") for n in ("adv.generator.pt", "adv.student.pt")}
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)  # another node: nothing local but the teacher
+    res = CliRunner().invoke(cli, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert {n: remote.cat_file(f"dfkd-test/gen/{n}") for n in before} == before
+    assert store.open(url).complete and os.listdir(other) == []

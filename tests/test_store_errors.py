@@ -10,19 +10,8 @@ from click.testing import CliRunner
 
 import store
 from pipelines.cli import cli
-from tests.helpers import expected, fill, small_meta, unit_content
+from tests.helpers import expected, fill, small_meta, tree_bytes, unit_content
 from tests.test_store_roundtrip import assert_same
-
-
-def snapshot(path: str) -> dict[str, bytes]:
-    """Every file of a store, by relative path."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = fh.read()
-    return out
 
 
 def test_directory_that_is_not_a_store(tmp_path):
@@ -103,19 +92,19 @@ def test_bad_records_are_refused_and_nothing_is_lost(tmp_path, backend, bad, mat
     meta = small_meta()
     w = store.create(path, meta, backend=backend)
     fill(w, units=[0, 1])
-    before = snapshot(path)
+    before = tree_bytes(path)
     with pytest.raises(store.StoreError, match=match) as e:
         w.write_unit(1, *bad(unit_content(meta, 1)))
     assert "\n" not in str(e.value)
-    assert snapshot(path) == before
+    assert tree_bytes(path) == before
     assert_same(store.open(path).read(0, 32), expected(meta).take(slice(0, 32)))
 
 
 def test_create_over_existing_store_needs_overwrite(tmp_path, full_store):
-    before = snapshot(full_store)
+    before = tree_bytes(full_store)
     with pytest.raises(store.StoreError, match="already exists.*--resume.*--overwrite"):
         store.create(full_store, small_meta(base_seed=99))
-    assert snapshot(full_store) == before
+    assert tree_bytes(full_store) == before
 
 
 def test_bad_meta_values():

@@ -374,3 +374,29 @@ def test_moment_gradient_joins_a_half_precision_gradient_in_fp32():
     got = losses.moments_grad(x, mean, None, g_var, into=into)
     want = (losses.moments_grad(x.float(), mean, None, g_var) + into.float()).half()
     assert got.dtype == torch.float16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method,sets", [
+    ("deepinversion", ["--set", "layers=features.1"]),
+    ("dafl", ["--student", "lenet5_half", "--rounds", "1", "--set", "feature_layer=classifier.2"]),
+    ("adversarial", ["--student", "lenet5_half", "--rounds", "1", "--set", "w_at=1",
+                     "--set", "at_layers=features.0:features.0"]),
+])
+def test_layer_paths_work_with_compile(tmp_path, monkeypatch, method, sets):
+    """--compile compiles the teacher in place, so layer paths need no `_orig_mod.` prefix (eager backend: CPU-fast)."""
+    real = torch.nn.Module.compile
+    compiled = []
+
+    def eager(self, *a, **k):
+        compiled.append(type(self).__name__)
+        return real(self, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager)
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    small = ["--set", "latent_dim=16", "--set", "width=8", "--set", "batch_size=8"] if method != "deepinversion" \
+        else ["--iterations", "2"]
+    res = CliRunner().invoke(cli, ["synth", "--teacher", t, "--method", method, "--num-images", "16", "--batch-size",
+                                   "16", "--device", "cpu", "--compile", "--out", str(tmp_path / "s.zarr"), *sets, *small])
+    assert res.exit_code == 0, res.output
+    assert compiled == ["LeNet5"] and store.open(str(tmp_path / "s.zarr")).complete
