@@ -72,10 +72,8 @@ def create(path: str | os.PathLike, meta: StoreMeta, *, backend: str | None = No
         cls.create(tmp, meta, **options)
         if replace:
             fs.rmtree(path)
-        elif fs.exists(path):  # an empty folder
-            fs.rmtree(path)
         try:
-            fs.rename(tmp, path)
+            fs.rename(tmp, path)  # replaces an empty folder; refuses one another process has filled meanwhile
         except OSError:
             if fs.exists(path) and _is_store(path):
                 raise StoreError(f"another process created a store at {path} at the same moment; rerun with "

@@ -68,10 +68,8 @@ def _publish(tmp: str, dst: str, replace: bool) -> None:
         if fs.exists(old):
             fs.rmtree(old)
         fs.rename(dst, old)
-    elif fs.exists(dst):  # an empty folder
-        fs.rmtree(dst)
     try:
-        fs.rename(tmp, dst)
+        fs.rename(tmp, dst)  # replaces an empty folder; refuses one that another process filled meanwhile
     except BaseException:
         if replace:
             fs.rename(old, dst)
