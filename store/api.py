@@ -7,6 +7,7 @@ from typing import Any
 
 from . import fs
 from .backends import backend_for_existing, backend_for_new
+from .backends.base import _REGISTRY
 from .errors import StoreError
 from .identity import check_same_run
 from .reader import StoreReader
@@ -38,6 +39,10 @@ def _is_store(path: str) -> bool:
         return False
 
 
+def _half_created(path: str) -> bool:
+    return any(cls.half_created(path) for cls in _REGISTRY.values())
+
+
 def check_target(path: str, overwrite: bool) -> bool:
     """Whether a new store may go to `path`: False when nothing is there, True when a dfkd store is there and
     `overwrite` allows replacing it; anything else (a file, a foreign folder, a store without overwrite) is
@@ -48,6 +53,8 @@ def check_target(path: str, overwrite: bool) -> bool:
         raise StoreError(f"{path} exists and is a file; choose another path for the store")
     if not fs.listdir(path):
         return False
+    if _half_created(path):  # a creation killed before its arrays (object stores, which write in place)
+        return True
     if not _is_store(path):
         raise StoreError(f"{path} exists and is not a dfkd store; refusing to overwrite it, choose another path")
     if not overwrite:
@@ -100,7 +107,8 @@ def create_or_resume(path: str | os.PathLike, meta: StoreMeta, *, resume: bool =
                      backend: str | None = None, **options: Any) -> StoreWriter:
     """Start a run, or continue one: a resumed store must have been planned exactly like `meta`."""
     path = os.fspath(path)
-    if resume and fs.exists(path) and not overwrite and not (fs.isdir(path) and not fs.listdir(path)):
+    if resume and fs.exists(path) and not overwrite and not (fs.isdir(path) and not fs.listdir(path)) \
+            and not _half_created(path):
         writer = open_writer(path)
         check_same_run(plan_key(writer.meta), plan_key(meta), path,
                        "rerun with the original settings, or pass --overwrite to start again")

@@ -145,3 +145,22 @@ def test_distillation_of_a_store_that_grew_is_not_resumed(tmp_path):
     g["done"][3] = True  # and after its synthesis finished
     res = CliRunner().invoke(cli, base + ["--resume"])
     assert res.exit_code == 2 and "source.store.units_done was 3, now 4" in res.output, res.output
+
+
+def test_changed_webdataset_member_is_found_and_remade(tmp_path):
+    from store.backends import tar
+
+    path = str(tmp_path / "s.wds")
+    _synth(tmp_path, path)
+    before = tree_bytes(path)
+    shard = os.path.join(path, "shard-000001.tar")
+    with open(shard, "rb") as f:
+        members = [(name, bytes(data)) for name, data in tar.members(f.read(), shard)]
+    name, data = next((n, d) for n, d in members if n.endswith(".logits.npy"))
+    changed = data[:-1] + bytes([data[-1] ^ 1])  # one bit of one logit: still decodes, no longer matches
+    with open(shard, "wb") as f:
+        f.write(tar.pack([(n, changed if n == name else d) for n, d in members]))
+    res = CliRunner().invoke(cli, ["store", "verify", path])
+    assert res.exit_code == 1 and "unit 1 (samples 16..31) does not match its checksum (logits" in res.output
+    _synth(tmp_path, path, "--resume")
+    assert tree_bytes(path) == before

@@ -102,3 +102,17 @@ def test_generator_store_at_s3_keeps_its_artifacts_there_and_resumes_elsewhere(s
     assert res.exit_code == 0, res.output
     assert {n: remote.cat_file(f"dfkd-test/gen/{n}") for n in before} == before
     assert store.open(url).complete and os.listdir(other) == []
+
+
+def test_a_store_creation_killed_at_a_url_is_accepted_by_resume_and_overwrite(s3):
+    """Object stores cannot rename, so creation writes in place: a kill after the group's metadata and before
+    its arrays must still leave something --resume and --overwrite accept."""
+    import zarr
+
+    meta = small_meta()
+    for i, how in enumerate(("resume", "overwrite")):
+        url = f"{s3}/half{i}.zarr"
+        zarr.create_group(store=url, attributes={"dfkd": meta.to_json()})  # what the kill left
+        w = store.create_or_resume(url, meta, resume=how == "resume", overwrite=how == "overwrite")
+        fill(w)
+        assert store.open(url).complete

@@ -72,6 +72,11 @@ class Backend(ABC):
         """Whether the directory at `path` was laid out by this backend."""
 
     @classmethod
+    def half_created(cls, path: str) -> bool:
+        """Whether `path` holds this backend's store as a killed creation left it (metadata, not all arrays)."""
+        return False
+
+    @classmethod
     @abstractmethod
     def create(cls, path: str, meta: StoreMeta, **options: Any) -> "Backend":
         """Create an empty store at its final size (every unit pending)."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 from .. import fs
 from ..errors import StoreError
-from ..schema import Records, StoreMeta
+from ..schema import Records, StoreMeta, checksums, mismatch_error
 from . import tar
 from .base import Backend, register_backend
 
@@ -131,6 +131,7 @@ class WebDatasetBackend(Backend):
     def write_unit(self, unit: int, records: Records) -> None:
         lo, _ = self.meta.unit_range(unit)
         entries = []
+        sums = checksums(records).tolist()  # kept in the unit's first sample's JSON: its shard's done record
         for i in range(len(records)):
             key = f"{lo + i:010d}"
             img = records.images[i]
@@ -138,7 +139,8 @@ class WebDatasetBackend(Backend):
                 (f"{key}.{self.image_format}", _png_bytes(img) if self.image_format == "png" else _npy_bytes(img)),
                 (f"{key}.logits.npy", _npy_bytes(records.logits[i])),
                 (f"{key}.cls", str(int(records.labels[i])).encode()),
-                (f"{key}.json", b'{"index": %d, "unit": %d}' % (lo + i, unit)),
+                (f"{key}.json", json.dumps({"index": lo + i, "unit": unit, "unit_checksums": sums}).encode() if i == 0
+                 else b'{"index": %d, "unit": %d}' % (lo + i, unit)),
             ]
         fs.write_atomic(fs.join(self.path, shard_name(unit)), tar.pack(entries))  # its appearance marks the unit done
 
@@ -154,6 +156,7 @@ class WebDatasetBackend(Backend):
         logits = np.empty((n, k), self.meta.logits_dtype)
         labels = np.empty(n, np.int64)
         seen = np.zeros((n, 3), dtype=bool)
+        expected = None
         for name, data in tar.members(buf, where):
             key, _, ext = name.partition(".")
             if ext not in KNOWN_EXTS:
@@ -180,6 +183,9 @@ class WebDatasetBackend(Backend):
                     logits[i], seen[i, 1] = row, True
                 elif ext == "cls":
                     labels[i], seen[i, 2] = int(bytes(data)), True
+                elif ext == "json" and i == 0:
+                    doc = json.loads(bytes(data))
+                    expected = doc.get("unit_checksums") if isinstance(doc, dict) else None
             except StoreError:
                 raise
             except (OSError, ValueError, SyntaxError) as exc:  # PIL and np.load report bad bytes this way
@@ -189,7 +195,12 @@ class WebDatasetBackend(Backend):
             missing = int((~seen.all(axis=1)).sum())
             raise StoreError(f"{where}: {missing} of {n} samples lack an image, logits or label; "
                              "the shard is corrupt, delete it and finish the store with --resume")
-        return Records(images, logits, labels)
+        rec = Records(images, logits, labels)
+        if check and isinstance(expected, list) and len(expected) == 3:
+            bad = [k for k, a, b in zip(("images", "logits", "labels"), checksums(rec).tolist(), expected) if a != b]
+            if bad:
+                raise mismatch_error(self.path, self.meta, unit, bad)
+        return rec
 
     def mark_pending(self, unit: int) -> None:
         fs.remove(fs.join(self.path, shard_name(unit)))  # the shard's presence is its done mark

@@ -52,6 +52,14 @@ class ZarrBackend(Backend):
         return fs.isfile(fs.join(path, "zarr.json"))
 
     @classmethod
+    def half_created(cls, path: str) -> bool:
+        try:
+            group = zarr.open_group(store=path, mode="r")
+            return (dict(group.attrs).get(ATTR_KEY) or {}).get("format") == "dfkd-store" and "done" not in group
+        except Exception:  # noqa: BLE001 - anything unreadable is not our half-made store
+            return False
+
+    @classmethod
     def create(cls, path: str, meta: StoreMeta, *, compressor: str = "lz4", chunk_size: int | None = None,
                **options: Any) -> "ZarrBackend":
         if options:
