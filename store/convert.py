@@ -2,7 +2,8 @@
 
 The copy is written to a hidden sibling of the destination and renamed into place only when complete,
 so a failed or interrupted convert leaves an existing local destination exactly as it was, and a source
-is never its own destination. (At an object-store URL, which cannot rename, the copy is written in place.)
+is never its own destination. (At an object-store URL, which cannot rename, the copy is written in place,
+and an existing store there is never replaced.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
     remote = fs.is_url(dst)  # object stores cannot rename: the copy is written in place (after the checks)
     tmp = dst if remote else fs.sibling(dst, "converting")
     if remote and replace:
-        fs.rmtree(dst)
+        raise StoreError(f"{dst} already holds a store; an object store cannot swap a finished copy into place, so "
+                         "dfkd will not delete it first: convert to a new URL, then remove the old store yourself")
     if not remote and fs.exists(tmp):  # the leftover of a killed convert to this same destination
         fs.rmtree(tmp)
     try:

@@ -116,3 +116,16 @@ def test_a_store_creation_killed_at_a_url_is_accepted_by_resume_and_overwrite(s3
         w = store.create_or_resume(url, meta, resume=how == "resume", overwrite=how == "overwrite")
         fill(w)
         assert store.open(url).complete
+
+
+def test_convert_never_replaces_a_store_at_a_url(s3, tmp_path):
+    from store.convert import convert
+
+    src = str(tmp_path / "a.zarr")
+    w = store.create(src, small_meta())
+    fill(w)
+    w.finalize()
+    convert(src, f"{s3}/c.zarr")
+    with pytest.raises(store.StoreError, match="cannot swap a finished copy into place"):
+        convert(src, f"{s3}/c.zarr", overwrite=True)
+    assert store.open(f"{s3}/c.zarr").complete
