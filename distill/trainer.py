@@ -156,6 +156,8 @@ class Trainer:
                                          scaler=torch.amp.GradScaler(self.device.type,
                                                                      enabled=self.amp == torch.float16)))
         self.start_epoch = 0
+        # once, when the run checkpoints: what it trains on, saved with every checkpoint and checked on resume
+        self.identity = None if config.out_dir is None else self._identity()
         if config.resume:
             self._resume()
 
@@ -176,7 +178,7 @@ class Trainer:
             return
         for s in self.students:
             save_model(os.path.join(self.cfg.out_dir, f"{s.name}.pt"), s.model, s.spec, {"history": s.history})
-        fs.save_torch({"identity": self._identity(), "epoch": epoch, "batches_read": self.batches_read,
+        fs.save_torch({"identity": self.identity, "epoch": epoch, "batches_read": self.batches_read,
                      "students": [{"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
                                    "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
                                    "history": s.history}
@@ -188,7 +190,7 @@ class Trainer:
         if path is None or not os.path.exists(path):
             return  # nothing to resume: start from scratch
         state = read_checkpoint(path, "run checkpoint")
-        check_same_run(state.get("identity"), self._identity(), path, "use the original settings, or another --out")
+        check_same_run(state.get("identity"), self.identity, path, "use the original settings, or another --out")
         for s, st in zip(self.students, state["students"]):
             s.model.load_state_dict(st["model"])
             s.optimizer.load_state_dict(st["optimizer"])

@@ -6,8 +6,7 @@ import os
 from typing import Any
 
 from . import fs
-from .backends import backend_for_existing, backend_for_new
-from .backends.base import _REGISTRY
+from .backends import backend_for_existing, backend_for_new, get_backend, list_backends
 from .errors import StoreError
 from .identity import check_same_run
 from .reader import StoreReader
@@ -40,7 +39,7 @@ def _is_store(path: str) -> bool:
 
 
 def _half_created(path: str) -> bool:
-    return any(cls.half_created(path) for cls in _REGISTRY.values())
+    return any(get_backend(name).half_created(path) for name in list_backends())
 
 
 def check_target(path: str, overwrite: bool) -> bool:

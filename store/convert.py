@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 from . import fs
-from .api import check_target, create
+from .api import check_target, create, open_writer
 from .api import open as open_store
 from .backends import backend_for_new
 from .errors import StoreError
@@ -58,8 +58,6 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
             if fs.exists(tmp):
                 fs.rmtree(tmp)
         raise
-    from .api import open_writer
-
     return open_writer(dst)
 
 

@@ -20,18 +20,21 @@ def plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
+def first_difference(old: Any, new: Any) -> tuple[str, Any, Any] | None:
     """(dotted setting, old value, new value) of the first place two identities differ; None when equal."""
-    old, new = plain(old), plain(new)
+    return _diff(plain(old), plain(new), "")
+
+
+def _diff(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in [*old, *(k for k in new if k not in old)]:  # the identity's own order: most telling first
-            found = first_difference(old.get(key, "<unset>"), new.get(key, "<unset>"), f"{path}.{key}" if path else key)
+            found = _diff(old.get(key, "<unset>"), new.get(key, "<unset>"), f"{path}.{key}" if path else key)
             if found:
                 return found
         return None
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         for i, (a, b) in enumerate(zip(old, new)):
-            found = first_difference(a, b, f"{path}[{i}]")
+            found = _diff(a, b, f"{path}[{i}]")
             if found:
                 return found
         return None

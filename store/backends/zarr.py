@@ -46,6 +46,7 @@ class ZarrBackend(Backend):
         # CRC-32 of each unit's images/logits/labels, written just before its done flag (absent in stores
         # written before dfkd kept them: those cannot tell a lost chunk from one of fill values)
         self.checksums = group["checksums"] if "checksums" in group else None
+        self._sums: np.ndarray | None = None  # the checksum table, read once (not one small chunk per unit read)
 
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -146,7 +147,7 @@ class ZarrBackend(Backend):
         lo, hi = self.meta.unit_range(unit)
         try:
             parts = self._read_together(lo, hi, arrays)
-            expected = None if self.checksums is None else np.asarray(self.checksums[unit])
+            expected = self._expected(unit)
         except Exception as exc:
             raise StoreError(f"{self.path}: unit {unit} cannot be decoded ({type(exc).__name__}: {exc}); the chunk "
                              "is damaged, rerun the synthesis with --resume to re-make it") from None
@@ -157,6 +158,15 @@ class ZarrBackend(Backend):
                 raise mismatch_error(self.path, self.meta, unit, bad)
         return parts
 
+    def _expected(self, unit: int) -> np.ndarray | None:
+        """The checksums written with `unit`'s flag; the table is re-read only for a unit not in the cached one
+        (still zero there: written since by another process)."""
+        if self.checksums is None:
+            return None
+        if self._sums is None or not self._sums[unit].any():
+            self._sums = np.asarray(self.checksums[:])
+        return self._sums[unit]
+
     def read_unit(self, unit: int, check: bool = True) -> Records:
         return Records(*self._read_checked(unit, (self.images, self.logits, self.labels), (0, 1, 2), check))
 
@@ -165,7 +175,10 @@ class ZarrBackend(Backend):
         return logits, labels
 
     def checksum_table(self) -> list[list[int]] | None:
-        return None if self.checksums is None else np.asarray(self.checksums[:]).tolist()
+        if self.checksums is None:
+            return None
+        self._sums = np.asarray(self.checksums[:])
+        return self._sums.tolist()
 
     def mark_pending(self, unit: int) -> None:
         self.done[unit] = False
@@ -183,7 +196,10 @@ class ZarrBackend(Backend):
             for a, v in pairs:
                 a[lo:hi] = v
         if self.checksums is not None:
-            self.checksums[unit] = checksums(records)
+            sums = checksums(records)
+            self.checksums[unit] = sums
+            if self._sums is not None:
+                self._sums[unit] = sums
         self.done[unit] = True  # only after every array of the unit (and its checksums) is on disk
 
     def finalize(self) -> None:
