@@ -108,7 +108,8 @@ class SynthJob:
 def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
     """Fill a store; for generator methods also save the proxy student beside it. Returns paths and seconds."""
     t0 = time.perf_counter()
-    generative = issubclass(method_class(job.method), GenerativeMethod)
+    cls = method_class(job.method)
+    generative = cls.trains_student
     model, spec, _ = load_model(teacher_path, "teacher", job.model_code)
     rec = Record.load(job.stats) if job.stats else None
     stu, stu_spec = (build_student(job.student, spec, generative, job.seed, job.model_code) if job.student
@@ -128,7 +129,9 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
                         on_trained=save_student if generative and not job.hparams.get("generator") else None)
     out = {"store": job.out, "units": writer.meta.num_units}
     if generative and not job.hparams.get("generator") and rank_and_world()[0] == 0:
-        out.update(generator=f"{prefix}.generator.pt", student=f"{prefix}.student.pt", student_arch=stu_spec.arch)
+        out.update(student=f"{prefix}.student.pt", student_arch=stu_spec.arch)
+        if issubclass(cls, GenerativeMethod):
+            out["generator"] = f"{prefix}.generator.pt"
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -12,7 +12,6 @@ from typing import Any
 from distill.models import ModelError, check_model_name, is_code_name
 from store.errors import DfkdError
 from synth.methods import MethodError, list_methods, method_class, method_config
-from synth.methods.generative import GenerativeMethod
 
 
 class PipelineError(DfkdError):
@@ -203,7 +202,7 @@ def _validate(p: Pipeline) -> None:
         if s.stats and not teacher.record:
             raise PipelineError(f"{where} key 'stats' needs record = true in teacher {teacher.name!r} "
                                 "(the statistics come from its record)")
-        generative = issubclass(method_class(s.method), GenerativeMethod)
+        generative = method_class(s.method).trains_student
         if generative and not s.params.get("generator"):
             if not s.student:
                 raise PipelineError(f"{where} needs key 'student' (the proxy student {s.method} trains), "

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import store
 from store.runtime import amp_dtype, rank_and_world
 
-from .methods import MethodError, SynthContext, create_method, method_config
+from .methods import MethodError, SynthContext, create_method, method_class, method_config
 from .methods.generative import artifact_prefix
 from .teacher import fingerprint
 
@@ -96,11 +96,15 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     fp = fingerprint(teacher)
     if record is not None:
         record.check_teacher(fp, "the statistics record")
+    rank, world = rank_and_world()
     provenance = {"method": method, "hparams": asdict(config), "teacher_fingerprint": fp,
                   "teacher": teacher_spec or {}, "record": None if record is None else
                   {"layers": record.layers, "num_images": record.num_images, "data": record.data},
                   "compute": {"device": device.type, "amp": None if amp is None else str(amp).replace("torch.", "")},
                   "dfkd_version": VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    if method_class(method).sequential:  # the content depends on the chains, so a resume must keep their number
+        provenance["sequential"] = {"chains": world, "order": "one chain per rank over a contiguous range of units; "
+                                    "each unit depends on every earlier unit of its chain"}
     meta = store.StoreMeta(num_samples=cfg.num_images, image_shape=tuple(image_shape), num_classes=num_classes,
                            unit_size=cfg.batch_size, logits_dtype=cfg.logits_dtype, base_seed=cfg.seed,
                            mean=tuple(mean), std=tuple(std), provenance=provenance)
@@ -114,34 +118,74 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
             net.compile()  # (records, layers=, at_layers, feature_layer) and every hook addresses the model itself
         ctx = SynthContext(net, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record, stu, amp)
         m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
-        rank, world = rank_and_world()
         show = show and rank == 0
         try:
             writer, snapshot = _open_store(cfg, meta, rank, world)
             pending = writer.pending_units(rank, world, done=snapshot)
             if hasattr(m, "prepare") and not snapshot.all():  # generator methods train before they sample
                 _prepare_on_rank0(m, cfg, rank, world, show, on_trained)
-            bar = tqdm(pending, desc=f"{method} -> {cfg.out}", unit="batch", disable=not show)
-            done, t0 = 0, time.perf_counter()
-            for u in bar:
-                lo, hi = writer.unit_range(u)
-                gen = torch.Generator().manual_seed(writer.unit_seed(u))
-                targets = unit_targets(lo, hi, num_classes, gen)
-                with torch.enable_grad():
-                    x01, losses = m.synthesize(targets.to(device), gen)
-                images = quantize(x01.detach()).cpu()
-                logits = teacher_logits(teacher, images, ctx)
-                labels = logits.argmax(1) if getattr(m, "labels_from_teacher", False) else targets
-                writer.write_unit(u, images.numpy(), logits.numpy(), labels.cpu().numpy().astype(np.int64))
-                done += hi - lo
-                bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}",
-                                **{k: f"{v:.3g}" for k, v in losses.items()})
+            if m.sequential:
+                made = not snapshot.all()
+                if made:
+                    _fill_chain(m, writer, snapshot, cfg, teacher, rank, world, show, method)
+                if rank == 0 and on_trained is not None:
+                    on_trained(made)  # the proxy student as the chain left it
+            else:
+                bar = tqdm(pending, desc=f"{method} -> {cfg.out}", unit="batch", disable=not show)
+                done, t0 = 0, time.perf_counter()
+                for u in bar:
+                    images, logits, labels, losses = _make_unit(m, writer, u, teacher, ctx)
+                    writer.write_unit(u, images.numpy(), logits.numpy(), labels)
+                    done += len(images)
+                    bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}",
+                                    **{k: f"{v:.3g}" for k, v in losses.items()})
         finally:
             m.close()
     _barrier(world)
     if rank == 0:  # after every rank's last unit
         writer.finalize()
     return writer
+
+
+def _make_unit(m: Any, writer: store.StoreWriter, u: int, teacher: nn.Module,
+               ctx: SynthContext) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, dict[str, float]]:
+    """One unit: its seeded class-balanced targets, the method's images, uint8, the teacher's logits of them."""
+    lo, hi = writer.unit_range(u)
+    gen = torch.Generator().manual_seed(writer.unit_seed(u))
+    targets = unit_targets(lo, hi, ctx.num_classes, gen)
+    with torch.enable_grad():
+        x01, losses = m.synthesize(targets.to(ctx.device), gen)
+    images = quantize(x01.detach()).cpu()
+    logits = teacher_logits(ctx.teacher, images, ctx)
+    labels = logits.argmax(1) if getattr(m, "labels_from_teacher", False) else targets
+    return images, logits, labels.cpu().numpy().astype(np.int64), losses
+
+
+def chain_units(num_units: int, rank: int, world: int) -> list[int]:
+    """A sequential method's chain on this rank: a contiguous, near-equal range of the units."""
+    return list(range(rank * num_units // world, (rank + 1) * num_units // world))
+
+
+def chain_state_path(out: str, rank: int, world: int) -> str:
+    """Where a rank's chain checkpoint lies beside the store."""
+    prefix = artifact_prefix(out)
+    return f"{prefix}.chain.pt" if world == 1 else f"{prefix}.chain-{rank}-of-{world}.pt"
+
+
+def _fill_chain(m: Any, writer: store.StoreWriter, snapshot: np.ndarray, cfg: SynthConfig, teacher: nn.Module,
+                rank: int, world: int, show: bool, method: str) -> None:
+    """Run this rank's chain to its end: units found done are made again to move the chain on, never rewritten."""
+    units = chain_units(writer.meta.num_units, rank, world)
+    start = m.begin_chain(cfg.out, chain_state_path(cfg.out, rank, world), units, snapshot,
+                          seed=writer.unit_seed(units[0]) if units else cfg.seed, resume=cfg.resume)
+    bar = tqdm(units[start:], initial=start, total=len(units), desc=f"{method} -> {cfg.out}", unit="batch",
+               disable=not show)
+    for u in bar:
+        images, logits, labels, losses = _make_unit(m, writer, u, teacher, m.ctx)
+        if not snapshot[u]:
+            writer.write_unit(u, images.numpy(), logits.numpy(), labels)
+        m.end_unit(u, images)
+        bar.set_postfix(**{k: f"{v:.3g}" for k, v in losses.items()})
 
 
 def _prepare_on_rank0(m: Any, cfg: SynthConfig, rank: int, world: int, show: bool,

@@ -172,3 +172,16 @@ def class_spectral_loss(x: torch.Tensor, labels: torch.Tensor, ref_class_amplitu
         torch.linalg.vector_norm(ref.flatten(1), dim=1).clamp_min(1e-12)
     present = (counts > 0).to(dist.dtype)
     return (dist * present).sum() / present.sum().clamp_min(1)
+
+
+def agreement_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Batch mean of per-sample KL(teacher || student) counted only where both pick the same class (0 elsewhere).
+
+    The adversarial term of Fast and NAYER (their "decision adversarial distillation"): the generator maximizes
+    it, so it seeks samples the student gets wrong in its soft outputs without pushing across the teacher's
+    decision boundary, which would only make samples the teacher itself is unsure of.
+    """
+    s, t = student_logits.float(), teacher_logits.float()
+    per_sample = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="none", log_target=True).sum(1)
+    agree = (s.argmax(1) == t.argmax(1)).float()
+    return (per_sample * agree).mean()

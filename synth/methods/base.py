@@ -57,6 +57,8 @@ class Method:
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    trains_student: ClassVar[bool] = False  # a proxy student learns beside the method (--student names it)
+    sequential: ClassVar[bool] = False  # a unit depends on every earlier unit of its chain, not on its seed alone
 
     def __init__(self, ctx: SynthContext, config: Any) -> None:
         self.ctx, self.config = ctx, config

@@ -25,7 +25,12 @@ class StatTerms:
     pass reaches the layer instead of all at once at the loss: same gradient, less memory.
     """
 
-    def __init__(self, ctx: SynthContext, layers: str, method: str) -> None:
+    def __init__(self, ctx: SynthContext, layers: str, method: str, momentum: float = 0.0) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise MethodError(f"{method}.bn_momentum must lie in [0, 1), got {momentum}")
+        # momentum > 0 (Fast, NAYER): each batch is matched blended with the earlier batches' moments, so the
+        # store as a whole, not every batch alone, has to fit the reference statistics.
+        self.momentum, self.running, self.last = momentum, {}, {}
         if ctx.record is not None:
             paths = layer_list(layers, ctx.record.layers)
             missing = [p for p in paths if p not in ctx.record.mean]
@@ -62,8 +67,21 @@ class StatTerms:
         for i, p in enumerate(self.paths):
             x, slot = self.hooks.captured[p], self.slots.get(p)
             mu, v = channel_stats(x) if slot is None else tapped_channel_stats(x, slot)
+            if self.momentum:
+                self.last[p] = (mu.detach(), v.detach())
+                if p in self.running:
+                    m, (run_mu, run_v) = self.momentum, self.running[p]
+                    mu, v = (1 - m) * mu + m * run_mu, (1 - m) * v + m * run_v
             total = total + (first_multiplier if i == 0 else 1.0) * moment_distance(mu, v, *self.refs[p])
         return total
+
+    def update_momentum(self) -> None:
+        """Fold the last scored batch's moments into the running ones (call once per finished batch)."""
+        for p, (mu, v) in self.last.items():
+            old = self.running.get(p)
+            self.running[p] = (mu, v) if old is None else tuple(self.momentum * o + (1 - self.momentum) * n
+                                                                for o, n in zip(old, (mu, v)))
+        self.last = {}
 
     def close(self) -> None:
         self.hooks.remove()

@@ -74,6 +74,7 @@ class GenerativeMethod(Method):
 
     labels_from_teacher = True
     needs_student = True
+    trains_student = True
 
     def __init__(self, ctx: SynthContext, config: GenerativeConfig) -> None:
         super().__init__(ctx, config)

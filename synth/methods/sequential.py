@@ -1,0 +1,246 @@
+"""The memory-bank methods' shared chain (Fast, NAYER): synthesis that learns from its own store.
+
+Each write unit is one synthesized batch. Before it, the proxy student trains `kd_steps` steps on the units
+the chain has already written (the memory bank, read through `store/`); the batch is then optimized on the
+teacher's feature statistics, cross-entropy to its class-balanced targets and, after `warmup` units, the
+proxy student's disagreement with the teacher. A unit depends on every unit before it in its chain, so the
+chain's whole state (generator, proxy student, optimizers, running statistics, random state) is
+checkpointed atomically beside the store at unit boundaries, and a unit found already written when a
+resumed chain reaches it is made again (to move the chain on) but not rewritten: a run killed anywhere and
+resumed equals an uninterrupted one byte for byte.
+
+Under torchrun each rank runs its own chain over a contiguous range of units, with its own generator and
+proxy student: the store is deterministic for a given world size; another world size makes another store
+(the provenance says so, and --resume refuses the mismatch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill.augment import augment, normalize
+from distill.losses import kd_loss
+from store import fs
+from store.identity import check_same_run
+
+from ..bank import MemoryBank
+from ..losses import agreement_kl
+from .base import Method, MethodError, SynthContext
+from .feature_stats import StatTerms
+
+
+@dataclass
+class BankConfig:
+    """Shared by the memory-bank methods: the batch's losses and steps, and the proxy student's schedule.
+
+    Loss weights are the papers' CIFAR settings (w_bn 10, w_oh 0.5, w_adv 1.33, BN momentum 0.9); the
+    student's SGD lr 0.2 with a cosine over the chain and T=20 too. `kd_steps` per unit and `warmup` (units
+    made before the student and the adversarial term start) are scaled to dfkd's units (one batch each).
+    """
+
+    g_steps: int = 10
+    lr_g: float = 2e-3
+    w_bn: float = 10.0
+    w_oh: float = 0.5
+    w_adv: float = 1.33
+    bn_momentum: float = 0.9
+    stat_layers: str = ""
+    warmup: int = 2
+    kd_steps: int = 100
+    kd_batch_size: int = 256
+    lr_s: float = 0.2
+    weight_decay_s: float = 5e-4
+    temperature: float = 20.0
+    width: int = 64
+    crop_pad: int = -1  # random-crop padding of every view; -1: 1/8 of the side (the papers' 4 px at 32)
+    checkpoint_every: int = 1  # units between chain checkpoints (a resume re-makes at most this many)
+    bank_ram_mb: int = 2048  # the memory bank is held in RAM up to this size, read back from the store beyond
+
+
+class BankMethod(Method):
+    """One chain of batches over a range of units; subclasses make one batch (`make_batch`)."""
+
+    trains_student = True
+    sequential = True
+    labels_from_teacher = False  # the class-balanced targets each batch was optimized for
+
+    def __init__(self, ctx: SynthContext, config: BankConfig) -> None:
+        super().__init__(ctx, config)
+        if ctx.student is None:
+            raise MethodError(f"{self.name} trains a proxy student on its memory bank; pass --student (a zoo name "
+                              "such as lenet5_half, or a student checkpoint)")
+        for key in ("g_steps", "kd_batch_size", "checkpoint_every", "width"):
+            if getattr(config, key) < 1:
+                raise MethodError(f"{self.name}.{key} must be >= 1, got {getattr(config, key)}")
+        for key in ("kd_steps", "warmup"):
+            if getattr(config, key) < 0:
+                raise MethodError(f"{self.name}.{key} must be >= 0, got {getattr(config, key)}")
+        self.stats = StatTerms(ctx, config.stat_layers, self.name, momentum=config.bn_momentum)
+        self.pad = max(1, ctx.image_shape[1] // 8) if config.crop_pad < 0 else config.crop_pad
+        self.position = self.kd_done = 0
+        self.chain_gen = torch.Generator()
+        self.units: list[int] = []
+        self.bank: MemoryBank | None = None
+        self.state_path = ""
+        params = ctx.student.parameters()
+        self.opt_s = torch.optim.SGD(params, lr=config.lr_s, momentum=0.9, weight_decay=config.weight_decay_s)
+
+    # -- what a subclass provides -------------------------------------------------------------------
+    def init_chain(self, seed: int) -> None:
+        """Build the chain's generator (and its optimizer) from `seed` alone."""
+        raise NotImplementedError
+
+    def make_batch(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """One batch in pixel space [0, 1] for these targets (the best iterate), plus its loss values."""
+        raise NotImplementedError
+
+    def generator_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_generator_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # -- the chain ---------------------------------------------------------------------------------
+    def identity(self, units: list[int], seed: int) -> dict[str, Any]:
+        """What a checkpoint of this chain must match to be continued."""
+        student = self.ctx.student
+        return {"method": self.name, "config": asdict(self.config), "teacher": self.ctx.teacher_fingerprint,
+                "units": [units[0], units[-1], len(units)] if units else [], "seed": seed,
+                "compute": {"device": self.ctx.device.type, "amp": str(self.ctx.amp)},
+                "student": [list(v.shape) for v in student.state_dict().values()]}
+
+    def begin_chain(self, store_path: str, state_path: str, units: list[int], done: np.ndarray, *, seed: int,
+                    resume: bool) -> int:
+        """Start this chain over `units`, or continue its checkpoint; returns how many units it has made.
+
+        A checkpoint is continued only when every unit it has made is still done in the store; otherwise (a
+        damaged unit reopened, a store made again) the chain starts over from its seed and replays: units
+        still done are made again but not rewritten, so exactly the missing ones are written.
+        """
+        c = self.config
+        self.units, self.state_path = list(units), state_path
+        self.bank = MemoryBank(store_path, ram_limit=c.bank_ram_mb << 20)
+        self.chain_gen.manual_seed(seed)
+        self.init_chain(seed)
+        self._identity = self.identity(self.units, seed)
+        if not resume:
+            if fs.exists(state_path):
+                fs.remove(state_path)  # another run's chain: never continued by this one
+            return 0
+        if not fs.exists(state_path):
+            return 0
+        try:
+            st = fs.load_torch(state_path, map_location=self.ctx.device)
+        except Exception as e:  # noqa: BLE001
+            raise MethodError(f"cannot read the chain checkpoint {state_path} ({type(e).__name__}); delete it to "
+                              "replay the chain from its start (units already written are kept)") from None
+        check_same_run(st.get("identity"), self._identity, state_path,
+                       "use the original settings, or --overwrite to start again")
+        made = int(st["position"])
+        if not all(done[u] for u in self.units[:made]):
+            return 0
+        self.load_generator_state(st["generator"])
+        self.ctx.student.load_state_dict(st["student"])
+        self.opt_s.load_state_dict(st["opt_s"])
+        self.stats.running = {k: tuple(v) for k, v in st["stat_running"].items()}
+        self.chain_gen.set_state(st["chain_gen"].cpu())
+        self.position, self.kd_done = made, int(st["kd_done"])
+        reader = self.bank._store()
+        for u in self.units[:made]:
+            self.bank.add(u, torch.from_numpy(reader.read_unit(u).images))
+        return made
+
+    def _save(self) -> None:
+        fs.save_torch({"identity": self._identity, "position": self.position, "kd_done": self.kd_done,
+                       "generator": self.generator_state(), "student": self.ctx.student.state_dict(),
+                       "opt_s": self.opt_s.state_dict(), "chain_gen": self.chain_gen.get_state(),
+                       "stat_running": {k: list(v) for k, v in self.stats.running.items()}}, self.state_path)
+
+    def end_unit(self, unit: int, images: torch.Tensor) -> None:
+        """The unit's stored images join the bank; the chain is checkpointed every `checkpoint_every` units."""
+        self.bank.add(unit, images)
+        if self.position % self.config.checkpoint_every == 0 or self.position == len(self.units):
+            self._save()
+
+    def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The next unit of the chain: the proxy student learns from the bank, then the batch is made."""
+        if self.bank is None:
+            raise MethodError(f"{self.name}: the engine calls begin_chain() before the first unit")
+        losses = {}
+        if self.position >= self.config.warmup and len(self.bank) and self.config.kd_steps:
+            losses["student"] = self.train_student()
+        x01, made = self.make_batch(targets, gen)
+        self.stats.update_momentum()
+        self.position += 1
+        return x01, {**made, **losses}
+
+    @property
+    def adversarial(self) -> bool:
+        """The disagreement term is on once the warmup units are made (the student has learned something)."""
+        return bool(self.config.w_adv) and self.position >= self.config.warmup
+
+    def batch_loss(self, x01: torch.Tensor, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The weighted losses of one augmented view (random crop, flip) of a pixel-space batch."""
+        c, ctx = self.config, self.ctx
+        view = ctx.normalize(augment(x01, "flip-crop", gen, self.pad))
+        with ctx.autocast():
+            t = ctx.teacher(view)
+            parts = {"bn": c.w_bn * self.stats.loss(1.0), "oh": c.w_oh * F.cross_entropy(t.float(), targets)}
+            if self.adversarial:
+                parts["adv"] = -c.w_adv * agreement_kl(ctx.student(view), t)
+        return sum(parts.values()), parts
+
+    def optimize(self, forward: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, targets: torch.Tensor,
+                 gen: torch.Generator, after_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict]:
+        """`g_steps` steps of `opt` on the batch `forward()` makes; returns the iterate of lowest total loss (the
+        papers keep the batch's best) and the last step's loss values."""
+        best, best_loss, parts = None, math.inf, {}
+        for _ in range(self.config.g_steps):
+            x = forward()
+            loss, parts = self.batch_loss(x, targets, gen)
+            value = float(loss.detach())
+            if value < best_loss or best is None:
+                best, best_loss = x.detach(), value
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            opt.step()
+        return best, {k: float(v.detach()) for k, v in parts.items()}
+
+    def train_student(self) -> float:
+        """kd_steps of the proxy student on the bank (augmented, the teacher's logits at T), cosine lr over the chain."""
+        c, ctx, student = self.config, self.ctx, self.ctx.student
+        total = c.kd_steps * max(1, len(self.units) - c.warmup)
+        flags = [p.requires_grad for p in student.parameters()]
+        student.train()
+        for p in student.parameters():
+            p.requires_grad_(True)
+        try:
+            for _ in range(c.kd_steps):
+                for group in self.opt_s.param_groups:
+                    group["lr"] = 0.5 * c.lr_s * (1 + math.cos(math.pi * min(self.kd_done, total) / total))
+                x = augment(self.bank.sample(c.kd_batch_size, self.chain_gen), "flip-crop", self.chain_gen, self.pad)
+                x = normalize(x.to(ctx.device), ctx.mean, ctx.std)
+                with torch.no_grad(), ctx.autocast():
+                    t = ctx.teacher(x)
+                with ctx.autocast():
+                    loss = kd_loss(student(x), t, c.temperature)
+                self.opt_s.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt_s.step()
+                self.kd_done += 1
+        finally:
+            for p, f in zip(student.parameters(), flags):
+                p.requires_grad_(f)
+            student.eval()
+        return float(loss.detach())
+
+    def close(self) -> None:
+        self.stats.close()

@@ -1,0 +1,246 @@
+"""The memory-bank methods (fast, nayer): their losses by value, the meta update by hand, the chain's
+byte-exact resume after SIGKILL, damaged units re-made by replay, torchrun chains, nayer's embeddings file."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+import store
+from pipelines.cli import cli
+from synth.losses import agreement_kl, moment_distance
+from synth.methods import SynthContext
+from synth.methods.fast import add_first_order_grads, set_reptile_grads
+from synth.methods.feature_stats import StatTerms
+from tests.helpers import tree_bytes
+from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--set", "g_steps=3", "--set", "kd_steps=3", "--set", "kd_batch_size=16", "--set", "warmup=1",
+        "--set", "width=8"]
+
+
+def _args(teacher: str, out: str, method: str = "fast", units: int = 6, *extra: str) -> list[str]:
+    return ["synth", "--teacher", teacher, "--method", method, "--num-images", str(16 * units), "--batch-size", "16",
+            "--student", "lenet5_half", "--device", "cpu", "--out", out, *TINY, *extra]
+
+
+def _run(args: list[str]) -> None:
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _data(store_path: str) -> dict[str, bytes]:
+    """Every chunk of the store (the root metadata differs by its creation time only)."""
+    return {k: v for k, v in tree_bytes(store_path).items() if k != "zarr.json"}
+
+
+def _student(store_path: str) -> dict[str, torch.Tensor]:
+    """The proxy student's weights as saved beside the store (its file also names the store, so not its bytes)."""
+    from distill.checkpoint import load_model
+
+    return load_model(os.path.splitext(store_path)[0] + ".student.pt", "student")[0].state_dict()
+
+
+def _generator_state(store_path: str) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.splitext(store_path)[0] + ".chain.pt", weights_only=True)["generator"]["model"]
+
+
+# -- losses by value -------------------------------------------------------------------------------
+def test_agreement_kl_counts_only_samples_where_the_top_classes_agree():
+    s = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # agree on sample 0 (class 0), disagree on sample 1
+    p = torch.softmax(t[0], 0)
+    kl0 = float((p * (p.log() - torch.log_softmax(s[0], 0))).sum())
+    assert agreement_kl(s, t).item() == pytest.approx(kl0 / 2, rel=1e-6)
+    assert agreement_kl(t, t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_bn_loss_with_momentum_matches_the_blend_of_this_and_earlier_batches():
+    teacher, _ = tiny_teacher(bn=True)
+    ctx = SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"))
+    first = StatTerms(ctx, "", "fast").paths[0]
+    stats = StatTerms(ctx, first, "fast", momentum=0.9)  # the first BN layer alone
+    ref_mu, ref_var = stats.refs[first]
+    seen = {}
+    hook = dict(teacher.named_modules())[first].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    moments, losses = [], []
+    for x in (torch.randn(32, *SHAPE), torch.randn(32, *SHAPE) * 2 + 1):
+        with torch.no_grad():
+            teacher(x)
+        moments.append((seen["x"].mean((0, 2, 3)), seen["x"].var((0, 2, 3), unbiased=False)))
+        losses.append(float(stats.loss(1.0)))
+        stats.update_momentum()
+    hook.remove()
+    stats.close()
+    (mu1, v1), (mu2, v2) = moments
+    assert losses[0] == pytest.approx(float(moment_distance(mu1, v1, ref_mu, ref_var)), rel=1e-5)
+    blend = moment_distance(0.1 * mu2 + 0.9 * mu1, 0.1 * v2 + 0.9 * v1, ref_mu, ref_var)
+    assert losses[1] == pytest.approx(float(blend), rel=1e-5)
+    running_mu, _ = stats.running[first]
+    torch.testing.assert_close(running_mu, 0.9 * mu1 + 0.1 * mu2)
+
+
+# -- the meta update -------------------------------------------------------------------------------
+def test_first_order_meta_step_by_hand():
+    """Two inner SGD steps on L(w) = 1/2 ||w - a||^2 from w0: the meta gradient is g(w0) + g(w1), and the
+    meta-optimizer's first Adam step moves each weight by -lr * g / (|g| + eps)."""
+    torch.manual_seed(0)
+    meta = torch.nn.Linear(2, 1, bias=False)
+    w0 = meta.weight.detach().clone()
+    a = torch.tensor([[0.5, -2.0]])
+    fast = copy.deepcopy(meta)
+    inner = torch.optim.SGD(fast.parameters(), lr=0.1)
+    meta_opt = torch.optim.Adam(meta.parameters(), lr=0.01, betas=(0.5, 0.999))
+    meta_opt.zero_grad(set_to_none=True)
+    for _ in range(2):
+        loss = 0.5 * (fast.weight - a).pow(2).sum()
+        inner.zero_grad()
+        loss.backward()
+        add_first_order_grads(meta, fast)
+        inner.step()
+    g0 = w0 - a
+    w1 = w0 - 0.1 * g0
+    g = g0 + (w1 - a)
+    torch.testing.assert_close(meta.weight.grad, g)
+    meta_opt.step()
+    torch.testing.assert_close(meta.weight.detach(), w0 - 0.01 * g / (g.abs() + 1e-8))
+    set_reptile_grads(meta, fast)  # Reptile: the displacement the adaptation made
+    torch.testing.assert_close(meta.weight.grad, meta.weight.detach() - (w1 - 0.1 * (w1 - a)))
+
+
+# -- the chain ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["fast", "nayer"])
+def test_chain_fills_the_store_with_its_targets_and_saves_the_proxy_student(tmp_path, method):
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    out = str(tmp_path / "s.zarr")
+    res = CliRunner().invoke(cli, _args(t, out, method, 4))
+    assert res.exit_code == 0, res.output
+    r = store.open(out)
+    assert r.complete
+    labels = r.read(0, 64).labels
+    assert np.bincount(labels, minlength=10).tolist() == np.bincount(np.arange(64) % 10).tolist()
+    seq = r.meta.provenance["sequential"]
+    assert seq["chains"] == 1 and "contiguous" in seq["order"]
+    assert os.path.exists(str(tmp_path / "s.student.pt")) and os.path.exists(str(tmp_path / "s.chain.pt"))
+    again = str(tmp_path / "again.zarr")
+    assert CliRunner().invoke(cli, _args(t, again, method, 4)).exit_code == 0
+    np.testing.assert_array_equal(r.read(0, 64).images, store.open(again).read(0, 64).images)
+
+
+def test_sigkill_at_random_units_then_resume_equals_an_uninterrupted_run(tmp_path):
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    cut, whole = str(tmp_path / "cut.zarr"), str(tmp_path / "whole.zarr")
+    extra = ["--set", "checkpoint_every=2", "--set", "g_steps=25"]  # a kill may fall between a write and a checkpoint
+    rng = random.Random(os.getpid())
+    for target in sorted(rng.sample(range(1, 7), 2)):
+        resume = ["--resume"] if os.path.exists(cut) else []
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *_args(t, cut, "fast", 8, *extra, *resume)],
+                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if store.open(cut).done_mask(refresh=True).sum() >= target:
+                    break
+            except store.StoreError:
+                pass
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not store.open(cut).complete, "the runs finished before they were killed; make the units slower"
+    _run(_args(t, cut, "fast", 8, *extra, "--resume"))
+    _run(_args(t, whole, "fast", 8, *extra))
+    assert _data(cut) == _data(whole)
+    for saved in (_student, _generator_state):
+        a, b = saved(cut), saved(whole)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_damaged_unit_is_remade_by_replaying_the_chain(tmp_path):
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    out = str(tmp_path / "s.zarr")
+    assert CliRunner().invoke(cli, _args(t, out, "nayer", 5)).exit_code == 0
+    before = tree_bytes(out)
+    os.remove(os.path.join(out, "images", "c", "2", "0", "0", "0"))
+    res = CliRunner().invoke(cli, _args(t, out, "nayer", 5, "--resume"))
+    assert res.exit_code == 0, res.output
+    assert tree_bytes(out) == before
+
+
+def test_a_resume_with_other_settings_is_refused_in_one_line(tmp_path):
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    out = str(tmp_path / "s.zarr")
+    assert CliRunner().invoke(cli, _args(t, out, "fast", 3)).exit_code == 0
+    res = CliRunner().invoke(cli, _args(t, out, "fast", 3, "--resume", "--set", "lr_z=0.5"))
+    assert res.exit_code != 0
+    assert "lr_z was 0.01, now 0.5" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_fast_needs_a_proxy_student(tmp_path):
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    args = [a for a in _args(t, str(tmp_path / "s.zarr"), "fast", 2) if a != "lenet5_half" and a != "--student"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0 and "pass --student" in res.output
+    assert not os.path.exists(str(tmp_path / "s.zarr"))
+
+
+# -- nayer's class embeddings -------------------------------------------------------------------------
+def test_nayer_reads_class_embeddings_from_a_file_and_refuses_a_wrong_one(tmp_path):
+    from safetensors.torch import save_file
+
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    good, bad = str(tmp_path / "e.safetensors"), str(tmp_path / "bad.safetensors")
+    save_file({"embeddings": torch.randn(10, 12)}, good)
+    save_file({"embeddings": torch.randn(7, 12)}, bad)
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    assert CliRunner().invoke(cli, _args(t, a, "nayer", 2)).exit_code == 0
+    assert CliRunner().invoke(cli, _args(t, b, "nayer", 2, "--set", f"embeddings={good}")).exit_code == 0
+    assert not np.array_equal(store.open(a).read(0, 32).images, store.open(b).read(0, 32).images)
+    res = CliRunner().invoke(cli, _args(t, str(tmp_path / "c.zarr"), "nayer", 2, "--set", f"embeddings={bad}"))
+    assert res.exit_code != 0 and "must hold one 10×D tensor" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+# -- torchrun ---------------------------------------------------------------------------------------
+def _torchrun(args: list[str]) -> None:
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "pipelines.cli", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_two_rank_chains_fill_the_store_the_same_way_twice_and_resume(tmp_path):
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    _torchrun(_args(t, a, "fast", 6))
+    _torchrun(_args(t, b, "fast", 6))
+    assert store.open(a).complete
+    assert _data(a) == _data(b)
+    for r in (0, 1):
+        assert os.path.exists(str(tmp_path / f"a.chain-{r}-of-2.pt"))
+    os.remove(os.path.join(b, "images", "c", "4", "0", "0", "0"))  # a unit of rank 1's chain
+    _torchrun(_args(t, b, "fast", 6, "--resume"))
+    assert _data(a) == _data(b)
+    res = CliRunner().invoke(cli, _args(t, b, "fast", 6, "--resume"))  # one process: another store
+    assert res.exit_code != 0 and "provenance.sequential.chains was 2, now 1" in res.output
