@@ -35,26 +35,36 @@ class Source(Protocol):
 
 
 class StoreSource:
-    """Batches of a synthetic store: stored images and the teacher's stored logits."""
+    """Batches of one synthetic store, or of the union of several (one seeded shuffle over all their samples):
+    stored images and the teacher's stored logits."""
 
-    def __init__(self, path: str, batch_size: int, seed: int = 0, workers: int = 0, **loader_kw) -> None:
-        self.dataset = store.StoreDataset(path, batch_size, seed=seed, **loader_kw)
+    def __init__(self, path: str | list[str], batch_size: int, seed: int = 0, workers: int = 0, **loader_kw) -> None:
+        paths = [path] if isinstance(path, str) else list(path)
+        readers = [store.open(p) for p in paths]
+        check_same_teacher(readers)
+        self.dataset = store.StoreDataset(paths, batch_size, seed=seed, **loader_kw)
         meta = self.dataset.meta
-        self.num_classes, self.image_shape, self.name = meta.num_classes, meta.image_shape, f"store:{path}"
-        if meta.mean is None or meta.std is None:
-            raise store.StoreError(f"{path} records no normalization mean/std; the synthesis stage writes the "
-                                   "teacher's, re-create the store with dfkd synth")
+        self.num_classes, self.image_shape, self.name = meta.num_classes, meta.image_shape, "store:" + "+".join(paths)
+        for r in readers:
+            if r.meta.mean is None or r.meta.std is None:
+                raise store.StoreError(f"{r.path} records no normalization mean/std; the synthesis stage writes the "
+                                       "teacher's, re-create the store with dfkd synth")
         self.mean, self.std = meta.mean, meta.std
         self.workers = workers
         if len(self.dataset) == 0:
-            raise store.StoreError(f"{path} has no finished samples to distill from; finish it with --resume")
-        self.reader = store.open(path)
-        check_targets(self.reader)
-        self.batch_size, self.seed = batch_size, seed
+            raise store.StoreError(f"{'+'.join(paths)} has no finished samples to distill from; finish it with --resume")
+        self.readers = readers
+        for r in readers:
+            check_targets(r)
+        self.batch_size, self.seed, self.max_images = batch_size, seed, loader_kw.get("max_images")
 
     def identity(self) -> dict:
-        """The store's identity (plan, done units, checksums) and how it is batched."""
-        return {"store": self.reader.identity(), "batch_size": self.batch_size, "seed": self.seed}
+        """The stores' identities (plan, done units, checksums) and how they are batched."""
+        ids = [r.identity() for r in self.readers]
+        out = {"store": ids[0] if len(ids) == 1 else ids, "batch_size": self.batch_size, "seed": self.seed}
+        if self.max_images is not None:
+            out["max_images"] = self.max_images
+        return out
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -101,6 +111,28 @@ class TensorSource:
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             yield self.images[idx], None, self.labels[idx]
+
+
+def check_same_teacher(readers: list[store.StoreReader]) -> None:
+    """Stores read as one must come from one teacher (its weights' fingerprint) with one normalization; a store
+    mixed with others must record its teacher."""
+    if len(readers) < 2:
+        return
+    first = readers[0]
+    for r in readers:
+        if not r.meta.provenance.get("teacher_fingerprint"):
+            raise store.StoreError(f"{r.path} records no teacher fingerprint, so it cannot be checked against the "
+                                   "other stores; distill from it alone, or re-make it with this version of dfkd")
+    for r in readers[1:]:
+        a, b = first.meta, r.meta
+        for what, x, y in (("image shape", tuple(a.image_shape), tuple(b.image_shape)),
+                           ("class count", a.num_classes, b.num_classes),
+                           ("teacher", a.provenance["teacher_fingerprint"], b.provenance["teacher_fingerprint"]),
+                           ("normalization", (tuple(a.mean or ()), tuple(a.std or ())),
+                            (tuple(b.mean or ()), tuple(b.std or ())))):
+            if x != y:
+                raise store.StoreError(f"{r.path} and {first.path} differ in {what} ({y} against {x}); distill "
+                                       "together only stores made from the same teacher")
 
 
 def check_targets(reader: store.StoreReader) -> None:

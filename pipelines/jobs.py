@@ -22,6 +22,7 @@ from distill.trainer import StudentSpec, TrainConfig, Trainer
 from store.errors import DfkdError
 from store.runtime import rank_and_world
 from synth.engine import SynthConfig, synthesize
+from synth.teacher import fingerprint
 from synth.methods import method_class
 from synth.methods.generative import GenerativeMethod, artifact_prefix
 from synth.record import Record, record
@@ -155,7 +156,7 @@ def fill_real_store(path: str, teacher_path: str, real: RealData, num_images: in
                             for i in range(0, num_images, 1000)])
     meta = store.StoreMeta(num_samples=num_images, image_shape=spec.image_shape, num_classes=spec.num_classes,
                            unit_size=unit_size, logits_dtype="float32", base_seed=seed, mean=spec.mean, std=spec.std,
-                           provenance={"method": "real", "data": real.name})
+                           provenance={"method": "real", "data": real.name, "teacher_fingerprint": fingerprint(teacher)})
     w = store.create(path, meta, overwrite=overwrite)
     for u in w.pending_units():
         lo, hi = w.unit_range(u)
@@ -166,9 +167,9 @@ def fill_real_store(path: str, teacher_path: str, real: RealData, num_images: in
 
 @dataclass
 class DistillJob:
-    """Students trained together from one store, evaluated on a real test split."""
+    """Students trained together from one store (or the union of several), evaluated on a real test split."""
 
-    store: str
+    store: str | list[str]
     students: list[str]
     out: str
     epochs: int = 20
@@ -188,6 +189,7 @@ class DistillJob:
     amp: str = "auto"
     compile: bool = False
     eval_every: int = 0  # epochs between test evaluations; 0: the last epoch only
+    max_images: int | None = None  # a seeded draw of whole units, an equal share of each store
 
 
 def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -196,7 +198,7 @@ def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tenso
     for name in job.students:
         check_model_name(name)
     if source is None:
-        source = StoreSource(job.store, job.batch_size, seed=job.seed, workers=job.workers)
+        source = StoreSource(job.store, job.batch_size, seed=job.seed, workers=job.workers, max_images=job.max_images)
     cfg = TrainConfig(epochs=job.epochs, seed=job.seed, augment=job.augment, device=job.device, out_dir=job.out,
                       resume=job.resume, progress=job.progress, eval_every=job.eval_every or job.epochs,
                       amp=job.amp, compile=job.compile,
@@ -209,6 +211,8 @@ def run_distill(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] |
                 teacher: nn.Module | None = None) -> dict[str, Any]:
     """Distill every student in one pass over the store; returns the trainer's metrics plus seconds."""
     t0 = time.perf_counter()
-    metrics = distill_trainer(job, evaluation, teacher).fit()
+    trainer = distill_trainer(job, evaluation, teacher)
+    metrics = trainer.fit()
     metrics["seconds"] = time.perf_counter() - t0
+    metrics["images"] = trainer.source.dataset.num_samples * trainer.world  # what the students trained on
     return metrics

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import torch
 
-import store
 from store import fs
 from store.identity import digest
 from distill.checkpoint import load_model
@@ -133,8 +132,10 @@ class Runner:
         for d in p.distill:
             for name in d.stores or [s.name for s in p.synth]:
                 key = f"distill:{d.name}/{name}"
-                stages.append(Stage(key, [f"synth:{name}"], {**dataclasses.asdict(d), "stores": None, "seed": p.run.seed,
-                                                              "eval": p.data.name}, self._distill_runner(d, name),
+                conf = {**dataclasses.asdict(d), "stores": None, "seed": p.run.seed, "eval": p.data.name}
+                if not d.max_images:  # the key's default keeps the fingerprints of files written before it
+                    del conf["max_images"]
+                stages.append(Stage(key, [f"synth:{part}" for part in name.split("+")], conf, self._distill_runner(d, name),
                                     (lambda k=key: [self.path("distill", k[len("distill:"):], "metrics.json")])))
         keys = {s.key for s in stages}
         for s in stages:
@@ -287,14 +288,14 @@ class Runner:
             out = self.path("distill", d.name, store_name)
             if not resume and os.path.exists(os.path.join(out, "run.pt")):
                 os.remove(os.path.join(out, "run.pt"))  # a fresh run: the old one had other settings
-            job = DistillJob(self.store_path(store_name), list(d.students), out, epochs=d.epochs,
+            paths = [self.store_path(part) for part in store_name.split("+")]
+            job = DistillJob(paths, list(d.students), out, epochs=d.epochs, max_images=d.max_images or None,
                              batch_size=d.batch_size, optimizer=d.optimizer, lr=d.lr or None,
                              weight_decay=d.weight_decay, temperature=d.temperature, ce_teacher=d.ce_teacher,
                              augment=d.augment, seed=self.p.run.seed, device=self.device, resume=resume,
                              progress=self.progress)
             m = run_distill(job, (self.data.test_images, self.data.test_labels))
-            images = store.open(self.store_path(store_name)).meta.num_samples
-            return {"images": images, "students": {k: {"arch": v["arch"], "parameters": v["parameters"],
+            return {"images": m["images"], "students": {k: {"arch": v["arch"], "parameters": v["parameters"],
                                                          "test_top1": v["final"].get("test_top1")}
                                                      for k, v in m["students"].items()}}
         return run

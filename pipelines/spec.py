@@ -76,11 +76,14 @@ class SynthSection:
 
 @dataclass
 class DistillSection:
-    """[[distill]]: students trained together from each listed store (default: every store)."""
+    """[[distill]]: students trained together from each listed store (default: every store). An entry "X+Y"
+    trains on the union of stores X and Y, shuffled as one; max_images > 0 keeps that many images of each entry
+    (whole units drawn with the seed, an equal share of each store of a union)."""
 
     name: str
     students: list[str]
     stores: list[str] = field(default_factory=list)
+    max_images: int = 0
     epochs: int = 20
     batch_size: int = 256
     optimizer: str = "adam"
@@ -226,9 +229,12 @@ def _validate(p: Pipeline) -> None:
                 check_model_name(s)
             except ModelError as e:
                 raise PipelineError(f"{where} key 'students': {e}") from None
-        for s in d.stores:
-            if s not in names:
-                raise PipelineError(f"{where} key 'stores': no [[synth]] named {s!r}; names are {', '.join(names)}")
+        for entry in d.stores:
+            for s in entry.split("+"):
+                if s not in names:
+                    raise PipelineError(f"{where} key 'stores': no [[synth]] named {s!r}; names are {', '.join(names)}")
+        if d.max_images < 0:
+            raise PipelineError(f"{where} key 'max_images' must be >= 0 (0: every image), got {d.max_images}")
         if d.optimizer not in ("sgd", "adam"):
             raise PipelineError(f"{where} key 'optimizer' must be sgd or adam, got {d.optimizer!r}")
         if d.augment not in ("none", "crop", "flip-crop"):

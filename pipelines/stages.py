@@ -65,7 +65,11 @@ def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], wh
 
 
 @click.command("distill")
-@click.option("--store", "store_path", default=None, help="Synthetic store to distill from (no teacher needed).")
+@click.option("--store", "store_path", multiple=True, help="Synthetic store to distill from (no teacher needed); repeat "
+              "to train on the union of several stores of one teacher, shuffled as one.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="Train on this many images of the store(s): whole units drawn with --seed, an equal share of each "
+                   "store (to compare a mixture with one store at an equal image count).")
 @click.option("--kd-data", default=None, help="Classical KD on this real dataset instead of a store (needs --teacher).")
 @click.option("--student", "students", multiple=True, required=True, help="Student model; repeat for several.")
 @click.option("--teacher", default=None, help="Teacher checkpoint: online targets for augmented views, or for --kd-data.")
@@ -93,13 +97,13 @@ def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], wh
               help="Mixed precision on CUDA (auto: bf16 where supported, else fp16 + grad scaler); off on CPU.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the students (CUDA; slow first steps).")
 @model_code_option
-def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
+def distill_cmd(store_path: tuple[str, ...], max_images: int | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
                 eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
                 lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
                 augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str,
                 compile_: bool, model_code: tuple[str, ...]) -> None:
     """Train one or more students at once from a store (or, with --kd-data, from real data and a teacher)."""
-    if (store_path is None) == (kd_data is None):
+    if bool(store_path) == (kd_data is not None):
         raise click.UsageError("give exactly one of --store (data-free) or --kd-data (classical KD on real data)")
     if kd_weight == 0 and ce_teacher == 0:
         raise click.UsageError("--kd and --ce-teacher are both 0: the students would have nothing to learn; keep "
@@ -107,23 +111,23 @@ def distill_cmd(store_path: str | None, kd_data: str | None, students: tuple[str
     for name in students:
         check_model_name(name)  # unknown names fail here, before any data is loaded
     with distributed(device) as rank_device:  # under torchrun: DDP per student, equal batches per rank
-        _distill(store_path, kd_data, students, teacher, eval_data, data_root, epochs, batch_size, optimizer, lr,
-                 weight_decay, temperature, kd_weight, ce_teacher, augment, workers, seed, rank_device, out, resume,
-                 amp, compile_, model_code)
+        _distill(list(store_path), kd_data, students, teacher, eval_data, data_root, epochs, batch_size, optimizer,
+                 lr, weight_decay, temperature, kd_weight, ce_teacher, augment, workers, seed, rank_device, out, resume,
+                 amp, compile_, model_code, max_images)
 
 
-def _distill(store_path: str | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
+def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ...], teacher: str | None,
              eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
              lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
              augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str = "auto",
-             compile_: bool = False, model_code: tuple[str, ...] = ()) -> None:
+             compile_: bool = False, model_code: tuple[str, ...] = (), max_images: int | None = None) -> None:
     t_model, t_spec = None, None
     if teacher is not None:
         t_model, t_spec, _ = load_model(teacher, "teacher", model_code)
-    job = DistillJob(store_path or "", list(students), out, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+    job = DistillJob(store_path, list(students), out, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                      lr=lr, weight_decay=weight_decay, temperature=temperature, kd=kd_weight, ce_teacher=ce_teacher,
                      augment=augment, seed=seed, workers=workers, device=device, resume=resume, amp=amp,
-                     compile=compile_, eval_every=1)
+                     compile=compile_, eval_every=1, max_images=max_images)
     if kd_data is not None:
         if t_model is None:
             raise click.UsageError("--kd-data needs --teacher (the teacher labels the real images online)")
@@ -132,9 +136,9 @@ def _distill(store_path: str | None, kd_data: str | None, students: tuple[str, .
         source: Any = TensorSource(real.train_images, real.train_labels, real.num_classes, t_spec.mean, t_spec.std,
                                    batch_size, seed, name=f"kd:{real.name}")
     else:
-        source = StoreSource(store_path, batch_size, seed=seed, workers=workers)
+        source = StoreSource(store_path, batch_size, seed=seed, workers=workers, max_images=max_images)
         if t_spec is not None:
-            _check_teacher(t_spec, source.num_classes, source.image_shape, store_path)
+            _check_teacher(t_spec, source.num_classes, source.image_shape, " + ".join(store_path))
     evaluation = None
     if eval_data is not None:
         ev = load_data(eval_data, data_root)

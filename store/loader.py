@@ -35,7 +35,7 @@ class Batch(NamedTuple):
     indices: torch.Tensor
 
 
-def epoch_order(meta: StoreMeta, units: list[int], *, seed: int, epoch: int, shuffle: bool,
+def epoch_order(meta: StoreMeta | Union, units: list[int], *, seed: int, epoch: int, shuffle: bool,
                 buffer_units: int) -> np.ndarray:
     """Global sample order for one epoch: shuffled units, shuffled again inside buffers of whole units."""
     units = np.asarray(sorted(units), dtype=np.int64)
@@ -62,13 +62,74 @@ def split_batches(n: int, batch_size: int, drop_last: bool) -> list[tuple[int, i
     return [(i * batch_size, min((i + 1) * batch_size, n)) for i in range(count)]
 
 
-class StoreDataset(IterableDataset):
-    """Yields whole `Batch`es (use `DataLoader(ds, batch_size=None)`); call `set_epoch` before each epoch."""
+class Union:
+    """One or several stores as one index space (store k's samples follow store k-1's), unit by unit.
 
-    def __init__(self, path: str, batch_size: int, *, shuffle: bool = True, seed: int = 0, buffer_units: int = 8,
-                 drop_last: bool = False, rank: int | None = None, world_size: int | None = None,
-                 in_ram: bool | None = None, ram_limit: int = DEFAULT_RAM_LIMIT,
-                 prefetch_units: int | None = None) -> None:
+    Global unit g is unit `local[g]` of store `owner[g]` and holds global samples [starts[g], ends[g]); with one
+    store, global and local numbers are the same. Stores must agree on image shape and class count; logits
+    are read as the widest of their dtypes.
+    """
+
+    def __init__(self, readers: list[StoreReader]) -> None:
+        self.readers = readers
+        first = readers[0].meta
+        for r in readers[1:]:
+            for what, a, b in (("image shape", first.image_shape, r.meta.image_shape),
+                               ("class count", first.num_classes, r.meta.num_classes)):
+                if tuple(np.atleast_1d(a)) != tuple(np.atleast_1d(b)):
+                    raise StoreError(f"{r.path} has {what} {b} but {readers[0].path} has {a}; only stores of the "
+                                     "same teacher and data can be read as one")
+        self.image_shape, self.num_classes = tuple(first.image_shape), first.num_classes
+        self.logits_dtype = np.result_type(*[r.meta.logits_dtype for r in readers])
+        owner, local, starts, ends, done = [], [], [], [], []
+        offset = 0
+        for k, r in enumerate(readers):
+            mask = r.done_mask()
+            for u in range(r.meta.num_units):
+                lo, hi = r.meta.unit_range(u)
+                owner.append(k), local.append(u), starts.append(offset + lo), ends.append(offset + hi)
+                if mask[u]:
+                    done.append(len(owner) - 1)
+            offset += r.meta.num_samples
+        self.owner, self.local = np.asarray(owner, np.int64), np.asarray(local, np.int64)
+        self.starts, self.ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+        self.done = done  # snapshot: every rank and worker plans from the same done units
+        self.num_samples = offset
+
+    def unit_range(self, g: int) -> tuple[int, int]:
+        return int(self.starts[g]), int(self.ends[g])
+
+    def unit_of(self, idx: np.ndarray) -> np.ndarray:
+        """The global unit holding each global sample index."""
+        return np.searchsorted(self.starts, idx, side="right") - 1
+
+    def read_unit(self, g: int, readers: list[StoreReader] | None = None) -> Records:
+        rec = (readers or self.readers)[self.owner[g]].backend.read_unit(int(self.local[g]))
+        if rec.logits.dtype != self.logits_dtype:
+            rec = Records(rec.images, rec.logits.astype(self.logits_dtype), rec.labels)
+        return rec
+
+    def nbytes(self) -> int:
+        return sum(r.nbytes() for r in self.readers)
+
+    def load_all(self) -> Records:
+        """Every done sample of every store, in global index order."""
+        parts = [r.load_all() for r in self.readers]
+        parts = [Records(p.images, p.logits.astype(self.logits_dtype, copy=False), p.labels) for p in parts]
+        return parts[0] if len(parts) == 1 else Records.concat(parts)
+
+
+class StoreDataset(IterableDataset):
+    """Yields whole `Batch`es (use `DataLoader(ds, batch_size=None)`); call `set_epoch` before each epoch.
+
+    `path` may be a list of stores: their union is shuffled as one (indices are then global, store k's after
+    store k-1's). `max_images` keeps a seeded draw of whole done units, an equal share of each store.
+    """
+
+    def __init__(self, path: str | list[str], batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 buffer_units: int = 8, drop_last: bool = False, rank: int | None = None,
+                 world_size: int | None = None, in_ram: bool | None = None, ram_limit: int = DEFAULT_RAM_LIMIT,
+                 prefetch_units: int | None = None, max_images: int | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise StoreError(f"batch_size must be >= 1, got {batch_size}")
@@ -77,22 +138,46 @@ class StoreDataset(IterableDataset):
         self.rank, self.world_size = (rank, world_size) if rank is not None else rank_and_world()
         if not 0 <= self.rank < self.world_size:
             raise StoreError(f"rank {self.rank} is outside a world of size {self.world_size}")
-        self.path, self.batch_size, self.shuffle, self.seed = str(path), batch_size, shuffle, seed
+        self.paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
+        if not self.paths:
+            raise StoreError("give at least one store")
+        self.path = self.paths[0] if len(self.paths) == 1 else "+".join(self.paths)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_units, self.drop_last, self.epoch = buffer_units, drop_last, 0
         self.prefetch_units = buffer_units + 2 if prefetch_units is None else prefetch_units
-        reader = open_store(self.path)
-        self.meta = reader.meta
-        self.units = reader.done_units()  # snapshot: every rank and worker plans from the same done units
-        self.in_ram = reader.nbytes() <= ram_limit if in_ram is None else in_ram
-        self._reader: StoreReader | None = None if self.in_ram else reader
+        self.union = Union([open_store(p) for p in self.paths])
+        self.meta = self.union.readers[0].meta
+        self.units = self.union.done if max_images is None else self._draw(max_images)
+        self.in_ram = self.union.nbytes() <= ram_limit if in_ram is None else in_ram
+        self._readers: list[StoreReader] | None = None if self.in_ram else self.union.readers
         self._ram: Records | None = None
         self._pos: np.ndarray | None = None
         if self.in_ram:  # loaded once, before workers fork, so they share it
-            self._ram = reader.load_all()
-            self._pos = np.full(self.meta.num_samples, -1, np.int64)
-            done_idx = np.concatenate([np.arange(*self.meta.unit_range(u)) for u in self.units]) if self.units \
+            self._ram = self.union.load_all()
+            self._pos = np.full(self.union.num_samples, -1, np.int64)
+            all_done = self.union.done
+            done_idx = np.concatenate([np.arange(*self.union.unit_range(u)) for u in all_done]) if all_done \
                 else np.empty(0, np.int64)
             self._pos[done_idx] = np.arange(len(done_idx))
+
+    def _draw(self, max_images: int) -> list[int]:
+        """Whole done units, an equal share of `max_images` from each store, drawn with the seed."""
+        share = max_images // len(self.paths)
+        rng = np.random.default_rng([self.seed, 7919])
+        keep = []
+        for k, path in enumerate(self.paths):
+            mine = [g for g in self.union.done if self.union.owner[g] == k]
+            picked, n = [], 0
+            for g in rng.permutation(mine).tolist():
+                if n >= share:
+                    break
+                picked.append(g)
+                n += int(self.union.ends[g] - self.union.starts[g])
+            if n < share:
+                raise StoreError(f"{path} has {n} finished images, fewer than its share {share} of max_images "
+                                 f"{max_images}; lower max_images or finish the store")
+            keep += picked
+        return sorted(keep)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose shuffle the next iteration uses (same on every rank)."""
@@ -101,7 +186,7 @@ class StoreDataset(IterableDataset):
     @property
     def num_samples(self) -> int:
         """Samples this rank sees per epoch."""
-        total = sum(hi - lo for lo, hi in map(self.meta.unit_range, self.units))
+        total = sum(hi - lo for lo, hi in map(self.union.unit_range, self.units))
         return total // self.world_size
 
     def __len__(self) -> int:
@@ -110,7 +195,7 @@ class StoreDataset(IterableDataset):
 
     def _plan(self) -> list[np.ndarray]:
         buffer = len(self.units) if self.in_ram else self.buffer_units
-        order = epoch_order(self.meta, self.units, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+        order = epoch_order(self.union, self.units, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
                             buffer_units=buffer)
         mine = rank_slice(order, self.rank, self.world_size)
         batches = split_batches(len(mine), self.batch_size, self.drop_last)
@@ -127,20 +212,20 @@ class StoreDataset(IterableDataset):
     def _iter_ram(self, plan: list[np.ndarray]) -> Iterator[Batch]:
         # torch's index_select gathers rows ~2x faster than numpy fancy indexing
         images, logits, labels = (torch.from_numpy(a) for a in (self._ram.images, self._ram.logits, self._ram.labels))
-        identity = len(self._ram) == self.meta.num_samples  # complete store: position == index
+        identity = len(self._ram) == self.union.num_samples  # complete stores: position == index
         for idx in plan:
             rows = torch.from_numpy(idx if identity else self._pos[idx])
             yield Batch(images.index_select(0, rows), logits.index_select(0, rows), labels.index_select(0, rows),
                         torch.from_numpy(idx))
 
     def _iter_stream(self, plan: list[np.ndarray]) -> Iterator[Batch]:
-        if self._reader is None or get_worker_info() is not None:
-            self._reader = open_store(self.path)  # each worker process opens its own handle
-        reader, us = self._reader, self.meta.unit_size
+        if self._readers is None or get_worker_info() is not None:
+            self._readers = [open_store(p) for p in self.paths]  # each worker process opens its own handles
+        union, readers = self.union, self._readers
         first_use: list[int] = []  # units in the order the plan first needs them: the read-ahead order
         last_use: dict[int, int] = {}
         for j, idx in enumerate(plan):
-            for u in np.unique(idx // us).tolist():
+            for u in np.unique(union.unit_of(idx)).tolist():
                 if u not in last_use:
                     first_use.append(u)
                 last_use[u] = j
@@ -149,31 +234,30 @@ class StoreDataset(IterableDataset):
         # one background reader overlaps decoding the next chunks with assembling the current batch
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfkd-read") as pool:
             for j, idx in enumerate(plan):
-                owner = idx // us
+                owner = union.unit_of(idx)
                 need = np.unique(owner).tolist()
                 while ahead < len(first_use) and (first_use[ahead] in need or len(cache) < self.prefetch_units):
                     u = first_use[ahead]
-                    cache[u] = pool.submit(reader.backend.read_unit, u)  # one whole chunk
+                    cache[u] = pool.submit(union.read_unit, u, readers)  # one whole chunk
                     ahead += 1
                 if len(need) == 1:
-                    rec = cache[need[0]].result().take(idx - need[0] * us)
+                    rec = cache[need[0]].result().take(idx - union.starts[need[0]])
                 else:
-                    rec = _gather({u: cache[u].result() for u in need}, need, owner, idx, us, self.meta)
+                    rec = _gather({u: cache[u].result() for u in need}, need, owner, idx, union)
                 yield _to_batch(rec, idx)
                 for u in need:
                     if last_use[u] == j:
                         del cache[u]
 
 
-def _gather(cache: dict[int, Records], need: list[int], owner: np.ndarray, idx: np.ndarray, us: int,
-            meta: StoreMeta) -> Records:
+def _gather(cache: dict[int, Records], need: list[int], owner: np.ndarray, idx: np.ndarray, union: Union) -> Records:
     """Assemble one batch whose samples come from several cached units."""
     n = len(idx)
-    out = Records(np.empty((n, *meta.image_shape), np.uint8), np.empty((n, meta.num_classes), meta.logits_dtype),
+    out = Records(np.empty((n, *union.image_shape), np.uint8), np.empty((n, union.num_classes), union.logits_dtype),
                   np.empty(n, np.int64))
     for u in need:
         sel = owner == u
-        src = cache[u].take(idx[sel] - u * us)
+        src = cache[u].take(idx[sel] - union.starts[u])
         out.images[sel], out.logits[sel], out.labels[sel] = src.images, src.logits, src.labels
     return out
 

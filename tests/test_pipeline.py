@@ -144,12 +144,20 @@ def test_shipped_pipelines_parse_and_dry_run(tmp_path):
         load_pipeline(str(tmp_path / "none.toml"))
 
 
-def test_report_states_each_student_against_real_data_kd_of_its_teacher_and_arch():
-    from pipelines.report import with_real_ratio
+def test_report_states_each_student_against_real_data_kd_of_its_teacher_arch_and_image_count():
+    from pipelines.report import seed_groups, with_real_ratio
 
-    def row(teacher, method, arch, top1, distill="d"):
-        return {"teacher": teacher, "method": method, "arch": arch, "test_top1": top1, "distill": distill}
-    rows = with_real_ratio([row("A", "real", "s", 0.80), row("A", "deepinversion", "s", 0.72),
-                            row("A", "adversarial", "s", 0.40, distill="(proxy)"), row("A", "noise", "t", 0.10),
+    def row(teacher, method, arch, top1, distill="d", store="x", images=100, setting=None):
+        return {"teacher": teacher, "method": method, "arch": arch, "test_top1": top1, "distill": distill,
+                "store": store, "images": None if distill == "(proxy)" else images, "synth_s": 10.0,
+                "student": arch, "setting": setting}
+    rows = with_real_ratio([row("A", "real", "s", 0.80), row("A", "deepinversion", "s", 0.72, store="di"),
+                            row("A", "adversarial", "s", 0.40, distill="(proxy)", store="di"),
+                            row("A", "noise", "t", 0.10), row("A", "mix", "s", 0.70, images=200),
+                            row("A", "real", "s", 0.90, images=200),
                             row("B", "real", "s", 0.50), row("B", "stat", "s", 0.25)])
-    assert [r["vs_real"] for r in rows] == pytest.approx([1.0, 0.9, 0.5, None, 1.0, 0.5])
+    assert [r["vs_real"] for r in rows] == pytest.approx([1.0, 0.9, 0.5, None, 0.7 / 0.9, 1.0, 1.0, 0.5])
+    seeds = seed_groups(with_real_ratio([row("A", "real", "s", 0.80), row("A", "fast", "s", 0.70, setting="k"),
+                                         row("A", "fast", "s", 0.74, setting="k"), row("A", "nayer", "s", 0.6, setting="j")]))
+    assert len(seeds) == 1 and seeds[0]["mean"] == pytest.approx(0.72) and seeds[0]["sd"] == pytest.approx(0.0283, abs=1e-4)
+    assert seeds[0]["ratio"] == pytest.approx(0.9)
