@@ -1,7 +1,10 @@
 """Synthesis overhead: ms per iteration and peak extra memory of each method beside its floor, measured
 in the same run. Inversion methods: one teacher forward + backward to the input pixels, teacher frozen,
 no hooks (ADI: that plus the same for the student). The adversarial round (5 student steps + 1
-generator step): the sum of the bare passes it needs, each timed alone (`round_floor`).
+generator step): the sum of the bare passes it needs, each timed alone (`round_floor`). One step of the
+memory-bank methods (fast, nayer: a unit of `--iterations` steps, clone and meta update included, divided by
+the steps): one bare step of the same generator (width 64, latent 256, pixels) with the teacher and the
+student forward and backward to the generator and z, and an Adam step (`bank_floor`).
 
     python -m benchmarks.synth_overhead [--cases resnet34:64,resnet34:256,lenet5_bn:256] [--iterations 5]
         [--methods floor,student_floor,stat,deepinversion,adi,round_floor,adversarial]
@@ -24,9 +27,11 @@ import time
 
 import torch
 
-METHODS = ["floor", "student_floor", "stat", "deepinversion", "adi", "round_floor", "adversarial"]
+METHODS = ["floor", "student_floor", "stat", "deepinversion", "adi", "round_floor", "adversarial", "bank_floor", "fast",
+           "nayer"]
 FLOORS = {"floor": (), "student_floor": (), "round_floor": (), "adi": ("floor", "student_floor"),
-          "adversarial": ("round_floor",)}  # what each row is measured against
+          "adversarial": ("round_floor",), "bank_floor": (), "fast": ("bank_floor",),
+          "nayer": ("bank_floor",)}  # what each row is measured against
 
 
 def _rss_mb() -> float:
@@ -152,6 +157,33 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
             m.generator_model.train()
             z_gen = torch.Generator().manual_seed(0)
             ms = _timed(lambda: m.train_round(z_gen), iterations, dev)
+            m.close()
+        elif method == "bank_floor":
+            g = create_generator("dcgan", 256, shape, 64, head="tanh").to(dev).train()
+            z = torch.randn(batch, 256, device=dev, requires_grad=True)
+            opt = torch.optim.Adam([*g.parameters(), z], lr=1e-3)
+
+            def step() -> None:
+                x = ctx.normalize(g(z))
+                with ctx.autocast():
+                    loss = (torch.nn.functional.cross_entropy(teacher(x).float(), targets)
+                            + student(x).float().logsumexp(1).mean())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            ms = _timed(step, iterations, dev)
+        elif method in ("fast", "nayer"):
+            m = create_method(method, ctx, {"g_steps": iterations, "warmup": 0, "kd_steps": 0})
+            m.init_chain(0)
+            gen = torch.Generator().manual_seed(0)
+            m.make_batch(targets, gen)  # warm-up
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            m.make_batch(targets, gen)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            ms = 1000 * (time.perf_counter() - t) / iterations
             m.close()
         else:
             m = create_method(method, ctx, {"iterations": 1, "jitter": 2, "flip": True})

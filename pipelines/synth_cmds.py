@@ -34,11 +34,11 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--method", type=click.Choice(list_methods()), required=True, help="Synthesis method.")
 @click.option("--num-images", type=click.IntRange(min=1), required=True, help="Images in the store.")
 @click.option("--out", required=True, help="Store path (*.zarr, or *.wds for WebDataset).")
-@click.option("--stats", default=None, help="Record from dfkd record: statistics/spectra of chosen layers (stat, spectral; "
-                                         "adversarial/dafl with --set w_stat=W).")
+@click.option("--stats", default=None, help="Record from dfkd record: statistics/spectra of chosen layers (stat, spectral, and the "
+                                         "BN-free teacher's statistics for fast/nayer; adversarial/dafl with --set w_stat=W).")
 @click.option("--student", default=None,
-              help="adi: the competing student's checkpoint. adversarial/dafl: the proxy student, a zoo name "
-                   "(e.g. lenet5_half) or a checkpoint to start from; it is saved as <store stem>.student.pt.")
+              help="adi: the competing student's checkpoint. adversarial/dafl/fast/nayer: the proxy student, a zoo "
+                   "name (e.g. lenet5_half) or a checkpoint to start from; it is saved as <store stem>.student.pt.")
 @click.option("--generator", default=None, help="adversarial/dafl: fill the store from this saved generator "
                                                  "(<stem>.generator.pt) instead of training one.")
 @click.option("--rounds", type=click.IntRange(min=0), default=None, help="adversarial/dafl: generator training rounds (the budget).")
@@ -60,7 +60,9 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
     """Fill a store with a method's images of the teacher, and the teacher's logits of those images.
 
     Generator methods (adversarial, dafl) first train a generator and a proxy student (checkpointed beside
-    the store, continued by --resume), then fill the store by sampling the generator.
+    the store, continued by --resume), then fill the store by sampling the generator. Memory-bank methods
+    (fast, nayer) make the store as a chain of batches, the proxy student learning from the units already
+    written; the chain is checkpointed at unit boundaries (<stem>.chain.pt), so --resume continues it exactly.
     """
     hparams = _parse_sets(sets)
     for key, value in (("iterations", iterations), ("rounds", rounds), ("generator", generator)):
@@ -76,6 +78,8 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
                f"in {res['seconds']:.0f} s")
     if "generator" in res:
         click.echo(f"generator: {res['generator']}; proxy student ({res['student_arch']}): {res['student']}")
+    elif "student" in res:
+        click.echo(f"proxy student ({res['student_arch']}): {res['student']}")
 
 
 @click.command("record")
