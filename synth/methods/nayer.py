@@ -4,7 +4,7 @@ The generator maps each target's class embedding (BatchNorm, then a linear "nois
 N(0, 1) for every batch, one per `chunk` samples) into a DCGAN body; the body persists across batches and
 is rebuilt every `g_life` units. The paper embeds class names with a text encoder; dfkd reads embeddings
 from a file (`embeddings=FILE.safetensors`, one row per class, any width) or, without one, draws fixed
-random embeddings from the store's seed.
+random embeddings from the chain's seed.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Nayer(BankMethod):
         self.class_embeddings = load_embeddings(config.embeddings, ctx.num_classes) if config.embeddings else None
 
     def init_chain(self, seed: int) -> None:
-        if self.class_embeddings is None:  # fixed for the whole store: from the seed, not the rank's chain
+        if self.class_embeddings is None:  # fixed for the whole chain, drawn from its seed (one per rank under torchrun)
             self.class_embeddings = torch.randn((self.ctx.num_classes, self.config.embedding_dim),
                                                 generator=torch.Generator().manual_seed(seed))
         self._build(seed)
