@@ -24,15 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.augment import augment, normalize
-from distill.losses import kd_loss
 from store import fs
+from store.augment import augment
 from store.identity import check_same_run
 
 from ..bank import MemoryBank
 from ..losses import agreement_kl
 from .base import Method, MethodError, SynthContext
 from .feature_stats import StatTerms
+from .generative import kl_divergence
 
 
 @dataclass
@@ -201,13 +201,17 @@ class BankMethod(Method):
                  gen: torch.Generator, after_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict]:
         """`g_steps` steps of `opt` on the batch `forward()` makes; returns the iterate of lowest total loss (the
         papers keep the batch's best) and the last step's loss values."""
-        best, best_loss, parts = None, math.inf, {}
+        best, best_loss, parts = None, None, {}
         for _ in range(self.config.g_steps):
             x = forward()
             loss, parts = self.batch_loss(x, targets, gen)
-            value = float(loss.detach())
-            if value < best_loss or best is None:
-                best, best_loss = x.detach(), value
+            with torch.no_grad():  # selected on the device: no host sync per step
+                score = loss.detach().float()
+                if best is None:
+                    best, best_loss = x.detach().clone(), score
+                else:
+                    best = torch.where(score < best_loss, x.detach(), best)
+                    best_loss = torch.minimum(score, best_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:
@@ -228,11 +232,11 @@ class BankMethod(Method):
                 for group in self.opt_s.param_groups:
                     group["lr"] = 0.5 * c.lr_s * (1 + math.cos(math.pi * min(self.kd_done, total) / total))
                 x = augment(self.bank.sample(c.kd_batch_size, self.chain_gen), "flip-crop", self.chain_gen, self.pad)
-                x = normalize(x.to(ctx.device), ctx.mean, ctx.std)
+                x = ctx.normalize(x.to(ctx.device).float() / 255.0)
                 with torch.no_grad(), ctx.autocast():
-                    t = ctx.teacher(x)
+                    t = ctx.teacher(x)  # online, on the augmented view: the stored logits are of the plain image
                 with ctx.autocast():
-                    loss = kd_loss(student(x), t, c.temperature)
+                    loss = kl_divergence(student(x), t, c.temperature) * c.temperature ** 2
                 self.opt_s.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt_s.step()
