@@ -20,12 +20,12 @@ import time
 import numpy as np
 import torch
 
-import store
-from distill.augment import normalize
-from distill.losses import Objective
-from distill.models import create_model
-from distill.sources import StoreSource, TensorSource
-from distill.trainer import StudentSpec, TrainConfig, Trainer
+from dfkd import store
+from dfkd.distill.augment import normalize
+from dfkd.distill.losses import Objective
+from dfkd.distill.models import create_model
+from dfkd.distill.sources import StoreSource, TensorSource
+from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
 
 SHAPE, K = (1, 28, 28), 10
 MEAN, STD = (0.286,), (0.353,)
@@ -52,7 +52,7 @@ def run_ms(source, students: list[str], epochs: int, teacher=None) -> float:
 
 def floor_ms(students: list[str], images: torch.Tensor, logits: torch.Tensor, batch: int, steps: int) -> float:
     """Bare forward + KD loss + backward + optimizer step of each student on batches already in memory."""
-    from store.runtime import amp_dtype
+    from dfkd.store.runtime import amp_dtype
 
     dev = torch.device(RUN["device"])
     amp = amp_dtype(RUN["amp"], dev)

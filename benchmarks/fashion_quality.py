@@ -17,14 +17,14 @@ import os
 import time
 
 
-from distill.augment import normalize
-from distill.checkpoint import load_model
-from distill.sources import StoreSource
-from distill.trainer import StudentSpec, TrainConfig, Trainer
-from pipelines.data import load_data
-from pipelines.jobs import fill_real_store
-from synth.engine import SynthConfig, synthesize
-from synth.record import Record, record
+from dfkd.distill.augment import normalize
+from dfkd.distill.checkpoint import load_model
+from dfkd.distill.sources import StoreSource
+from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
+from dfkd.pipelines.data import load_data
+from dfkd.pipelines.jobs import fill_real_store
+from dfkd.synth.engine import SynthConfig, synthesize
+from dfkd.synth.record import Record, record
 
 SETTINGS = {"A": ("lenet5_half", ["real", "noise", "stat", "deepinversion", "adi"]),
             "B": ("lenet5_half_zskd", ["real", "noise", "stat", "spectral"])}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import store
+from dfkd import store
 
 
 def timed(fn: Callable[[], int], repeats: int) -> float:

@@ -112,17 +112,17 @@ def _round_floor(teacher, student, generator, batch: int, iterations: int, dev: 
 
 def measure(model_name: str, batch: int, method: str, iterations: int, device: str, amp: str = "off") -> dict:
     """Run in a fresh process: ms per iteration (or per adversarial round) and peak extra memory (MiB)."""
-    from distill.models import create_model
-    from synth.engine import frozen
-    from synth.generators import create_generator
-    from synth.methods import SynthContext, create_method
+    from dfkd.distill.models import create_model
+    from dfkd.synth.engine import frozen
+    from dfkd.synth.generators import create_generator
+    from dfkd.synth.methods import SynthContext, create_method
 
     torch.manual_seed(0)
     shape = (3, 32, 32) if "resnet" in model_name or "wrn" in model_name else (1, 28, 28)
     dev = torch.device(device)
     teacher = create_model(model_name, 10, shape[0], shape[1]).to(dev).eval()
     student = create_model("resnet18" if "resnet" in model_name else "lenet5_half", 10, shape[0], shape[1]).to(dev).eval()
-    from store.runtime import amp_dtype
+    from dfkd.store.runtime import amp_dtype
 
     ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student,
                        amp=amp_dtype(amp, dev))

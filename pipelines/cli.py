@@ -9,9 +9,8 @@ from typing import Any
 
 import click
 
-from store.errors import DfkdError
-
-VERSION = "0.1.0"
+from dfkd import __version__ as VERSION
+from dfkd.store.errors import DfkdError
 
 
 class UserError(click.ClickException):
@@ -74,7 +73,7 @@ def _fmt_counts(counts: list[int]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def store_info(path: str, as_json: bool) -> None:
     """Shape, classes, per-class counts, provenance and completeness of the store at PATH."""
-    from store.report import info
+    from dfkd.store.report import info
 
     d = info(path)
     if as_json:
@@ -101,7 +100,7 @@ def store_info(path: str, as_json: bool) -> None:
 @click.argument("path")
 def store_verify(path: str) -> None:
     """Check every finished unit of PATH; exit 1 when anything is wrong or unfinished."""
-    from store.report import verify
+    from dfkd.store.report import verify
 
     report = verify(path)
     for note in report.notes:
@@ -126,8 +125,8 @@ def store_verify(path: str) -> None:
 def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None, compressor: str | None,
                   image_format: str | None, overwrite: bool) -> None:
     """Copy the store SRC to DST in another backend (Zarr <-> WebDataset), content identical."""
-    from store.backends import backend_for_new
-    from store.convert import convert
+    from dfkd.store.backends import backend_for_new
+    from dfkd.store.convert import convert
 
     target = backend_for_new(dst, backend).name
     options: dict[str, Any] = {}
@@ -149,7 +148,7 @@ def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None
 @click.option("--per-class", type=click.IntRange(min=1), default=8, show_default=True, help="Images per class row.")
 def store_preview(path: str, out: str, per_class: int) -> None:
     """Write a per-class image grid of the store at PATH."""
-    from store.preview import preview
+    from dfkd.store.preview import preview
 
     rows, cols = preview(path, out, per_class=per_class)
     click.echo(f"wrote {out} ({rows} classes x {cols} images)")

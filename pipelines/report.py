@@ -10,8 +10,8 @@ import os
 import statistics
 from typing import Any, Callable
 
-from distill.checkpoint import load_model
-from store import fs
+from dfkd.distill.checkpoint import load_model
+from dfkd.store import fs
 
 
 def _pct(x: float | None) -> str:

@@ -7,12 +7,12 @@ from typing import Any
 
 import click
 
-from distill.checkpoint import ModelSpec, load_model
-from distill.evaluate import accuracy
-from distill.models import check_model_name
-from distill.sources import StoreSource, TensorSource
-from distill.trainer import TrainError
-from store.runtime import AMP_MODES
+from dfkd.distill.checkpoint import ModelSpec, load_model
+from dfkd.distill.evaluate import accuracy
+from dfkd.distill.models import check_model_name
+from dfkd.distill.sources import StoreSource, TensorSource
+from dfkd.distill.trainer import TrainError
+from dfkd.store.runtime import AMP_MODES
 
 from .data import load_data
 from .distributed import distributed

@@ -7,9 +7,9 @@ from typing import Any
 import click
 import torch
 
-from distill.checkpoint import load_model
-from store.runtime import AMP_MODES, rank_and_world
-from synth.methods import list_methods, method_config
+from dfkd.distill.checkpoint import load_model
+from dfkd.store.runtime import AMP_MODES, rank_and_world
+from dfkd.synth.methods import list_methods, method_config
 
 from .data import load_data
 from .distributed import distributed

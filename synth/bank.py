@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-import store
+from dfkd import store
 
 
 class MemoryBank:

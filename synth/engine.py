@@ -18,14 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import store
-from store.runtime import amp_dtype, rank_and_world
+from dfkd import __version__ as VERSION
+from dfkd import store
+from dfkd.store.runtime import amp_dtype, rank_and_world
 
 from .methods import MethodError, SynthContext, create_method, method_class, method_config
 from .methods.generative import artifact_prefix
 from .teacher import fingerprint
 
-VERSION = "0.1.0"
 
 
 @dataclass

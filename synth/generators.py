@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from store import fs
-from store.errors import DfkdError
+from dfkd.store import fs
+from dfkd.store.errors import DfkdError
 
 FORMAT = "dfkd-generator"
 

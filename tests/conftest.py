@@ -2,7 +2,7 @@ import pytest
 
 from tests.helpers import fill, small_meta
 
-import store
+from dfkd import store
 
 
 @pytest.fixture(params=["zarr", "webdataset"])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import store
-from distill.augment import normalize
-from distill.checkpoint import ModelSpec, save_model
-from distill.losses import Objective
-from distill.sources import TensorSource
-from distill.trainer import StudentSpec, TrainConfig, Trainer
-from pipelines.data import load_data
+from dfkd import store
+from dfkd.distill.augment import normalize
+from dfkd.distill.checkpoint import ModelSpec, save_model
+from dfkd.distill.losses import Objective
+from dfkd.distill.sources import TensorSource
+from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
+from dfkd.pipelines.data import load_data
 
 
 def train_digits_teacher(path: str, epochs: int = 8) -> float:

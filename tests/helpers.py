@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-import store
-from store import Records, StoreMeta
+from dfkd import store
+from dfkd.store import Records, StoreMeta
 
 
 def small_meta(num_samples: int = 100, unit_size: int = 16, image_shape=(3, 8, 8), num_classes: int = 10,

@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from distill.checkpoint import ModelSpec, save_model
+from dfkd.distill.checkpoint import ModelSpec, save_model
 
 SHAPE = (1, 8, 8)
 MEAN, STD = (0.3,), (0.4,)
@@ -31,7 +31,7 @@ def save_tiny_teacher(path: str, bn: bool = True) -> None:
 
 
 if __name__ == "__main__":  # python -m tests.synth_helpers TEACHER OUT: a slow run, to be killed and resumed
-    from pipelines.cli import cli
+    from dfkd.pipelines.cli import cli
 
     cli(["synth", "--teacher", sys.argv[1], "--method", "deepinversion", "--num-images", "160", "--batch-size", "16",
          "--iterations", sys.argv[3], "--out", sys.argv[2], "--resume", "--device", "cpu"], standalone_mode=True)

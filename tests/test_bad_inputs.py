@@ -14,10 +14,10 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-import store
-from pipelines.cli import cli
-from store.schema import checksums
-from synth.record import record
+from dfkd import store
+from dfkd.pipelines.cli import cli
+from dfkd.store.schema import checksums
+from dfkd.synth.record import record
 from tests.helpers import tree_bytes
 from tests.synth_helpers import SHAPE, save_tiny_teacher, tiny_teacher
 
@@ -82,7 +82,7 @@ def _enospc(monkeypatch):
 
 
 def _zarr_write_enospc(monkeypatch):
-    from store.backends.zarr import ZarrBackend
+    from dfkd.store.backends.zarr import ZarrBackend
 
     def full(self, unit, records):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import store
-from pipelines.cli import cli
-from synth.losses import agreement_kl, moment_distance
-from synth.methods import SynthContext
-from synth.methods.fast import add_first_order_grads, set_reptile_grads
-from synth.methods.feature_stats import StatTerms
+from dfkd import store
+from dfkd.pipelines.cli import cli
+from dfkd.synth.losses import agreement_kl, moment_distance
+from dfkd.synth.methods import SynthContext
+from dfkd.synth.methods.fast import add_first_order_grads, set_reptile_grads
+from dfkd.synth.methods.feature_stats import StatTerms
 from tests.helpers import tree_bytes
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 
@@ -38,7 +38,7 @@ def _args(teacher: str, out: str, method: str = "fast", units: int = 6, *extra: 
 
 
 def _run(args: list[str]) -> None:
-    res = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=ENV, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "dfkd.pipelines.cli", *args], cwd=REPO, env=ENV, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -50,7 +50,7 @@ def _data(store_path: str) -> dict[str, bytes]:
 
 def _student(store_path: str) -> dict[str, torch.Tensor]:
     """The proxy student's weights as saved beside the store (its file also names the store, so not its bytes)."""
-    from distill.checkpoint import load_model
+    from dfkd.distill.checkpoint import load_model
 
     return load_model(os.path.splitext(store_path)[0] + ".student.pt", "student")[0].state_dict()
 
@@ -150,7 +150,7 @@ def test_sigkill_at_random_units_then_resume_equals_an_uninterrupted_run(tmp_pat
     rng = random.Random(os.getpid())
     for target in sorted(rng.sample(range(1, 7), 2)):
         resume = ["--resume"] if os.path.exists(cut) else []
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *_args(t, cut, "fast", 8, *extra, *resume)],
+        proc = subprocess.Popen([sys.executable, "-m", "dfkd.pipelines.cli", *_args(t, cut, "fast", 8, *extra, *resume)],
                                 cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -225,7 +225,7 @@ def test_nayer_reads_class_embeddings_from_a_file_and_refuses_a_wrong_one(tmp_pa
 # -- torchrun ---------------------------------------------------------------------------------------
 def _torchrun(args: list[str]) -> None:
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "pipelines.cli", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                          "-m", "dfkd.pipelines.cli", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
 
 

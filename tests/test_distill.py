@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from distill.checkpoint import CheckpointError, load_model, save_model
-from distill.losses import Objective, kd_loss
-from distill.models import ModelError, create_model, list_models
-from distill.sources import StoreSource
-from distill.trainer import StudentSpec, TrainConfig, Trainer
-from pipelines.cli import cli
+from dfkd.distill.checkpoint import CheckpointError, load_model, save_model
+from dfkd.distill.losses import Objective, kd_loss
+from dfkd.distill.models import ModelError, create_model, list_models
+from dfkd.distill.sources import StoreSource
+from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
+from dfkd.pipelines.cli import cli
 from tests.distill_helpers import teacher_store, train_digits_teacher
 
 
@@ -54,7 +54,7 @@ def test_unknown_model_name():
 
 
 def test_checkpoint_rebuilds_identical_model(tmp_path):
-    from distill.checkpoint import ModelSpec
+    from dfkd.distill.checkpoint import ModelSpec
 
     spec = ModelSpec("resnet8", 10, 3, 32, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
     torch.manual_seed(1)
@@ -213,7 +213,7 @@ def test_class_count_and_shape_mismatches(tmp_path, digits_teacher):
                  "--out", str(tmp_path / "b"))
     assert res.exit_code == 2 and "the teacher has 10 classes but" in res.output
     t28 = str(tmp_path / "t28.pt")
-    from distill.checkpoint import ModelSpec
+    from dfkd.distill.checkpoint import ModelSpec
     s28 = ModelSpec("mlp", 10, 1, 28, (0.5,), (0.5,))
     save_model(t28, s28.build(), s28)
     res = invoke("distill", "--kd-data", "digits", "--teacher", t28, "--student", "mlp", "--epochs", "1",

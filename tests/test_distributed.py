@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-import store
+from dfkd import store
 from tests.synth_helpers import save_tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,13 +22,13 @@ def _synth_args(teacher: str, iterations: int) -> list[str]:
 
 def _torchrun(nproc: int, args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                             "-m", "pipelines.cli", *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                             "-m", "dfkd.pipelines.cli", *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def _single(args: list[str]) -> None:
     """One plain process with the same thread count as each torchrun rank (so float reductions match)."""
-    res = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=ENV, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "dfkd.pipelines.cli", *args], cwd=REPO, env=ENV, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
 

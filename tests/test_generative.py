@@ -7,14 +7,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import store
-from distill.checkpoint import ModelSpec, load_model
-from pipelines.cli import cli
-from synth.engine import SynthConfig, frozen, synthesize
-from synth.generators import (GeneratorError, GeneratorSpec, create_generator, load_generator, load_snapshots,
+from dfkd import store
+from dfkd.distill.checkpoint import ModelSpec, load_model
+from dfkd.pipelines.cli import cli
+from dfkd.synth.engine import SynthConfig, frozen, synthesize
+from dfkd.synth.generators import (GeneratorError, GeneratorSpec, create_generator, load_generator, load_snapshots,
                               save_generator)
-from synth.methods import SynthContext, create_method
-from synth.methods.generative import Adversarial, AdversarialConfig
+from dfkd.synth.methods import SynthContext, create_method
+from dfkd.synth.methods.generative import Adversarial, AdversarialConfig
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 
 SMALL = {"rounds": 4, "batch_size": 32, "latent_dim": 16, "width": 8, "checkpoint_every": 2}

@@ -11,8 +11,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-import store
-from pipelines.cli import cli
+from dfkd import store
+from dfkd.pipelines.cli import cli
 from tests.helpers import tree_bytes
 from tests.synth_helpers import save_tiny_teacher
 
@@ -95,7 +95,7 @@ def test_diverging_loss_stops_with_one_line_and_keeps_no_nan_student(tmp_path):
                                    "--optimizer", "sgd", "--device", "cpu", "--out", str(out)])
     assert res.exit_code == 2 and "loss became" in res.output and len(res.output.strip().splitlines()) == 1, res.output
     if (out / "mlp.pt").exists():  # an earlier, finite epoch's checkpoint may stay; a NaN one never is written
-        from distill.checkpoint import load_model
+        from dfkd.distill.checkpoint import load_model
         import torch
 
         model = load_model(str(out / "mlp.pt"))[0]
@@ -148,7 +148,7 @@ def test_distillation_of_a_store_that_grew_is_not_resumed(tmp_path):
 
 
 def test_changed_webdataset_member_is_found_and_remade(tmp_path):
-    from store.backends import tar
+    from dfkd.store.backends import tar
 
     path = str(tmp_path / "s.wds")
     _synth(tmp_path, path)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import store
-from distill.sources import StoreSource
-from pipelines.cli import cli
+from dfkd import store
+from dfkd.distill.sources import StoreSource
+from dfkd.pipelines.cli import cli
 from tests.helpers import expected, fill, small_meta
 
 

@@ -7,10 +7,10 @@ import os
 import pytest
 from click.testing import CliRunner
 
-import store
-from pipelines.cli import cli
-from store import fs
-from store.convert import convert
+from dfkd import store
+from dfkd.pipelines.cli import cli
+from dfkd.store import fs
+from dfkd.store.convert import convert
 from tests.helpers import fill, small_meta, tree_bytes
 
 
@@ -115,8 +115,8 @@ def test_student_is_saved_with_its_generator_before_the_fill(tmp_path, monkeypat
 _KILL_AT = """
 import os, sys
 import zarr
-import store
-from store import fs
+from dfkd import store
+from dfkd.store import fs
 from tests.helpers import small_meta
 steps = {"n": 0}
 def killer(real):
@@ -150,7 +150,7 @@ def test_a_kill_anywhere_in_store_creation_leaves_what_resume_and_overwrite_acce
 
 def test_two_creators_at_once_get_one_line_and_one_store(tmp_path, monkeypatch):
     """The second of two processes creating the same store finds the first one's in place: one line, no damage."""
-    import store.api as api
+    import dfkd.store.api as api
 
     path = str(tmp_path / "s.zarr")
     first = store.create(path, small_meta())

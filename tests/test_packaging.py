@@ -1,29 +1,63 @@
-"""`pip install .` (not editable) gives a working `dfkd run`: the shipped pipeline files are package data."""
+"""`pip install .` (not editable) gives one importable name, `dfkd`, with the shipped pipeline files as data."""
 
 import os
 import subprocess
 import sys
+import venv
 import zipfile
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("store", "synth", "distill", "pipelines")
 
 
-def test_wheel_ships_the_pipeline_files(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
-    (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
-    names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
-    shipped = {f"pipelines/{n}" for n in os.listdir(os.path.join(REPO, "pipelines")) if n.endswith(".toml")}
-    assert "pipelines/demo.toml" in shipped and shipped <= names
+                    "-w", str(out)], check=True, capture_output=True, cwd=out)
+    (name,) = [p for p in os.listdir(out) if p.endswith(".whl")]
+    return out / name
+
+
+def test_wheel_installs_one_name_and_ships_the_pipeline_files(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"dfkd"}, top
+    shipped = {f"dfkd/pipelines/{n}" for n in os.listdir(os.path.join(REPO, "pipelines")) if n.endswith(".toml")}
+    assert "dfkd/pipelines/demo.toml" in shipped and shipped <= names
+    assert {f"dfkd/{s}/__init__.py" for s in STAGES} <= names
+
+
+def test_fresh_environment_imports_dfkd_store_and_not_store(wheel, tmp_path):
+    """In a new virtual environment (torch from the system's site-packages) only `dfkd.*` is importable."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    python = str(env_dir / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", str(wheel)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    code = ("import importlib, sys\n"
+            "import dfkd.store, dfkd.synth.engine, dfkd.distill.trainer, dfkd.pipelines.cli\n"
+            "assert dfkd.store.__file__.startswith(sys.prefix), dfkd.store.__file__\n"
+            "for name in %r:\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except ModuleNotFoundError:\n"
+            "        continue\n"
+            "    raise SystemExit(f'import {name} should fail')\n"
+            "print('ok')\n") % (STAGES,)
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path)  # cwd: not the repo
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    res = subprocess.run([str(env_dir / "bin" / "dfkd"), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0 and "run" in res.stdout, res.stderr
 
 
 def test_the_stages_never_import_each_other():
     """synth and distill share only store/: either stage can be installed, read and changed without the other."""
-    import subprocess
-    import sys
-
     code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'synth', 'distill', 'pipelines'}))")
-    for stage, other in (("synth.engine", "distill"), ("distill.trainer", "synth")):
+            "print(sorted({'.'.join(m.split('.')[:2]) for m in sys.modules} & "
+            "{'dfkd.synth', 'dfkd.distill', 'dfkd.pipelines'}))")
+    for stage, other in (("dfkd.synth.engine", "dfkd.distill"), ("dfkd.distill.trainer", "dfkd.synth")):
         out = subprocess.run([sys.executable, "-c", code, stage], capture_output=True, text=True, check=True).stdout
-        assert other not in out and "pipelines" not in out, (stage, out)
+        assert other not in out and "dfkd.pipelines" not in out, (stage, out)

@@ -6,9 +6,9 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from pipelines.cli import cli
-from pipelines.runner import Runner
-from pipelines.spec import PipelineError, load_pipeline
+from dfkd.pipelines.cli import cli
+from dfkd.pipelines.runner import Runner
+from dfkd.pipelines.spec import PipelineError, load_pipeline
 
 TINY = """
 [run]
@@ -145,7 +145,7 @@ def test_shipped_pipelines_parse_and_dry_run(tmp_path):
 
 
 def test_report_states_each_student_against_real_data_kd_of_its_teacher_arch_and_image_count():
-    from pipelines.report import seed_groups, with_real_ratio
+    from dfkd.pipelines.report import seed_groups, with_real_ratio
 
     def row(teacher, method, arch, top1, distill="d", store="x", images=100, setting=None):
         return {"teacher": teacher, "method": method, "arch": arch, "test_top1": top1, "distill": distill,

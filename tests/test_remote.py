@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-import store
+from dfkd import store
 from tests.helpers import expected, fill, small_meta
 
 pytest.importorskip("s3fs")
@@ -78,7 +78,7 @@ def test_generator_store_at_s3_keeps_its_artifacts_there_and_resumes_elsewhere(s
     import fsspec
     from click.testing import CliRunner
 
-    from pipelines.cli import cli
+    from dfkd.pipelines.cli import cli
     from tests.synth_helpers import save_tiny_teacher
 
     t = str(tmp_path / "t.pt")
@@ -119,7 +119,7 @@ def test_a_store_creation_killed_at_a_url_is_accepted_by_resume_and_overwrite(s3
 
 
 def test_convert_never_replaces_a_store_at_a_url(s3, tmp_path):
-    from store.convert import convert
+    from dfkd.store.convert import convert
 
     src = str(tmp_path / "a.zarr")
     w = store.create(src, small_meta())

@@ -10,8 +10,8 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-import store
-from pipelines.cli import cli
+from dfkd import store
+from dfkd.pipelines.cli import cli
 from tests.helpers import expected, fill, small_meta
 
 

@@ -8,8 +8,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-import store
-from pipelines.cli import cli
+from dfkd import store
+from dfkd.pipelines.cli import cli
 from tests.helpers import expected, fill, small_meta, tree_bytes, unit_content
 from tests.test_store_roundtrip import assert_same
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import store
-from store.loader import epoch_order
+from dfkd import store
+from dfkd.store.loader import epoch_order
 from tests.helpers import fill, small_meta
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import store
-from pipelines.cli import cli
-from store.convert import convert
+from dfkd import store
+from dfkd.pipelines.cli import cli
+from dfkd.store.convert import convert
 from tests.helpers import expected, fill, small_meta
 
 

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from store.identity import ResumeError
+from dfkd.store.identity import ResumeError
 
-import store
+from dfkd import store
 from tests.helpers import expected, fill, small_meta, write_share
 from tests.test_store_roundtrip import assert_same
 

@@ -13,15 +13,15 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-import store
-from pipelines.cli import cli
-from synth import losses
-from synth.engine import SynthConfig, frozen, synthesize
-from synth.hooks import FeatureHooks, HookError, bn_layers
-from synth.methods import SynthContext, create_method
-from synth.methods.feature_stats import StatTerms
-from synth.record import Record, record
-from synth.teacher import fingerprint
+from dfkd import store
+from dfkd.pipelines.cli import cli
+from dfkd.synth import losses
+from dfkd.synth.engine import SynthConfig, frozen, synthesize
+from dfkd.synth.hooks import FeatureHooks, HookError, bn_layers
+from dfkd.synth.methods import SynthContext, create_method
+from dfkd.synth.methods.feature_stats import StatTerms
+from dfkd.synth.record import Record, record
+from dfkd.synth.teacher import fingerprint
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,8 +289,8 @@ def test_unknown_hyper_parameter_and_missing_record(tmp_path):
 
 
 def test_amp_is_off_on_cpu_and_named_modes_need_cuda():
-    from store.errors import DfkdError
-    from store.runtime import amp_dtype
+    from dfkd.store.errors import DfkdError
+    from dfkd.store.runtime import amp_dtype
 
     assert amp_dtype("auto", "cpu") is None and amp_dtype("off", "cpu") is None
     with pytest.raises(DfkdError, match="needs a CUDA device"):
@@ -319,7 +319,7 @@ def test_first_multiplier_weighs_only_the_first_recorded_layer(method, term, tin
 
 
 def test_random_resized_crop_zooms_into_the_batch_and_is_seeded():
-    from synth.methods.inversion import random_resized_crop
+    from dfkd.synth.methods.inversion import random_resized_crop
 
     ramp = torch.arange(8.0).view(1, 1, 1, 8).expand(2, 1, 8, 8).contiguous()
     assert torch.equal(random_resized_crop(ramp, 1.0, torch.Generator().manual_seed(0)), ramp)

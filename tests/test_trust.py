@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from distill.checkpoint import CheckpointError, ModelSpec, load_model, save_model
-from distill.models import ModelError
+from dfkd.distill.checkpoint import CheckpointError, ModelSpec, load_model, save_model
+from dfkd.distill.models import ModelError
 
 
 def _crafted(path, arch, kwargs=None, **spec):

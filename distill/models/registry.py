@@ -8,7 +8,7 @@ from typing import Any, Callable, Collection
 
 from torch import nn
 
-from store.errors import DfkdError
+from dfkd.store.errors import DfkdError
 
 
 class ModelError(DfkdError):

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from store.errors import DfkdError
+from dfkd.store.errors import DfkdError
 
 
 class MethodError(DfkdError):

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from store import fs
-from store.identity import check_same_run
+from dfkd.store import fs
+from dfkd.store.identity import check_same_run
 
 from ..generators import GeneratorError, GeneratorSpec, load_generator, load_snapshots, save_generator
 from ..hooks import FeatureHooks

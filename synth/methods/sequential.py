@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from store import fs
-from store.augment import augment
-from store.identity import check_same_run
+from dfkd.store import fs
+from dfkd.store.augment import augment
+from dfkd.store.identity import check_same_run
 
 from ..bank import MemoryBank
 from ..losses import agreement_kl
