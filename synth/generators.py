@@ -18,6 +18,7 @@ from torch import nn
 
 from dfkd.store import fs
 from dfkd.store.errors import DfkdError
+from dfkd.store.registry import Registry
 
 FORMAT = "dfkd-generator"
 
@@ -40,27 +41,20 @@ class GeneratorSpec:
         return create_generator(self.arch, self.latent_dim, self.image_shape, self.width, self.head)
 
 
-_GENERATORS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_generator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: make a generator factory available by its function name."""
-    _GENERATORS[fn.__name__] = fn
-    return fn
+_GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator", GeneratorError)
+register_generator = _GENERATORS.register  # a generator factory under its function name
 
 
 def list_generators() -> list[str]:
-    return sorted(_GENERATORS)
+    return _GENERATORS.names()
 
 
 def create_generator(arch: str, latent_dim: int, image_shape: tuple[int, int, int], width: int = 64,
                      head: str = "bn") -> nn.Module:
     """Build a generator by name for (latent size, C×H×W output); head "bn" (published) or "tanh" (pixels)."""
-    if arch not in _GENERATORS:
-        raise GeneratorError(f"unknown generator {arch!r}; choose one of {', '.join(list_generators())}")
     if head not in ("bn", "tanh"):
         raise GeneratorError(f"generator head must be bn (published: teacher input space) or tanh (pixels), got {head!r}")
-    return _GENERATORS[arch](latent_dim, tuple(image_shape), width, head)
+    return _GENERATORS.get(arch)(latent_dim, tuple(image_shape), width, head)
 
 
 class DCGAN(nn.Module):

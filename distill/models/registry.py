@@ -9,24 +9,20 @@ from typing import Any, Callable, Collection
 from torch import nn
 
 from dfkd.store.errors import DfkdError
+from dfkd.store.registry import Registry
 
 
 class ModelError(DfkdError):
     """An unknown model name, a factory that cannot be imported, or arguments a model cannot take."""
 
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a model factory under its function name; it must take num_classes, in_channels, image_size."""
-    _MODELS[fn.__name__] = fn
-    return fn
+_MODELS: Registry[Callable[..., nn.Module]] = Registry("model", ModelError)
+register_model = _MODELS.register  # a factory under its function name; it takes num_classes, in_channels, image_size
 
 
 def list_models() -> list[str]:
     """Names of the zoo's models (torchvision:NAME, timm:NAME and package.module:factory also work)."""
-    return sorted(_MODELS)
+    return _MODELS.names()
 
 
 SAFE_PREFIXES = ("torchvision:", "timm:")

@@ -9,27 +9,21 @@ import numpy as np
 
 from .. import fs
 from ..errors import StoreError
+from ..registry import Registry
 from ..schema import Records, StoreMeta
 
-_REGISTRY: dict[str, type["Backend"]] = {}
-
-
-def register_backend(cls: type["Backend"]) -> type["Backend"]:
-    """Class decorator that makes a backend available by its `name`."""
-    _REGISTRY[cls.name] = cls
-    return cls
+_REGISTRY: Registry[type["Backend"]] = Registry("store backend", StoreError, key=lambda cls: cls.name)
+register_backend = _REGISTRY.register  # class decorator: a backend available by its `name`
 
 
 def list_backends() -> list[str]:
     """Names of the registered backends."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_backend(name: str) -> type["Backend"]:
     """The backend class registered under `name`."""
-    if name not in _REGISTRY:
-        raise StoreError(f"unknown store backend {name!r}; choose one of {list_backends()}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def backend_for_existing(path: str) -> type["Backend"]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dfkd.store.errors import DfkdError
+from dfkd.store.registry import Registry
 
 
 class MethodError(DfkdError):
@@ -76,17 +77,12 @@ def layer_list(text: str, default: list[str]) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()] or list(default)
 
 
-_METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its `name`."""
-    _METHODS[cls.name] = cls
-    return cls
+_METHODS: Registry[type[Method]] = Registry("synthesis method", MethodError, key=lambda cls: cls.name)
+register_method = _METHODS.register  # class decorator: a method available by its `name`
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def method_class(name: str) -> type[Method]:
