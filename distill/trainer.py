@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from dfkd.store.progress import progress
 from dfkd.store import fs
 from dfkd.store.errors import DfkdError
 from dfkd.store.identity import check_same_run, plain, weights_fingerprint
@@ -211,7 +211,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train every student for the remaining epochs; returns the metrics."""
         cfg, obj = self.cfg, self.cfg.objective
-        show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+        tty = cfg.progress is True or (cfg.progress is None and sys.stderr.isatty())  # a batch bar inside each epoch
+        epochs = progress(total=cfg.epochs, initial=self.start_epoch, desc="distill", unit="epoch",
+                          show=cfg.progress if self.rank == 0 else False)
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             self.source.set_epoch(epoch)
@@ -220,8 +222,8 @@ class Trainer:
             sums = {s.name: [zero(), zero(), 0] for s in self.students}  # loss sum, agreeing (on device), seen
             for s in self.students:
                 s.model.train()
-            bar = tqdm(self.source, total=len(self.source), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
-                       leave=False)
+            bar = progress(self.source, total=len(self.source), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           show=tty and self.rank == 0, leave=False)
             for images, stored, labels in bar:
                 self.batches_read += 1
                 if self.device.type == "cuda":  # page-locked host memory: the copy overlaps compute
@@ -247,7 +249,7 @@ class Trainer:
                     if ref is not None:
                         acc[1] += (out.argmax(1) == ref).sum()
                     acc[2] += len(x)
-                if show and bar.n % 20 == 0:  # reading the sums syncs the device, so only now and then
+                if tty and bar.n % 20 == 0:  # reading the sums syncs the device, so only now and then
                     bar.set_postfix({s.name: f"{float(sums[s.name][0]) / max(1, sums[s.name][2]):.3f}"
                                      for s in self.students})
             seconds = time.perf_counter() - t0
@@ -276,6 +278,11 @@ class Trainer:
                 dist.barrier()
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, self)
+            last = {s.name: s.history[-1] for s in self.students}
+            epochs.set_postfix({n: f"{r['test_top1']:.4f}" if "test_top1" in r else f"loss {r['loss']:.3g}"
+                                for n, r in last.items()})
+            epochs.update()
+        epochs.close()
         return self.metrics()
 
     def metrics(self) -> dict[str, Any]:

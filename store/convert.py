@@ -47,7 +47,7 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
         writer = create(tmp, meta, backend=backend, **options)
         same_units = meta.unit_size == reader.meta.unit_size
         units = reader.done_units() if same_units else range(meta.num_units)
-        for u in progress(units, desc=f"converting to {writer.backend.name}"):
+        for u in progress(units, desc=f"converting to {writer.backend.name}", unit="unit"):
             rec = reader.read_unit(u) if same_units else reader.read(*meta.unit_range(u))
             writer.write_unit(u, rec.images, rec.logits, rec.labels)
         writer.finalize()

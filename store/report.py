@@ -19,7 +19,7 @@ def info(path: str) -> dict[str, Any]:
     done = reader.done_units()
     by_label = np.zeros(m.num_classes + 1, np.int64)  # last slot: label -1
     by_argmax = np.zeros(m.num_classes, np.int64)
-    for u in progress(done, desc="counting classes"):
+    for u in progress(done, desc="counting classes", unit="unit"):
         logits, labels = reader.backend.read_targets(u)
         by_label += np.bincount(np.where(labels < 0, m.num_classes, labels), minlength=m.num_classes + 1)
         by_argmax += np.bincount(np.asarray(logits, np.float32).argmax(1), minlength=m.num_classes)
@@ -77,7 +77,7 @@ def verify(path: str) -> VerifyReport:
         report.problems.append(f"{len(missing)} of {m.num_units} units are not finished (units {_ranges(missing)}); "
                                "finish the store by rerunning its synthesis with --resume")
     c, h, w = m.image_shape
-    for u in progress(np.flatnonzero(done).tolist(), desc="verifying"):
+    for u in progress(np.flatnonzero(done).tolist(), desc="verifying", unit="unit"):
         lo, hi = m.unit_range(u)
         try:
             rec = reader.backend.read_unit(u)

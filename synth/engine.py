@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
@@ -16,10 +15,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dfkd import __version__ as VERSION
 from dfkd import store
+from dfkd.store.progress import progress
 from dfkd.store.runtime import amp_dtype, rank_and_world
 
 from .methods import MethodError, SynthContext, create_method, method_class, method_config
@@ -108,7 +107,7 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     meta = store.StoreMeta(num_samples=cfg.num_images, image_shape=tuple(image_shape), num_classes=num_classes,
                            unit_size=cfg.batch_size, logits_dtype=cfg.logits_dtype, base_seed=cfg.seed,
                            mean=tuple(mean), std=tuple(std), provenance=provenance)
-    show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    show = cfg.progress  # None: a bar on a terminal, log lines otherwise (dfkd.progress)
     with frozen(teacher, student):
         net, stu = teacher, None if student is None else student.to(device)
         if device.type == "cuda":  # NHWC convolutions are the fast path for tensor cores
@@ -118,7 +117,7 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
             net.compile()  # (records, layers=, at_layers, feature_layer) and every hook addresses the model itself
         ctx = SynthContext(net, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record, stu, amp)
         m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
-        show = show and rank == 0
+        show = show if rank == 0 else False
         try:
             writer, snapshot = _open_store(cfg, meta, rank, world)
             pending = writer.pending_units(rank, world, done=snapshot)
@@ -131,7 +130,7 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
                 if rank == 0 and on_trained is not None:
                     on_trained(made)  # the proxy student as the chain left it
             else:
-                bar = tqdm(pending, desc=f"{method} -> {cfg.out}", unit="batch", disable=not show)
+                bar = progress(pending, desc=f"{method} -> {cfg.out}", unit="batch", show=show)
                 done, t0 = 0, time.perf_counter()
                 for u in bar:
                     images, logits, labels, losses = _make_unit(m, writer, u, teacher, ctx)
@@ -178,8 +177,8 @@ def _fill_chain(m: Any, writer: store.StoreWriter, snapshot: np.ndarray, cfg: Sy
     units = chain_units(writer.meta.num_units, rank, world)
     start = m.begin_chain(cfg.out, chain_state_path(cfg.out, rank, world), units, snapshot,
                           seed=writer.unit_seed(units[0]) if units else cfg.seed, resume=cfg.resume)
-    bar = tqdm(units[start:], initial=start, total=len(units), desc=f"{method} -> {cfg.out}", unit="batch",
-               disable=not show)
+    bar = progress(units[start:], initial=start, total=len(units), desc=f"{method} -> {cfg.out}", unit="batch",
+                   show=show)
     for u in bar:
         images, logits, labels, losses = _make_unit(m, writer, u, teacher, m.ctx)
         if not snapshot[u]:

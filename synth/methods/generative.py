@@ -12,15 +12,14 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from dfkd.store.progress import progress
 from dfkd.store import fs
 from dfkd.store.identity import check_same_run
 
@@ -212,7 +211,6 @@ class GenerativeMethod(Method):
         if resume and fs.exists(state_path):
             self._load_state(state_path, z_gen)
         rounds_before = self.rounds_done
-        show = sys.stderr.isatty() if show is None else show
         trainable = [p for p in (student.parameters() if student is not None else [])]
         flags = [p.requires_grad for p in trainable]
         self.generator_model.train()
@@ -221,8 +219,8 @@ class GenerativeMethod(Method):
             for p in trainable:
                 p.requires_grad_(True)
         try:
-            bar = tqdm(range(self.rounds_done, c.rounds), initial=self.rounds_done, total=c.rounds,
-                       desc=f"{self.name}: training the generator", unit="round", disable=not show)
+            bar = progress(range(self.rounds_done, c.rounds), initial=self.rounds_done, total=c.rounds,
+                           desc=f"{self.name}: training the generator", unit="round", show=show)
             for i in bar:
                 self.set_lr(i)
                 losses = self.train_round(z_gen)
