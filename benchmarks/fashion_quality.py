@@ -21,7 +21,7 @@ from dfkd.distill.augment import normalize
 from dfkd.distill.checkpoint import load_model
 from dfkd.distill.sources import StoreSource
 from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
-from dfkd.pipelines.data import load_data
+from dfkd.pipelines.real_data import load_data
 from dfkd.pipelines.jobs import fill_real_store
 from dfkd.synth.engine import SynthConfig, synthesize
 from dfkd.synth.record import Record, record

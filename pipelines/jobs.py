@@ -27,7 +27,7 @@ from dfkd.synth.methods import method_class
 from dfkd.synth.methods.generative import GenerativeMethod, artifact_prefix
 from dfkd.synth.record import Record, record
 
-from .data import RealData
+from .real_data import RealData
 
 
 class JobError(DfkdError):

@@ -20,9 +20,9 @@ from dfkd.distill.checkpoint import load_model
 from dfkd.distill.evaluate import accuracy
 from dfkd.synth.methods import method_config
 
-from .data import RealData, load_data
+from .real_data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
-from .report import write_report
+from .run_report import write_report
 from .spec import Pipeline, PipelineError
 
 
@@ -195,6 +195,7 @@ class Runner:
             if not any(match(s.key, (pat,)) for s in self.stages):
                 raise PipelineError(f"no stage matches {pat!r}; stages are {', '.join(s.key for s in self.stages)}")
         pending: set[str] = set()
+        chosen = [s.key for s in self.stages if not only or match(s.key, only)]
         for stage in self.stages:
             selected = not only or match(stage.key, only)
             action, fp = self.status(stage, match(stage.key, force))
@@ -223,7 +224,8 @@ class Runner:
                 self.fingerprints[stage.key] = fp
                 stage.result = self.read_state(stage.key).get("result", {})
                 continue
-            self.echo(f"[{stage.key}] {'resuming' if action == 'resume' else 'running'}")
+            self.echo(f"[{stage.key}] {'resuming' if action == 'resume' else 'running'} "
+                      f"(stage {chosen.index(stage.key) + 1} of {len(chosen)})")
             prior = self.read_state(stage.key) if action == "resume" else {}
             self._write_state(stage.key, {"fingerprint": fp, "done": False, "seconds": prior.get("seconds", 0.0)})
             t0 = time.perf_counter()

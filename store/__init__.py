@@ -1,19 +1,29 @@
 """dfkd's persistent synthetic dataset: one schema (images, teacher logits, labels, done flags,
 provenance) over two backends (Zarr v3, WebDataset tar shards), a crash-safe writer and a streaming reader.
-The storage layer knows nothing about models."""
+The storage layer knows nothing about models. Names load on first use: importing `dfkd.store.errors`
+(every command does) costs neither zarr nor torch."""
 
-from .api import create, create_or_resume, open, open_writer, plan_key
-from .errors import DfkdError, StoreError
-from .reader import StoreReader
-from .schema import SCHEMA_VERSION, Records, StoreMeta
-from .units import unit_seed
-from .writer import StoreWriter
+from __future__ import annotations
 
-__all__ = [
-    "SCHEMA_VERSION", "DfkdError", "Records", "StoreError", "StoreMeta", "StoreReader", "StoreWriter",
-    "create", "create_or_resume", "open", "open_writer", "plan_key", "unit_seed",
-]
+import importlib
+from typing import Any
 
-from .loader import Batch, StoreDataset  # noqa: E402  (imports torch; kept last so the rest stays numpy-only)
+# public name -> submodule that defines it
+_LAZY = {
+    "create": "api", "create_or_resume": "api", "open": "api", "open_writer": "api", "plan_key": "api",
+    "DfkdError": "errors", "StoreError": "errors", "StoreReader": "reader", "SCHEMA_VERSION": "schema",
+    "Records": "schema", "StoreMeta": "schema", "unit_seed": "units", "StoreWriter": "writer",
+    "Batch": "loader", "StoreDataset": "loader",  # these two import torch
+}
 
-__all__ += ["Batch", "StoreDataset"]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,16 +1,21 @@
-"""Compute settings both stages share: the mixed-precision dtype for a device (on by default on CUDA only)."""
+"""Compute settings both stages share: the mixed-precision dtype for a device (on by default on CUDA only).
+torch loads on first call, so the CLI can name AMP_MODES in --help without it."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import DfkdError
+
+if TYPE_CHECKING:
+    import torch
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the torch.distributed job this process is part of; (0, 1) outside one."""
+    import torch
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -22,6 +27,8 @@ def amp_dtype(mode: str, device: torch.device | str) -> torch.dtype | None:
     auto: bf16 where the GPU supports it, else fp16 (with a grad scaler); always off on CPU, where
     autocast buys nothing for these models.
     """
+    import torch
+
     device = torch.device(device)
     if mode not in AMP_MODES:
         raise DfkdError(f"amp must be one of {', '.join(AMP_MODES)}, got {mode!r}")

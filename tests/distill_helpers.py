@@ -11,7 +11,7 @@ from dfkd.distill.checkpoint import ModelSpec, save_model
 from dfkd.distill.losses import Objective
 from dfkd.distill.sources import TensorSource
 from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
-from dfkd.pipelines.data import load_data
+from dfkd.pipelines.real_data import load_data
 
 
 def train_digits_teacher(path: str, epochs: int = 8) -> float:

@@ -145,7 +145,7 @@ def test_shipped_pipelines_parse_and_dry_run(tmp_path):
 
 
 def test_report_states_each_student_against_real_data_kd_of_its_teacher_arch_and_image_count():
-    from dfkd.pipelines.report import seed_groups, with_real_ratio
+    from dfkd.pipelines.run_report import seed_groups, with_real_ratio
 
     def row(teacher, method, arch, top1, distill="d", store="x", images=100, setting=None):
         return {"teacher": teacher, "method": method, "arch": arch, "test_top1": top1, "distill": distill,

@@ -1,4 +1,4 @@
-"""`dfkd train-teacher` and `dfkd distill`: the commands that train networks."""
+"""`dfkd distill`: train one or many students at once from a store (or, with --kd-data, classical KD)."""
 
 from __future__ import annotations
 
@@ -7,56 +7,16 @@ from typing import Any
 
 import click
 
-from dfkd.distill.checkpoint import ModelSpec, load_model
-from dfkd.distill.evaluate import accuracy
-from dfkd.distill.models import check_model_name
-from dfkd.distill.sources import StoreSource, TensorSource
-from dfkd.distill.trainer import TrainError
 from dfkd.store.runtime import AMP_MODES
 
-from .data import load_data
-from .distributed import distributed
-from .jobs import DistillJob, distill_trainer
-from .jobs import train_teacher as train_teacher_job
-from .options import model_code_option
+from .options import (DATA_HELP, data_root_option, device_option, model_code_option, pct, quiet_option,
+                      resolve_device, table, zoo_names)
 
 
-def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+def _check_teacher(spec: Any, num_classes: int, shape: tuple[int, ...], what: str) -> None:
+    """Refuse a teacher (a ModelSpec) whose classes or input shape differ from the data's."""
+    from dfkd.distill.trainer import TrainError
 
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-@click.command("train-teacher")
-@click.option("--model", "arch", required=True, help="Zoo name (e.g. lenet5_bn), torchvision:NAME or package.module:factory.")
-@click.option("--data", required=True, help="digits, fashion-mnist, mnist, cifar10, cifar100, or an ImageFolder path.")
-@click.option("--data-root", default=None, help="Where datasets live (default $DFKD_DATA or ~/.cache/dfkd/data).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--augment", type=click.Choice(["auto", "none", "crop", "flip-crop"]), default="auto", show_default=True,
-              help="auto: what suits the data (flips for clothes and objects, not for digits).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", show_default=True)
-@click.option("--out", required=True, help="Checkpoint to write (architecture, normalization, weights, accuracy).")
-def train_teacher(arch: str, data: str, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
-                  lr: float | None, weight_decay: float, augment: str, seed: int, device: str, out: str) -> None:
-    """Train a teacher with plain supervised learning and report its test top-1."""
-    real = load_data(data, data_root)
-    res = train_teacher_job(arch, real, out, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                            weight_decay=weight_decay, augment=augment, seed=seed, device=device)
-    click.echo(f"teacher {arch} on {real.name}: test top-1 {_pct(res['test_top1'])} after {epochs} epochs "
-               f"({res['seconds']:.0f} s) -> {out}")
-
-
-def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], what: str) -> None:
     if spec.num_classes != num_classes:
         raise TrainError(f"the teacher has {spec.num_classes} classes but {what} has {num_classes}; "
                          "use the teacher that made the store / was trained on the data")
@@ -71,32 +31,35 @@ def _check_teacher(spec: ModelSpec, num_classes: int, shape: tuple[int, ...], wh
               help="Train on this many images of the store(s): whole units drawn with --seed, an equal share of each "
                    "store (to compare a mixture with one store at an equal image count).")
 @click.option("--kd-data", default=None, help="Classical KD on this real dataset instead of a store (needs --teacher).")
-@click.option("--student", "students", multiple=True, required=True, help="Student model; repeat for several.")
+@click.option("--student", "students", multiple=True, required=True,
+              help="Student model, repeat for several: a zoo name (" + ", ".join(zoo_names()) + "), torchvision:NAME, "
+                   "timm:NAME or package.module:factory.")
 @click.option("--teacher", default=None, help="Teacher checkpoint: online targets for augmented views, or for --kd-data.")
-@click.option("--eval", "eval_data", default=None, help="Real dataset whose test split scores the students.")
-@click.option("--data-root", default=None, help="Where datasets live (default $DFKD_DATA or ~/.cache/dfkd/data).")
+@click.option("--eval", "eval_data", default=None, help="Real dataset whose test split scores the students: " + DATA_HELP)
+@data_root_option
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Passes over the store. A store of a few thousand synthetic images wants hundreds: on "
                    "Fashion-MNIST a DeepInversion student gave 69.8% at 60 epochs, 77.1% at 300 (BENCHMARKS.md).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step (per rank).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="adam", show_default=True,
               help="adam by default: SGD at lr 0.05 let a BN-free LeNet-5-half collapse under KD (BENCHMARKS.md).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="L2 weight decay of every student.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True, help="KD temperature T (loss x T^2).")
 @click.option("--kd", "kd_weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Weight of the KL term.")
 @click.option("--ce-teacher", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Weight of CE to the teacher's argmax.")
 @click.option("--augment", type=click.Choice(["none", "crop", "flip-crop"]), default="none", show_default=True,
               help="Label-preserving augmentation; stored logits are reused unless --teacher relabels the views.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers reading the store.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the students' initialization and the data order.")
+@device_option
 @click.option("--out", required=True, help="Run folder: a checkpoint per student, run.pt (resume), metrics.json.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True,
               help="Mixed precision on CUDA (auto: bf16 where supported, else fp16 + grad scaler); off on CPU.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the students (CUDA; slow first steps).")
 @model_code_option
+@quiet_option
 def distill_cmd(store_path: tuple[str, ...], max_images: int | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
                 eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
                 lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
@@ -108,9 +71,13 @@ def distill_cmd(store_path: tuple[str, ...], max_images: int | None, kd_data: st
     if kd_weight == 0 and ce_teacher == 0:
         raise click.UsageError("--kd and --ce-teacher are both 0: the students would have nothing to learn; keep "
                                "--kd 1 (the default) or give --ce-teacher a weight")
+    from dfkd.distill.models import check_model_name
+
+    from ..distributed import distributed
+
     for name in students:
         check_model_name(name)  # unknown names fail here, before any data is loaded
-    with distributed(device) as rank_device:  # under torchrun: DDP per student, equal batches per rank
+    with distributed(resolve_device(device)) as rank_device:  # under torchrun: DDP per student, equal batches per rank
         _distill(list(store_path), kd_data, students, teacher, eval_data, data_root, epochs, batch_size, optimizer,
                  lr, weight_decay, temperature, kd_weight, ce_teacher, augment, workers, seed, rank_device, out, resume,
                  amp, compile_, model_code, max_images)
@@ -121,6 +88,13 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
              lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
              augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str = "auto",
              compile_: bool = False, model_code: tuple[str, ...] = (), max_images: int | None = None) -> None:
+    from dfkd.distill.checkpoint import load_model
+    from dfkd.distill.evaluate import accuracy
+    from dfkd.distill.sources import StoreSource, TensorSource
+
+    from ..jobs import DistillJob, distill_trainer
+    from ..real_data import load_data
+
     t_model, t_spec = None, None
     if teacher is not None:
         t_model, t_spec, _ = load_model(teacher, "teacher", model_code)
@@ -156,11 +130,11 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     rows = []
     if t_model is not None and evaluation is not None:
         rows.append(("teacher", t_spec.arch, f"{sum(p.numel() for p in t_model.parameters()):,}",
-                     _pct(accuracy(t_model, *evaluation, t_spec.mean, t_spec.std, device=device)), "-"))
+                     pct(accuracy(t_model, *evaluation, t_spec.mean, t_spec.std, device=device)), "-"))
     for name, m in metrics["students"].items():
-        rows.append((name, m["arch"], f"{m['parameters']:,}", _pct(m["final"].get("test_top1")),
+        rows.append((name, m["arch"], f"{m['parameters']:,}", pct(m["final"].get("test_top1")),
                      f"{sum(r['seconds'] for r in m['history']):.1f}"))
     click.echo(f"distilled from {source.name}, {epochs} epochs, {metrics['batches_read']} batches read "
                f"(each fed to {len(students)} student(s))")
-    click.echo(_table(rows, ("model", "arch", "parameters", "test top-1 (last epoch)", "train s")))
+    click.echo(table(rows, ("model", "arch", "parameters", "test top-1 (last epoch)", "train s")))
     click.echo(f"metrics: {os.path.join(out, 'metrics.json')}")

@@ -1,0 +1,64 @@
+"""`dfkd train-teacher` and `dfkd record`: make a teacher, and the statistics a data owner can release with it."""
+
+from __future__ import annotations
+
+import click
+
+from .options import DATA_HELP, data_root_option, device_option, model_code_option, pct, quiet_option, resolve_device
+
+
+@click.command("train-teacher")
+@click.option("--model", "arch", required=True, help="Zoo name (e.g. lenet5_bn), torchvision:NAME or package.module:factory.")
+@click.option("--data", required=True, help=DATA_HELP)
+@data_root_option
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Passes over the training split.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per step.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True, help="SGD with momentum 0.9, or Adam.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="L2 weight decay.")
+@click.option("--augment", type=click.Choice(["auto", "none", "crop", "flip-crop"]), default="auto", show_default=True,
+              help="auto: what suits the data (flips for clothes and objects, not for digits).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialization and data order.")
+@device_option
+@click.option("--out", required=True, help="Checkpoint to write (architecture, normalization, weights, accuracy).")
+@quiet_option
+def train_teacher(arch: str, data: str, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
+                  lr: float | None, weight_decay: float, augment: str, seed: int, device: str, out: str) -> None:
+    """Train a teacher with plain supervised learning and report its test top-1."""
+    from ..jobs import train_teacher as train_teacher_job
+    from ..real_data import load_data
+
+    real = load_data(data, data_root)
+    res = train_teacher_job(arch, real, out, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                            weight_decay=weight_decay, augment=augment, seed=seed, device=resolve_device(device))
+    click.echo(f"teacher {arch} on {real.name}: test top-1 {pct(res['test_top1'])} after {epochs} epochs "
+               f"({res['seconds']:.0f} s) -> {out}")
+
+
+@click.command("record")
+@click.option("--teacher", required=True, help="Teacher checkpoint.")
+@click.option("--data", required=True, help="Real data to record on (its training split): " + DATA_HELP)
+@data_root_option
+@click.option("--layers", default=None, help="Comma-separated layer paths (default: every conv/linear but the last).")
+@click.option("--per-class", is_flag=True, help="Also record a mean amplitude spectrum per class.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Images per teacher forward pass (memory only; the record does not depend on it).")
+@device_option
+@click.option("--out", required=True, help="Record file (.safetensors).")
+@model_code_option
+def record_cmd(teacher: str, data: str, data_root: str | None, layers: str | None, per_class: bool, batch_size: int,
+               device: str, out: str, model_code: tuple[str, ...]) -> None:
+    """One pass of the teacher over real data: per-layer channel mean/variance and mean amplitude spectra."""
+    from dfkd.distill.checkpoint import load_model
+
+    from ..jobs import make_record
+    from ..real_data import load_data
+
+    model, spec, _ = load_model(teacher, "teacher", model_code)
+    real = load_data(data, data_root)
+    chosen = [l.strip() for l in layers.split(",")] if layers else None
+    rec, size = make_record(model, spec, real, out, layers=chosen, per_class=per_class, batch_size=batch_size,
+                            device=resolve_device(device))
+    data_bytes = real.train_images.numel()
+    click.echo(f"wrote {out}: {len(rec.layers)} layers ({', '.join(rec.layers)}), {rec.num_images} images; "
+               f"{size / 1024:.1f} KiB = {100 * size / data_bytes:.2f}% of the {data_bytes / 2**20:.1f} MiB of images it summarizes")
