@@ -92,7 +92,7 @@ def load_model(path: str, what: str = "model", model_code: Collection[str] = ()
     ckpt = read_checkpoint(path, what)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dfkd model checkpoint (no '{FORMAT}' header); "
-                              "save models with dfkd, or wrap your weights with distill.checkpoint.save_model")
+                              "bring your own weights in with `dfkd import-teacher`")
     spec = spec_from_file(ckpt.get("spec"), path, model_code)
     try:
         model = spec.build()

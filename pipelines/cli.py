@@ -9,6 +9,7 @@ from dfkd import __version__ as VERSION
 
 from .commands.distill import distill_cmd
 from .commands.group import DfkdGroup
+from .commands.models import export_cmd, import_teacher_cmd
 from .commands.options import quiet_option
 from .commands.run import run
 from .commands.store import store_group
@@ -24,7 +25,8 @@ def cli() -> None:
     then distill students from the store."""
 
 
-for _command in (train_teacher, record_cmd, synth_cmd, methods_cmd, distill_cmd, store_group, run):
+for _command in (train_teacher, import_teacher_cmd, record_cmd, synth_cmd, methods_cmd, distill_cmd, export_cmd,
+                 store_group, run):
     cli.add_command(_command)
 
 
