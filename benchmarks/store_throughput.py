@@ -1,9 +1,13 @@
 """Store throughput: write, streaming read (0 and 2 workers) and in-RAM read, beside a raw .npy memmap floor.
 
     python -m benchmarks.store_throughput [--num-samples 50000] [--batch-size 256] [--unit-size 1024]
+    python -m benchmarks.store_throughput --large [--large-samples 16384] [--unit-size 256]
 
 Prints a Markdown table (images per second; higher is better). Data: uint8 images 3x32x32 of random
-pixels (incompressible, as synthetic images nearly are), float16 logits x10, int64 labels.
+pixels (incompressible, as synthetic images nearly are), float16 logits x10, int64 labels. `--large`:
+3x224x224 images (ImageNet scale, 150 kB each), more bytes than the loader's RAM limit, so the store is
+streamed; made unit by unit (never whole in memory) and compared with a raw sequential read of the same
+bytes from one flat file.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dfkd import store
+from dfkd.store.loader import DEFAULT_RAM_LIMIT
 
 
 def timed(fn: Callable[[], int], repeats: int) -> float:
@@ -34,9 +39,9 @@ def timed(fn: Callable[[], int], repeats: int) -> float:
     return statistics.median(rates)
 
 
-def make_data(n: int, k: int, seed: int = 0) -> store.Records:
+def make_data(n: int, k: int, seed: int = 0, shape: tuple[int, int, int] = (3, 32, 32)) -> store.Records:
     rng = np.random.default_rng(seed)
-    return store.Records(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+    return store.Records(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
                          rng.normal(size=(n, k)).astype(np.float16), rng.integers(0, k, n).astype(np.int64))
 
 
@@ -77,6 +82,61 @@ def memmap_floor(dir_: str, data: store.Records, batch_size: int) -> Callable[[]
     return run
 
 
+def large_case(root: str, n: int, unit_size: int, batch_size: int, k: int, repeats: int) -> None:
+    """Write and stream a 3x224x224 store larger than the RAM limit, beside a raw file read of the same bytes."""
+    shape = (3, 224, 224)
+    per = int(np.prod(shape)) + 2 * k + 8  # image + float16 logits + int64 label
+    meta = store.StoreMeta(num_samples=n, image_shape=shape, num_classes=k, unit_size=unit_size, logits_dtype="float16")
+    unit = lambda u: make_data(min(unit_size, n - u * unit_size), k, seed=u, shape=shape)
+    rows = []
+    raw = os.path.join(root, "raw.bin")
+    units = [unit(u) for u in range(2)]  # content made once, alternated; writing it is what is timed
+    for label, backend, options, name in (("zarr, lz4", "zarr", {"compressor": "lz4"}, "big-lz4.zarr"),
+                                          ("zarr, none", "zarr", {"compressor": "none"}, "big-none.zarr"),
+                                          ("webdataset, npy", "webdataset", {"image_format": "npy"}, "big-npy.wds")):
+        path = os.path.join(root, name)
+        w = store.create(path, meta, backend=backend, overwrite=True, **options)
+        t = time.perf_counter()
+        for u in w.pending_units():
+            d = units[u % 2]
+            w.write_unit(u, d.images, d.logits, d.labels)
+        w.finalize()
+        write = n / (time.perf_counter() - t)
+        ds = lambda: store.StoreDataset(path, batch_size, seed=0)
+        assert not ds().in_ram, "the large case must be streamed: raise --large-samples"
+        s0 = timed(lambda: epoch(ds(), 0), repeats)
+        s2 = timed(lambda: epoch(ds(), 2), repeats)
+        rows.append((label, write, s0, s2))
+        shutil.rmtree(path, ignore_errors=True)  # disk: one large store at a time
+    with open(raw, "wb") as f:  # the floor's file: the same bytes, flat, in batch order
+        for u in range(meta.num_units):
+            d = units[u % 2]
+            f.write(d.images.tobytes() + d.logits.tobytes() + d.labels.tobytes())
+
+    def floor() -> int:
+        m = 0
+        with open(raw, "rb", buffering=0) as f:
+            while True:
+                buf = f.read(per * batch_size)
+                if not buf:
+                    return m
+                torch.from_numpy(np.frombuffer(buf, np.uint8).copy())
+                m += len(buf) // per
+    fl = timed(floor, repeats)
+    mb = per / 2**20
+    print(f"large store: {n} samples of 3x224x224 uint8 + {k} float16 logits = {n * per / 2**30:.2f} GiB "
+          f"(RAM limit {DEFAULT_RAM_LIMIT / 2**30:.0f} GiB: streamed), unit {unit_size}, batch {batch_size}; "
+          f"{os.cpu_count()} cores; files just written, so reads come from the page cache for store and floor alike")
+    print()
+    print("| store | write img/s | write MB/s | stream img/s (0 workers) | MB/s | / floor | stream img/s (2 workers) "
+          "| MB/s | / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, write, s0, s2 in rows:
+        print(f"| {label} | {write:,.0f} | {write * mb:,.0f} | {s0:,.0f} | {s0 * mb:,.0f} | {s0 / fl:.2f} | {s2:,.0f} "
+              f"| {s2 * mb:,.0f} | {s2 / fl:.2f} |")
+    print(f"| raw sequential read of one flat file (floor) | | | {fl:,.0f} | {fl * mb:,.0f} | 1.00 | | | |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-samples", type=int, default=50_000)
@@ -85,9 +145,18 @@ def main() -> None:
     p.add_argument("--unit-size", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3, help="read epochs per measurement (median)")
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--large", action="store_true", help="the 3x224x224 case, larger than the loader's RAM limit")
+    p.add_argument("--large-samples", type=int, default=16_384)
     args = p.parse_args()
     root = args.dir or tempfile.mkdtemp(prefix="dfkd-bench-")
     os.makedirs(root, exist_ok=True)
+    if args.large:
+        try:
+            large_case(root, args.large_samples, args.unit_size, args.batch_size, args.num_classes, args.repeats)
+        finally:
+            if args.dir is None:
+                shutil.rmtree(root, ignore_errors=True)
+        return
     data = make_data(args.num_samples, args.num_classes)
     configs = [("zarr, lz4", "zarr", {"compressor": "lz4"}, "s-lz4.zarr"),
                ("zarr, none", "zarr", {"compressor": "none"}, "s-none.zarr"),

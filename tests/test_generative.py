@@ -14,7 +14,7 @@ from dfkd.synth.engine import SynthConfig, frozen, synthesize
 from dfkd.synth.generators import (GeneratorError, GeneratorSpec, create_generator, load_generator, load_snapshots,
                               save_generator)
 from dfkd.synth.methods import SynthContext, create_method
-from dfkd.synth.methods.generative import Adversarial, AdversarialConfig
+from dfkd.synth.methods.generative import Adversarial
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 
 SMALL = {"rounds": 4, "batch_size": 32, "latent_dim": 16, "width": 8, "checkpoint_every": 2}
@@ -94,23 +94,6 @@ def test_generator_training_killed_and_resumed_continues_from_its_checkpoint(tmp
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     g, spec, extra = load_generator(str(tmp_path / "cut.generator.pt"))
     assert spec == GeneratorSpec("dcgan", 16, SHAPE, 8) and extra["rounds"] == 4
-
-
-def test_cosine_schedule_follows_the_round_index_through_a_kill_and_resume(tmp_path):
-    teacher, _ = tiny_teacher()
-    cosine = {**SMALL, "schedule": "cosine"}
-    whole, _ = _train(tmp_path, "whole", cosine, teacher)
-    last = 0.5 * (1 + np.cos(np.pi * 3 / 4))  # the rate of the fourth (last) round
-    assert whole.opt_s.param_groups[0]["lr"] == pytest.approx(AdversarialConfig().lr_s * last)
-    assert whole.opt_g.param_groups[0]["lr"] == pytest.approx(AdversarialConfig().lr_g * last)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path, "cut", cosine, teacher, stop_at=4)
-    resumed, _ = _train(tmp_path, "cut", cosine, teacher)
-    for a, b in zip(whole.generator_model.state_dict().values(), resumed.generator_model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    constant, _ = _train(tmp_path, "constant", SMALL, teacher)
-    assert any(not torch.equal(a, b) for a, b in zip(constant.generator_model.parameters(),
-                                                     whole.generator_model.parameters()))  # the schedule acted
 
 
 def test_snapshots_along_training_survive_a_kill_and_each_fill_an_equal_share(tmp_path):

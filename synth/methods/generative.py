@@ -10,7 +10,6 @@ the finished generator is saved as `<stem>.generator.pt`, and `generator=FILE` s
 from __future__ import annotations
 
 import copy
-import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -58,9 +57,6 @@ class GenerativeConfig:
     # making an equal share of every write unit. 1: the final generator only (published). The proxy student
     # learned from the whole trajectory of a moving generator; a store of the final one holds less variety.
     snapshots: int = 1
-    # Learning rates of G and the proxy student over the rounds: constant (the published MNIST runs) or cosine
-    # to 0. Measured on Fashion-MNIST, cosine cost both proxy students 3 points (G stops moving; BENCHMARKS.md).
-    schedule: str = "constant"
 
 
 def artifact_prefix(store_path: str) -> str:
@@ -84,8 +80,6 @@ class GenerativeMethod(Method):
             raise MethodError(f"{self.name}.sample_bn must be batch or running, got {config.sample_bn!r}")
         if config.snapshots < 1 or (not config.generator and config.snapshots > config.rounds):
             raise MethodError(f"{self.name}.snapshots must lie in [1, rounds={config.rounds}], got {config.snapshots}")
-        if config.schedule not in ("constant", "cosine"):
-            raise MethodError(f"{self.name}.schedule must be constant or cosine, got {config.schedule!r}")
         if config.student_optimizer not in ("sgd", "adam"):
             raise MethodError(f"{self.name}.student_optimizer must be sgd or adam, got {config.student_optimizer!r}")
         self.spec = GeneratorSpec(config.arch, config.latent_dim, tuple(ctx.image_shape), config.width, config.head)
@@ -123,16 +117,6 @@ class GenerativeMethod(Method):
             self.opt_s = (torch.optim.SGD(params, lr=c.lr_s, momentum=0.9, weight_decay=c.weight_decay_s)
                           if c.student_optimizer == "sgd" else
                           torch.optim.Adam(params, lr=c.lr_s, weight_decay=c.weight_decay_s))
-
-    def set_lr(self, round_index: int) -> None:
-        """Learning rates for this round: a function of its index only, so a resumed run follows the same curve."""
-        c = self.config
-        if c.schedule == "constant":
-            return
-        factor = 0.5 * (1 + math.cos(math.pi * round_index / c.rounds))
-        for opt, base in ((self.opt_g, c.lr_g), (self.opt_s, c.lr_s)):
-            for group in (opt.param_groups if opt is not None else []):
-                group["lr"] = base * factor
 
     def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """One round of the method's min-max (or max) game; returns its losses (detached, on the device)."""
@@ -222,7 +206,6 @@ class GenerativeMethod(Method):
             bar = progress(range(self.rounds_done, c.rounds), initial=self.rounds_done, total=c.rounds,
                            desc=f"{self.name}: training the generator", unit="round", show=show)
             for i in bar:
-                self.set_lr(i)
                 losses = self.train_round(z_gen)
                 self.rounds_done = i + 1
                 if self.rounds_done in snap_rounds:
