@@ -50,9 +50,6 @@ class GenerativeConfig:
     w_stat: float = 0.0
     stat_layers: str = ""
     first_multiplier: float = 1.0
-    # Train on what the store will hold: samples clipped to valid pixels (straight-through for G's gradient).
-    # Off: the published methods never store their samples, and the proxy student learns on unclipped ones.
-    train_clipped: bool = False
     # Fill the store from this many generators taken evenly along training (the last is the final one), each
     # making an equal share of every write unit. 1: the final generator only (published). The proxy student
     # learned from the whole trajectory of a moving generator; a store of the final one holds less variety.
@@ -100,8 +97,6 @@ class GenerativeMethod(Method):
         self.generator_model.to(ctx.device, memory_format=torch.channels_last)
         self.rounds_done = 0
         self._samplers: list[nn.Module] = []  # one per snapshot + the final generator, made on first use
-        m, s = torch.tensor(ctx.mean).view(-1, 1, 1), torch.tensor(ctx.std).view(-1, 1, 1)
-        self._pixel_range = ((0 - m) / s).to(ctx.device), ((1 - m) / s).to(ctx.device)  # [0, 1] in input space
         self.stats: StatTerms | None = None
         if config.w_stat and not config.generator:  # built now so a teacher it cannot serve fails before training
             self.stats = StatTerms(ctx, config.stat_layers, self.name)
@@ -139,12 +134,9 @@ class GenerativeMethod(Method):
         return torch.randn((n, self.config.latent_dim), generator=gen).to(self.ctx.device)
 
     def images(self, z: torch.Tensor) -> torch.Tensor:
-        """G(z) in the teacher's input space (with train_clipped: clipped to valid pixels, gradient passed through)."""
+        """G(z) in the teacher's input space, unclipped, as the published methods train on it."""
         out = self.generator_model(z)
-        x = out if self.generator_model.output_space == "input" else self.ctx.normalize(out)
-        if self.config.train_clipped:
-            x = x + (x.clamp(*self._pixel_range) - x).detach()
-        return x
+        return out if self.generator_model.output_space == "input" else self.ctx.normalize(out)
 
     def _identity(self) -> dict[str, Any]:
         student = self.ctx.student
