@@ -44,7 +44,6 @@ class GenerativeConfig:
     weight_decay_s: float = 1e-4
     checkpoint_every: int = 50
     generator: str = ""
-    sample_bn: str = "batch"  # batch: BN statistics of each write unit's batch, as in training; running: eval mode
     # Feature-statistics prior on G's samples (DFQ, Choi et al. 2020: DFAD + BN statistics): the teacher's BN
     # running statistics, or a record's (--stats) for teachers without BN; 0 = the published method alone.
     w_stat: float = 0.0
@@ -73,8 +72,6 @@ class GenerativeMethod(Method):
         if self.needs_student and ctx.student is None and not config.generator:
             raise MethodError(f"{self.name} trains a proxy student beside its generator; pass --student "
                               "(a zoo name such as lenet5_half, or a student checkpoint)")
-        if config.sample_bn not in ("batch", "running"):
-            raise MethodError(f"{self.name}.sample_bn must be batch or running, got {config.sample_bn!r}")
         if config.snapshots < 1 or (not config.generator and config.snapshots > config.rounds):
             raise MethodError(f"{self.name}.snapshots must lie in [1, rounds={config.rounds}], got {config.snapshots}")
         if config.student_optimizer not in ("sgd", "adam"):
@@ -237,10 +234,10 @@ class GenerativeMethod(Method):
     def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """Samples of the trained generator (equal shares from each snapshot), one write unit per batch.
 
-        sample_bn=batch (default) normalizes with the batch's own statistics, as every sample the proxy
-        student learned from was made (on a copy, so the saved generator's running statistics stay);
-        sample_bn=running uses eval mode, where each image depends on its own z only — measured on
-        Fashion-MNIST, a collapsed DAFL generator then gave one grey image for every z.
+        The generator's BN layers normalize with each batch's own statistics, as every sample the proxy
+        student learned from was made (on a copy, so the saved generator's running statistics stay); eval
+        mode, where each image depends on its own z only, gave one grey image for every z of a DAFL
+        generator on Fashion-MNIST (BENCHMARKS.md) and was removed.
         """
         if not self.trained:
             raise MethodError(f"{self.name}: the generator is not trained; the engine calls prepare() first")
@@ -249,7 +246,7 @@ class GenerativeMethod(Method):
                 g = copy.deepcopy(self.generator_model)
                 if state is not None:
                     g.load_state_dict(state)
-                self._samplers.append(g.train() if self.config.sample_bn == "batch" else g.eval())
+                self._samplers.append(g.train())
         z = self.sample_z(len(targets), gen)
         out = torch.cat([g(part) for g, part in zip(self._samplers, z.tensor_split(len(self._samplers)))
                          if len(part)])
