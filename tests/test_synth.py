@@ -318,19 +318,6 @@ def test_first_multiplier_weighs_only_the_first_recorded_layer(method, term, tin
     assert got[4.0] - got[1.0] == pytest.approx(3.0 * one, rel=1e-5)
 
 
-def test_random_resized_crop_zooms_into_the_batch_and_is_seeded():
-    from dfkd.synth.methods.inversion import random_resized_crop
-
-    ramp = torch.arange(8.0).view(1, 1, 1, 8).expand(2, 1, 8, 8).contiguous()
-    assert torch.equal(random_resized_crop(ramp, 1.0, torch.Generator().manual_seed(0)), ramp)
-    a = random_resized_crop(ramp, 0.25, torch.Generator().manual_seed(3))
-    b = random_resized_crop(ramp, 0.25, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and a.shape == ramp.shape
-    assert torch.equal(a[0], a[1])  # one crop for the whole batch
-    row = a[0, 0, 0]
-    assert (row[1:] >= row[:-1]).all() and row[-1] - row[0] < 7  # still a ramp, zoomed in: a narrower range
-
-
 def _plain_stat_loss(teacher, x):
     """The BN-statistics loss (first layer x10) by plain autograd on hooked BN inputs: the reference."""
     mods, paths = dict(teacher.named_modules()), bn_layers(teacher)

@@ -27,20 +27,8 @@ class InversionConfig:
     beta2: float = 0.9
     jitter: int = 2
     flip: bool = True
-    crop_scale: float = 1.0  # < 1: each step sees a random crop of at least this area fraction, resized back
     w_ce: float = 1.0
     keep_best: bool = True
-
-
-def random_resized_crop(x: torch.Tensor, min_scale: float, gen: torch.Generator) -> torch.Tensor:
-    """One random square crop of the batch (area fraction in [min_scale, 1]) resized back to full size, bilinear."""
-    h, w = x.shape[-2:]
-    side = math.sqrt(min_scale + (1 - min_scale) * float(torch.rand((), generator=gen)))
-    ch, cw = max(1, round(h * side)), max(1, round(w * side))
-    y0 = int(torch.randint(0, h - ch + 1, (), generator=gen))
-    x0 = int(torch.randint(0, w - cw + 1, (), generator=gen))
-    crop = x[..., y0:y0 + ch, x0:x0 + cw]
-    return crop if (ch, cw) == (h, w) else F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
 
 
 class InversionMethod(Method):
@@ -72,8 +60,6 @@ class InversionMethod(Method):
             view = torch.roll(x, shifts=(dx, dy), dims=(2, 3)) if (dx or dy) else x
             if cfg.flip and bool(torch.rand((), generator=gen) < 0.5):
                 view = view.flip(3)
-            if cfg.crop_scale < 1:
-                view = random_resized_crop(view, cfg.crop_scale, gen)
             with ctx.autocast():
                 logits = self.forward_teacher(view)
                 ce_each = F.cross_entropy(logits.float(), targets, reduction="none")
