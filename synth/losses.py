@@ -185,3 +185,14 @@ def agreement_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     per_sample = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="none", log_target=True).sum(1)
     agree = (s.argmax(1) == t.argmax(1)).float()
     return (per_sample * agree).mean()
+
+
+def attention(f: torch.Tensor) -> torch.Tensor:
+    """Attention map of a feature map (Zagoruyko & Komodakis): channel-mean of squares, flattened, unit norm."""
+    return F.normalize(f.float().pow(2).mean(1).flatten(1), dim=1)
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, averaged over the batch."""
+    return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1),
+                    F.softmax(teacher_logits.float() / temperature, 1), reduction="batchmean")

@@ -14,7 +14,7 @@ from dfkd.synth.engine import SynthConfig, frozen, synthesize
 from dfkd.synth.generators import (GeneratorError, GeneratorSpec, create_generator, load_generator, load_snapshots,
                               save_generator)
 from dfkd.synth.methods import SynthContext, create_method
-from dfkd.synth.methods.generative import Adversarial
+from dfkd.synth.methods.adversarial import Adversarial
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 
 SMALL = {"rounds": 4, "batch_size": 32, "latent_dim": 16, "width": 8, "checkpoint_every": 2}

@@ -1,4 +1,4 @@
-"""Generator methods: adversarial distillation (DFAD / ZSKT) and DAFL.
+"""The generator methods' shared engine; the families are adversarial.py (DFAD / ZSKT) and dafl.py (DAFL).
 
 A generator G(z) is trained against the frozen teacher (and, for `adversarial`, a proxy student that
 learns on G's samples); the engine then fills the store by sampling G per write unit, labelling each
@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dfkd.store.progress import progress
@@ -23,8 +22,7 @@ from dfkd.store import fs
 from dfkd.store.identity import check_same_run
 
 from ..generators import GeneratorError, GeneratorSpec, load_generator, load_snapshots, save_generator
-from ..hooks import FeatureHooks
-from .base import Method, MethodError, SynthContext, register_method
+from .base import Method, MethodError, SynthContext
 from .feature_stats import StatTerms
 
 
@@ -253,163 +251,3 @@ class GenerativeMethod(Method):
         if self.generator_model.output_space == "input":  # clipped to valid pixels; logits follow the stored image
             out = self.ctx.denormalize(out).clamp(0, 1)
         return out, {}
-
-
-# -- discrepancies ---------------------------------------------------------------------------------
-def attention(f: torch.Tensor) -> torch.Tensor:
-    """Attention map of a feature map (Zagoruyko & Komodakis): channel-mean of squares, flattened, unit norm."""
-    return F.normalize(f.float().pow(2).mean(1).flatten(1), dim=1)
-
-
-def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) at temperature T, averaged over the batch."""
-    return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1),
-                    F.softmax(teacher_logits.float() / temperature, 1), reduction="batchmean")
-
-
-@dataclass
-class AdversarialConfig(GenerativeConfig):
-    """DFAD (Fang et al. 2019; MNIST code defaults): L1 on logits, 5 student steps per generator step.
-
-    `discrepancy=kl` with `w_at` > 0 and `at_layers` ("teacher.path:student.path,...") is ZSKT's
-    (Micaelli & Storkey 2019) KL + attention transfer (their β = 250); the generator maximizes the KL.
-    """
-
-    student_steps: int = 5
-    discrepancy: str = "l1"
-    w_at: float = 0.0
-    at_layers: str = ""
-
-
-@register_method
-class Adversarial(GenerativeMethod):
-    name = "adversarial"
-    Config = AdversarialConfig
-
-    def __init__(self, ctx: SynthContext, config: AdversarialConfig) -> None:
-        if config.discrepancy not in ("l1", "kl"):
-            raise MethodError(f"adversarial.discrepancy must be l1 (DFAD) or kl (ZSKT), got {config.discrepancy!r}")
-        pairs = [p.split(":") for p in config.at_layers.split(",") if p.strip()]
-        if config.w_at and (not pairs or any(len(p) != 2 for p in pairs)):
-            raise MethodError("adversarial.w_at needs at_layers as teacher.path:student.path pairs, comma-separated")
-        super().__init__(ctx, config)
-        self.pairs = [(t.strip(), s.strip()) for t, s in pairs] if config.w_at else []
-        self.t_hooks = self.s_hooks = None
-
-    def setup(self) -> None:
-        super().setup()
-        if self.pairs:
-            self.t_hooks = FeatureHooks(self.ctx.teacher, [t for t, _ in self.pairs], capture="output").__enter__()
-            self.s_hooks = FeatureHooks(self.ctx.student, [s for _, s in self.pairs], capture="output").__enter__()
-
-    def discrepancy(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-        if self.config.discrepancy == "l1":
-            return F.l1_loss(s_logits.float(), t_logits.float())
-        return kl_divergence(s_logits, t_logits)
-
-    def at_loss(self) -> torch.Tensor:
-        return sum((attention(self.s_hooks.captured[s]) - attention(self.t_hooks.captured[t].detach())).pow(2).mean()
-                   for t, s in self.pairs)
-
-    def student_step(self, z: torch.Tensor) -> torch.Tensor:
-        """The student learns to agree with the teacher on G(z) (G and teacher without gradients)."""
-        with torch.no_grad():
-            x = self.images(z)
-            t = self.ctx.teacher(x)
-        loss = self.discrepancy(self.ctx.student(x), t)
-        if self.pairs:
-            loss = loss + self.config.w_at * self.at_loss()
-        self.opt_s.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_s.step()
-        return loss.detach()
-
-    def generator_step(self, z: torch.Tensor) -> torch.Tensor:
-        """G moves toward samples where they disagree; gradients flow to G only (no teacher/student weights)."""
-        params = [p for p in self.ctx.student.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            x = self.images(z)
-            loss = -self.discrepancy(self.ctx.student(x), self.ctx.teacher(x)) + self.stat_prior()
-            self.opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt_g.step()
-        finally:
-            for p in params:
-                p.requires_grad_(True)
-        return loss.detach()
-
-    def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:
-        c = self.config
-        for _ in range(c.student_steps):
-            loss_s = self.student_step(self.sample_z(c.batch_size, z_gen))
-        loss_g = self.generator_step(self.sample_z(c.batch_size, z_gen))
-        return {"student": loss_s, "generator": loss_g}
-
-    def close(self) -> None:
-        super().close()
-        for h in (self.t_hooks, self.s_hooks):
-            if h is not None:
-                h.remove()
-
-
-@dataclass
-class DAFLConfig(GenerativeConfig):
-    """DAFL (Chen et al. 2019; MNIST code defaults): one-hot + information entropy + activation losses.
-
-    The student learns by KL (T=1) on the same samples each iteration; `feature_layer` is the teacher
-    layer whose input is the "activation" (default: the last Linear, i.e. the penultimate features).
-    """
-
-    rounds: int = 24000
-    lr_g: float = 0.2
-    lr_s: float = 2e-3
-    student_optimizer: str = "adam"
-    weight_decay_s: float = 0.0
-    w_onehot: float = 1.0
-    w_entropy: float = 5.0
-    w_activation: float = 0.1
-    feature_layer: str = ""
-
-
-@register_method
-class DAFL(GenerativeMethod):
-    name = "dafl"
-    Config = DAFLConfig
-
-    def __init__(self, ctx: SynthContext, config: DAFLConfig) -> None:
-        layer = config.feature_layer or next((n for n, m in reversed(list(ctx.teacher.named_modules()))
-                                             if isinstance(m, nn.Linear)), "")
-        if not layer:
-            raise MethodError("dafl needs the teacher's penultimate features and found no Linear layer; "
-                              "name one with --set feature_layer=PATH (its input is used)")
-        super().__init__(ctx, config)
-        self.feature_layer, self.hooks = layer, None
-
-    def setup(self) -> None:
-        super().setup()
-        self.hooks = FeatureHooks(self.ctx.teacher, [self.feature_layer], capture="input").__enter__()
-
-    def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:
-        c, teacher, student = self.config, self.ctx.teacher, self.ctx.student
-        x = self.images(self.sample_z(c.batch_size, z_gen))
-        t = teacher(x).float()
-        feats = self.hooks.captured[self.feature_layer]
-        onehot = F.cross_entropy(t, t.argmax(1))
-        mean_p = F.softmax(t, 1).mean(0)
-        entropy = (mean_p * torch.log10(mean_p.clamp_min(1e-12))).sum()  # negative entropy of the batch's classes
-        activation = -feats.float().abs().mean()
-        loss_g = c.w_onehot * onehot + c.w_entropy * entropy + c.w_activation * activation + self.stat_prior()
-        loss_s = kl_divergence(student(x.detach()), t.detach())
-        self.opt_g.zero_grad(set_to_none=True)
-        self.opt_s.zero_grad(set_to_none=True)
-        (loss_g + loss_s).backward()
-        self.opt_g.step()
-        self.opt_s.step()
-        return {"generator": loss_g.detach(), "student": loss_s.detach()}
-
-    def close(self) -> None:
-        super().close()
-        if self.hooks is not None:
-            self.hooks.remove()

@@ -32,7 +32,7 @@ from ..bank import MemoryBank
 from ..losses import agreement_kl
 from .base import Method, MethodError, SynthContext
 from .feature_stats import StatTerms
-from .generative import kl_divergence
+from ..losses import kl_divergence
 
 
 @dataclass
