@@ -24,7 +24,7 @@ from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
 from dfkd.pipelines.real_data import load_data
 from dfkd.pipelines.jobs import fill_real_store
 from dfkd.synth.engine import SynthConfig, synthesize
-from dfkd.synth.record import Record, record
+from dfkd.synth.record import TeacherStats, record
 
 SETTINGS = {"A": ("lenet5_half", ["real", "noise", "stat", "deepinversion", "adi"]),
             "B": ("lenet5_half_zskd", ["real", "noise", "stat", "spectral"])}
@@ -56,7 +56,7 @@ def main() -> None:
                 x, y = data.train_images, data.train_labels
                 record(teacher, ((normalize(x[i:i + 1000], spec.mean, spec.std), y[i:i + 1000])
                                  for i in range(0, len(x), 1000)), num_classes=10, data="fashion-mnist").save(rpath)
-            rec = Record.load(rpath)
+            rec = TeacherStats.load(rpath)
         adi_student = None
         for method in methods:
             if args.methods and method not in args.methods.split(","):

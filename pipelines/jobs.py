@@ -25,7 +25,7 @@ from dfkd.synth.engine import SynthConfig, synthesize
 from dfkd.synth.teacher import fingerprint
 from dfkd.synth.methods import method_class
 from dfkd.synth.methods.generative import GenerativeMethod, artifact_prefix
-from dfkd.synth.record import Record, record
+from dfkd.synth.record import TeacherStats, record
 
 from .real_data import RealData
 
@@ -56,7 +56,7 @@ def train_teacher(arch: str, real: RealData, out: str, *, epochs: int = 10, batc
 
 
 def make_record(teacher: nn.Module, spec: ModelSpec, real: RealData, out: str, *, layers: list[str] | None = None,
-                per_class: bool = False, batch_size: int = 500, device: str = "cpu") -> tuple[Record, int]:
+                per_class: bool = False, batch_size: int = 500, device: str = "cpu") -> tuple[TeacherStats, int]:
     """One pass of the teacher over the real training split; writes the record, returns it and its size."""
     if tuple(real.image_shape) != tuple(spec.image_shape):
         raise JobError(f"the teacher takes {spec.image_shape} images but {real.name} holds {real.image_shape}")
@@ -112,7 +112,7 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
     cls = method_class(job.method)
     generative = cls.trains_student
     model, spec, _ = load_model(teacher_path, "teacher", job.model_code)
-    rec = Record.load(job.stats) if job.stats else None
+    rec = TeacherStats.load(job.stats) if job.stats else None
     stu, stu_spec = (build_student(job.student, spec, generative, job.seed, job.model_code) if job.student
                      else (None, None))
     cfg = SynthConfig(num_images=job.num_images, out=job.out, batch_size=job.batch_size, seed=job.seed,

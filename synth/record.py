@@ -31,8 +31,8 @@ def default_layers(model: nn.Module) -> list[str]:
 
 
 @dataclass
-class Record:
-    """Per-layer statistics of a teacher's layer outputs on real data."""
+class TeacherStats:
+    """A teacher's record (dfkd record): per-layer statistics of its outputs on real data; not store.Records."""
 
     teacher_fingerprint: str
     layers: list[str]
@@ -63,7 +63,7 @@ class Record:
         return len(data)
 
     @classmethod
-    def load(cls, path: str) -> "Record":
+    def load(cls, path: str) -> "TeacherStats":
         """Read a record file, refusing anything that is not one."""
         from safetensors import safe_open
 
@@ -91,7 +91,7 @@ class Record:
 
 @torch.no_grad()
 def record(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], layers: list[str] | None = None,
-           num_classes: int = 0, data: str = "") -> Record:
+           num_classes: int = 0, data: str = "") -> TeacherStats:
     """One pass over (normalized images, labels): exact channel mean/var and mean amplitude per layer."""
     model.eval()
     layers = layers or default_layers(model)
@@ -126,4 +126,4 @@ def record(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
         if per is not None:
             k = sums["__counts__"][0].clamp_min(1).view(-1, *([1] * (per.dim() - 1)))
             cls_amp[l] = (per / k).float()
-    return Record(fingerprint(model), layers, mean, var, amp, cls_amp, n, data)
+    return TeacherStats(fingerprint(model), layers, mean, var, amp, cls_amp, n, data)

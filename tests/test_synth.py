@@ -20,7 +20,7 @@ from dfkd.synth.engine import SynthConfig, frozen, synthesize
 from dfkd.synth.hooks import FeatureHooks, HookError, bn_layers
 from dfkd.synth.methods import SynthContext, create_method
 from dfkd.synth.methods.feature_stats import StatTerms
-from dfkd.synth.record import Record, record
+from dfkd.synth.record import TeacherStats, record
 from dfkd.synth.teacher import fingerprint
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 
@@ -182,7 +182,7 @@ def test_record_round_trip_and_exact_stats(tmp_path, tiny_record):
     teacher, rec, data = tiny_record
     path = str(tmp_path / "r.safetensors")
     assert rec.save(path) > 0
-    back = Record.load(path)
+    back = TeacherStats.load(path)
     assert back.layers == rec.layers and back.teacher_fingerprint == fingerprint(teacher)
     layer = rec.layers[0]
     with FeatureHooks(teacher, [layer], capture="output") as h, torch.no_grad():

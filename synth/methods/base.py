@@ -32,7 +32,7 @@ class SynthContext:
     std: tuple[float, ...]
     device: torch.device
     teacher_fingerprint: str = ""
-    record: Any = None          # a synth.record.Record, for stat/spectral matching of recorded layers
+    record: Any = None          # a synth.record.TeacherStats (dfkd record), for stat/spectral matching of recorded layers
     student: nn.Module | None = None  # for ADI's competition term
     amp: torch.dtype | None = None  # autocast dtype on CUDA (bf16/fp16); None: full fp32
 
