@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from dfkd.store import fs
 from dfkd.store.errors import DfkdError
 
 DEFAULT_ROOT = os.environ.get("DFKD_DATA", os.path.join(os.path.expanduser("~"), ".cache", "dfkd", "data"))
@@ -93,11 +93,9 @@ def _unpack_debian_fashion_mnist(root: str) -> None:
         return
     if not all(os.path.exists(os.path.join(DEBIAN_FASHION_MNIST, n + ".gz")) for n in names):
         return
-    os.makedirs(raw, exist_ok=True)
-    for n in names:
-        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, n + ".gz")) as src, open(os.path.join(raw, n) + ".tmp", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(os.path.join(raw, n) + ".tmp", os.path.join(raw, n))
+    for n in names:  # 55 MB in all: each file decompressed in memory and written whole
+        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, n + ".gz")) as src:
+            fs.write_atomic(os.path.join(raw, n), src.read())
 
 
 def fashion_mnist(root: str) -> RealData:
