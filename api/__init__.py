@@ -31,7 +31,7 @@ _LAZY = {
     "DistillJob": ("dfkd.pipelines.jobs", "DistillJob"),
 }
 
-__all__ = ["__version__", "synthesize", "distill", *_LAZY]
+__all__ = ["__version__", "synthesize", "distill_students", *_LAZY]  # not `distill`: that is the subpackage
 
 
 def synthesize(teacher: str, method: str, num_images: int, out: str, **options: Any) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def synthesize(teacher: str, method: str, num_images: int, out: str, **options: 
     return run_synth(SynthJob(method=method, num_images=num_images, out=out, **options), teacher)
 
 
-def distill(store: str | list[str], students: list[str], out: str, **options: Any) -> dict[str, Any]:
+def distill_students(store: str | list[str], students: list[str], out: str, **options: Any) -> dict[str, Any]:
     """Train `students` (zoo names) from one store or the union of several; options: DistillJob's fields."""
     from .pipelines.jobs import DistillJob, run_distill
 

@@ -37,12 +37,17 @@ def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc else ""
 
 
+def _summary(cls: type) -> str:
+    """What a method does: its class docstring's first line, else its config's."""
+    return _first_line(cls.__doc__) or _first_line(cls.Config.__doc__)
+
+
 def describe_methods() -> str:
     """One line per method: its name and what it does."""
     from dfkd.synth.methods import list_methods, method_class
 
     width = max(len(n) for n in list_methods())
-    lines = [f"{n:<{width}}  {_first_line(method_class(n).__doc__)}" for n in list_methods()]
+    lines = [f"{n:<{width}}  {_summary(method_class(n))}" for n in list_methods()]
     return "\n".join(lines + ["", "dfkd methods METHOD lists its hyper-parameters (dfkd synth --set KEY=VALUE)."])
 
 
@@ -56,7 +61,7 @@ def describe_method(name: str) -> str:
     rows = [(f.name, type(getattr(config, f.name)).__name__, repr(getattr(config, f.name)), notes.get(f.name, ""))
             for f in dataclasses.fields(config)]
     w = [max(len(r[i]) for r in rows + [("key", "type", "default", "")]) for i in range(3)]
-    head = f"{name}: {_first_line(cls.__doc__)}\n{_first_line(cls.Config.__doc__)}\n"
+    head = f"{name}: {_summary(cls)}\n"
     lines = [f"{'key':<{w[0]}}  {'type':<{w[1]}}  {'default':<{w[2]}}  meaning"]
     lines += [f"{k:<{w[0]}}  {t:<{w[1]}}  {d:<{w[2]}}  {m}".rstrip() for k, t, d, m in rows]
     return head + "\n".join(lines)

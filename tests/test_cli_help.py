@@ -84,3 +84,32 @@ def test_synth_prints_progress_when_not_a_terminal_and_quiet_silences_it(tmp_pat
     res = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "b.zarr"), "--quiet"])
     progress_mod.set_quiet(False)
     assert res.exit_code == 0 and res.stderr == "", res.stderr
+
+
+def test_every_hyper_parameter_has_a_meaning():
+    from dfkd.pipelines.method_params import undocumented
+    from dfkd.synth.methods import list_methods
+
+    assert {m: undocumented(m) for m in list_methods() if undocumented(m)} == {}
+
+
+def test_import_dfkd_is_light_and_its_api_resolves():
+    code = ("import sys, dfkd\nassert 'torch' not in sys.modules\n"
+            "assert dfkd.__version__ and callable(dfkd.synthesize) and callable(dfkd.distill_students)\n"
+            "assert 'lenet5_half' in dfkd.list_models() and 'fast' in dfkd.list_methods()\n"
+            "assert dfkd.open_store.__module__ == 'dfkd.store.api' and dfkd.load_model.__name__ == 'load_model'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+
+
+def test_python_api_synthesizes_and_distills(tmp_path):
+    import dfkd
+
+    teacher = str(tmp_path / "t.pt")
+    save_tiny_teacher(teacher)
+    res = dfkd.synthesize(teacher, "noise", 24, str(tmp_path / "n.zarr"), batch_size=8, progress=False)
+    assert res["units"] == 3 and dfkd.open_store(str(tmp_path / "n.zarr")).complete
+    metrics = dfkd.distill_students(str(tmp_path / "n.zarr"), ["lenet5_half"], str(tmp_path / "d"), epochs=1, progress=False)
+    assert metrics["images"] == 24 and os.path.isfile(tmp_path / "d" / "lenet5_half.pt")
+    model, spec, _ = dfkd.load_model(str(tmp_path / "d" / "lenet5_half.pt"))
+    assert spec.num_classes == 10

@@ -21,10 +21,10 @@ class AdversarialConfig(GenerativeConfig):
     (Micaelli & Storkey 2019) KL + attention transfer (their β = 250); the generator maximizes the KL.
     """
 
-    student_steps: int = 5
-    discrepancy: str = "l1"
-    w_at: float = 0.0
-    at_layers: str = ""
+    student_steps: int = 5  # proxy student steps per generator step
+    discrepancy: str = "l1"  # l1 on logits (DFAD) or kl (ZSKT)
+    w_at: float = 0.0  # weight of attention transfer (ZSKT; needs at_layers)
+    at_layers: str = ""  # teacher.path:student.path pairs for attention, comma-separated
 
 
 @register_method

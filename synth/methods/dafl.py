@@ -27,10 +27,10 @@ class DAFLConfig(GenerativeConfig):
     lr_s: float = 2e-3
     student_optimizer: str = "adam"
     weight_decay_s: float = 0.0
-    w_onehot: float = 1.0
-    w_entropy: float = 5.0
-    w_activation: float = 0.1
-    feature_layer: str = ""
+    w_onehot: float = 1.0  # weight of the one-hot (confident-prediction) loss
+    w_entropy: float = 5.0  # weight of the class-balance (information entropy) loss
+    w_activation: float = 0.1  # weight of the feature-activation loss
+    feature_layer: str = ""  # layer whose input is the penultimate feature (default: last Linear)
 
 
 @register_method

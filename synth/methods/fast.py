@@ -39,13 +39,15 @@ class FastConfig(BankConfig):
     g_steps 2 / 5 / 10 with lr_g 5e-3 / 3e-3 / 2e-3 and lr_z 0.015 / 0.01 / 0.01; the meta-optimizer is Adam
     with lr lr_g x g_steps, betas (0.5, 0.999)."""
 
-    latent_dim: int = 256
-    lr_z: float = 0.01
-    meta: str = "maml"
+    latent_dim: int = 256  # size of each unit's latent z
+    lr_z: float = 0.01  # Adam learning rate of z
+    meta: str = "maml"  # meta gradient: maml (first order) or reptile
 
 
 @register_method
 class Fast(BankMethod):
+    """Fast (Fang et al. 2022): a meta-generator adapted g_steps per unit against a proxy student on the memory bank."""
+
     name = "fast"
     Config = FastConfig
 

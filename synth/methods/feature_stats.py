@@ -96,9 +96,9 @@ class StatConfig(InversionConfig):
     record, 66.3% of student accuracy against 41.3% at x1 (BENCHMARKS.md).
     """
 
-    w_stat: float = 1.0
-    first_multiplier: float = 10.0
-    layers: str = ""
+    w_stat: float = 1.0  # weight of the feature-statistics loss (BN running stats or the record)
+    first_multiplier: float = 10.0  # extra weight of the first matched layer
+    layers: str = ""  # comma-separated layer paths to match (default: all BN / recorded layers)
 
 
 @register_method
@@ -125,12 +125,12 @@ class DeepInversionConfig(InversionConfig):
     teachers (the CIFAR code's w_bn 100 / lr 0.1 suit ResNets); TV L2 2.5e-5 is the CIFAR code's.
     """
 
-    w_bn: float = 1.0
-    first_multiplier: float = 10.0
-    w_tv_l2: float = 2.5e-5
-    w_tv_l1: float = 0.0
-    w_l2: float = 0.0
-    layers: str = ""
+    w_bn: float = 1.0  # weight of the BN-statistics loss
+    first_multiplier: float = 10.0  # extra weight of the first matched layer
+    w_tv_l2: float = 2.5e-5  # weight of the L2 total-variation prior
+    w_tv_l1: float = 0.0  # weight of the L1 total-variation prior
+    w_l2: float = 0.0  # weight of the L2 norm of the image
+    layers: str = ""  # comma-separated layer paths to match (default: all BN / recorded layers)
 
 
 @register_method
@@ -161,8 +161,8 @@ class DeepInversion(InversionMethod):
 class ADIConfig(DeepInversionConfig):
     """Adaptive DeepInversion: DeepInversion + competition (1 - JS between teacher and student at T)."""
 
-    w_competition: float = 0.2
-    temperature: float = 3.0
+    w_competition: float = 0.2  # weight of the competition term (1 - JS teacher/student)
+    temperature: float = 3.0  # temperature of the competition's softmaxes
 
 
 @register_method

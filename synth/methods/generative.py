@@ -30,27 +30,27 @@ from .feature_stats import StatTerms
 class GenerativeConfig:
     """Generator and training budget shared by the generator methods; `generator`: a saved file to reuse."""
 
-    rounds: int = 2000
-    batch_size: int = 512
-    latent_dim: int = 100
-    width: int = 64
-    arch: str = "dcgan"
+    rounds: int = 2000  # generator training rounds (the budget)
+    batch_size: int = 512  # samples per training round
+    latent_dim: int = 100  # size of the generator's latent z
+    width: int = 64  # generator width (its channel counts scale with it)
+    arch: str = "dcgan"  # generator architecture (registered name)
     head: str = "bn"  # bn: the published tanh + non-affine BatchNorm in the teacher's input space; tanh: pixels
-    lr_g: float = 1e-3
-    lr_s: float = 0.01
-    student_optimizer: str = "sgd"
-    weight_decay_s: float = 1e-4
-    checkpoint_every: int = 50
-    generator: str = ""
+    lr_g: float = 1e-3  # Adam learning rate of the generator
+    lr_s: float = 0.01  # learning rate of the proxy student
+    student_optimizer: str = "sgd"  # proxy student's optimizer: sgd or adam
+    weight_decay_s: float = 1e-4  # proxy student's weight decay
+    checkpoint_every: int = 50  # rounds between training checkpoints
+    generator: str = ""  # a saved .generator.pt to fill the store from, skipping training
     # Feature-statistics prior on G's samples (DFQ, Choi et al. 2020: DFAD + BN statistics): the teacher's BN
     # running statistics, or a record's (--stats) for teachers without BN; 0 = the published method alone.
-    w_stat: float = 0.0
-    stat_layers: str = ""
-    first_multiplier: float = 1.0
+    w_stat: float = 0.0  # weight of the feature-statistics prior on G's samples (0: off)
+    stat_layers: str = ""  # layers of the prior (default: every BN / recorded layer)
+    first_multiplier: float = 1.0  # extra weight of the prior's first layer
     # Fill the store from this many generators taken evenly along training (the last is the final one), each
     # making an equal share of every write unit. 1: the final generator only (published). The proxy student
     # learned from the whole trajectory of a moving generator; a store of the final one holds less variety.
-    snapshots: int = 1
+    snapshots: int = 1  # generators along training that fill the store (1: the final one)
 
 
 def artifact_prefix(store_path: str) -> str:

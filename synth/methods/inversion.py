@@ -21,14 +21,14 @@ from .base import Method
 class InversionConfig:
     """Loop settings common to every inversion method (defaults measured on small teachers, see DESIGN)."""
 
-    iterations: int = 200
-    lr: float = 0.25
-    beta1: float = 0.5
-    beta2: float = 0.9
-    jitter: int = 2
-    flip: bool = True
-    w_ce: float = 1.0
-    keep_best: bool = True
+    iterations: int = 200  # Adam steps per batch (the budget)
+    lr: float = 0.25  # Adam learning rate on the pixels, cosine to 0
+    beta1: float = 0.5  # Adam beta1
+    beta2: float = 0.9  # Adam beta2
+    jitter: int = 2  # random roll of up to this many pixels per step
+    flip: bool = True  # random horizontal flip per step
+    w_ce: float = 1.0  # weight of cross-entropy to the target class
+    keep_best: bool = True  # keep each image's lowest-loss iterate, not the last
 
 
 class InversionMethod(Method):

@@ -68,17 +68,19 @@ class NoisyLayerGenerator(nn.Module):
 class NayerConfig(BankConfig):
     """NAYER's settings (CIFAR-10 code: g_steps 30, lr_g 4e-3, a new generator every 10 epochs of 2 batches)."""
 
-    g_steps: int = 30
-    lr_g: float = 4e-3
-    g_life: int = 20
-    noise_dim: int = 256
-    chunk: int = 100
-    embeddings: str = ""
+    g_steps: int = 30  # generator steps per unit
+    lr_g: float = 4e-3  # Adam learning rate of the generator
+    g_life: int = 20  # units before the generator is rebuilt
+    noise_dim: int = 256  # width of the noisy layer's input
+    chunk: int = 100  # samples per re-drawn noisy layer
+    embeddings: str = ""  # class embeddings file (.safetensors, one row per class); else random
     embedding_dim: int = 512  # width of the random embeddings used without a file
 
 
 @register_method
 class Nayer(BankMethod):
+    """NAYER (Tran et al. 2024): class embeddings through a re-drawn noisy layer, the generator rebuilt every g_life."""
+
     name = "nayer"
     Config = NayerConfig
 

@@ -13,8 +13,8 @@ from .base import Method, register_method
 class NoiseConfig:
     """Pixels ~ N(mean, sigma) in [0, 1] pixel space, clipped."""
 
-    mean: float = 0.5
-    sigma: float = 0.25
+    mean: float = 0.5  # mean of the Gaussian pixels (clipped to [0, 1])
+    sigma: float = 0.25  # standard deviation of the Gaussian pixels
 
 
 @register_method

@@ -45,20 +45,20 @@ class BankConfig:
     made before the student and the adversarial term start) are scaled to dfkd's units (one batch each).
     """
 
-    g_steps: int = 10
-    lr_g: float = 2e-3
-    w_bn: float = 10.0
-    w_oh: float = 0.5
-    w_adv: float = 1.33
-    bn_momentum: float = 0.9
-    stat_layers: str = ""
-    warmup: int = 2
+    g_steps: int = 10  # generator steps per unit
+    lr_g: float = 2e-3  # Adam learning rate of the generator
+    w_bn: float = 10.0  # weight of the BN-statistics (or record) loss
+    w_oh: float = 0.5  # weight of cross-entropy to the class-balanced targets
+    w_adv: float = 1.33  # weight of the adversarial term (where student and teacher agree)
+    bn_momentum: float = 0.9  # blend of each batch's BN statistics with the chain's running ones
+    stat_layers: str = ""  # layers of the statistics loss (default: all BN / recorded)
+    warmup: int = 2  # units made before the student and the adversarial term start
     kd_steps: int = 400  # the papers' 400; on Fashion-MNIST A, Fast-10's proxy student 82.9% against 68.0% at 100
-    kd_batch_size: int = 256
-    lr_s: float = 0.2
-    weight_decay_s: float = 5e-4
-    temperature: float = 20.0
-    width: int = 64
+    kd_batch_size: int = 256  # proxy student's batch, drawn from the memory bank
+    lr_s: float = 0.2  # proxy student's SGD learning rate, cosine over the chain
+    weight_decay_s: float = 5e-4  # proxy student's weight decay
+    temperature: float = 20.0  # KD temperature of the proxy student
+    width: int = 64  # generator width
     crop_pad: int = -1  # random-crop padding of every view; -1: 1/8 of the side (the papers' 4 px at 32)
     checkpoint_every: int = 1  # units between chain checkpoints (a resume re-makes at most this many)
     bank_ram_mb: int = 2048  # the memory bank is held in RAM up to this size, read back from the store beyond

@@ -19,11 +19,11 @@ class SpectralConfig(InversionConfig):
     68.9% of student accuracy against 55.6% at x1 on Fashion-MNIST's BN-free LeNet-5 (BENCHMARKS.md).
     """
 
-    w_spectral: float = 1.0
-    first_multiplier: float = 10.0
-    layers: str = ""
+    w_spectral: float = 1.0  # weight of the amplitude-spectrum loss
+    first_multiplier: float = 10.0  # extra weight of the first matched layer
+    layers: str = ""  # comma-separated recorded layers to match (default: all)
     # match each target class's spectrum (a record made with `dfkd record --per-class`)
-    per_class: bool = False
+    per_class: bool = False  # match each target class's spectra (needs a --per-class record)
 
 
 @register_method
