@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
-from .options import DATA_HELP, data_root_option, device_option, model_code_option, pct, quiet_option, resolve_device
+from .options import (DATA_HELP, data_root_option, device_option, model_code_option, pct, quiet_option, resolve_device,
+                      zoo_names)
 
 
 @click.command("train-teacher")
-@click.option("--model", "arch", required=True, help="Zoo name (e.g. lenet5_bn), torchvision:NAME or package.module:factory.")
+@click.option("--model", "arch", required=True, help="A zoo name (" + ", ".join(zoo_names()) + "), torchvision:NAME, "
+                                                   "timm:NAME or package.module:factory.")
 @click.option("--data", required=True, help=DATA_HELP)
 @data_root_option
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Passes over the training split.")
