@@ -46,11 +46,12 @@ class LogProgress:
         elapsed = time.monotonic() - self.t0
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
         head = f"{self.desc}: " if self.desc else ""
+        speed = f"{rate:.2f} {self.unit}/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/{self.unit}"
         if not self.total:
-            return f"{head}{self.n} {self.unit} ({rate:.2f} {self.unit}/s){self.postfix}"
+            return f"{head}{self.n} {self.unit} ({speed}){self.postfix}"
         eta = (self.total - self.n) / rate if rate > 0 else float("nan")
         left = _duration(eta) if eta == eta else "?"
-        return (f"{head}{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), {rate:.2f} {self.unit}/s, "
+        return (f"{head}{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), {speed}, "
                 f"elapsed {_duration(elapsed)}, left {left}{self.postfix}")
 
     def update(self, n: int = 1) -> None:
