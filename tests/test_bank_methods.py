@@ -244,3 +244,13 @@ def test_two_rank_chains_fill_the_store_the_same_way_twice_and_resume(tmp_path):
     assert _data(a) == _data(b)
     res = CliRunner().invoke(cli, _args(t, b, "fast", 6, "--resume"))  # one process: another store
     assert res.exit_code != 0 and "provenance.sequential.chains was 2, now 1" in res.output
+
+
+def test_the_proxy_students_default_rate_follows_its_batchnorm():
+    from dfkd.distill.models import create_model
+    from dfkd.synth.methods.sequential import BankConfig, student_lr
+
+    assert BankConfig().lr_s == 0.0  # 0: chosen from the student
+    assert student_lr(create_model("lenet5_half", 10, 1, 28)) == 0.02  # BN-free: 0.2 left proxies at chance
+    assert student_lr(create_model("lenet5_bn", 10, 1, 28)) == 0.2
+    assert student_lr(create_model("resnet8", 10, 3, 32)) == 0.2
