@@ -11,8 +11,6 @@ from torch import nn
 from .checkpoint import CheckpointError, ModelSpec, save_model
 from .models import ModelError, create_model
 
-WEIGHT_FORMATS = ("state_dict", "safetensors", "torchscript")
-
 
 def weights_format(path: str) -> str:
     """What a weights file holds, from its content: safetensors, TorchScript (a zip with code/), or a state_dict."""

@@ -19,10 +19,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dfkd.store.progress import progress
 from dfkd.store import fs
 from dfkd.store.errors import DfkdError
 from dfkd.store.identity import check_same_run, plain, weights_fingerprint
+from dfkd.store.progress import progress
 from dfkd.store.runtime import amp_dtype, rank_and_world
 
 from .augment import augment, normalize

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -45,9 +45,6 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
 
 
 def declared_names(package_dir: str, decorator: str) -> list[str]:

@@ -16,6 +16,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the torch.distributed job this process is part of; (0, 1) outside one."""
     import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1

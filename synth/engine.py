@@ -26,7 +26,6 @@ from .methods.generative import artifact_prefix
 from .teacher import fingerprint
 
 
-
 @dataclass
 class SynthConfig:
     """Where and how much: image count, batch (= write unit), seed, store options, device."""

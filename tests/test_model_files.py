@@ -124,3 +124,15 @@ def test_export_onnx(tmp_path, student):
         (y,) = onnxruntime.InferenceSession(out).run(None, {"pixels": x.numpy()})
         with torch.no_grad():
             assert torch.allclose(torch.from_numpy(y), model(normalize(x * 255, spec.mean, spec.std)), atol=1e-4)
+
+
+def test_import_and_export_never_replace_a_file_unasked(tmp_path, resnet, student):
+    path = tmp_path / "w.pth"
+    torch.save(resnet.state_dict(), path)
+    (tmp_path / "teacher.pt").write_bytes(b"mine")
+    res, out = _import(tmp_path, path)
+    assert res.exit_code == 2 and "--overwrite" in res.output and open(out, "rb").read() == b"mine"
+    before = open(student, "rb").read()
+    res = CliRunner().invoke(cli, ["export", "--model", student, "--format", "safetensors", "--out", student,
+                                   "--overwrite"])
+    assert res.exit_code == 2 and "input file itself" in res.output and open(student, "rb").read() == before

@@ -86,17 +86,13 @@ def list_methods() -> list[str]:
 
 
 def method_class(name: str) -> type[Method]:
-    """The registered class of a method (unknown names get the usual one-line error)."""
-    if name not in _METHODS:
-        method_config(name)
-    return _METHODS[name]
+    """The registered class of a method (unknown names get the registry's one-line error)."""
+    return _METHODS.get(name)
 
 
 def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The method's config with defaults, overridden by `overrides` (unknown keys refused)."""
-    if name not in _METHODS:
-        raise MethodError(f"unknown synthesis method {name!r}; choose one of {', '.join(list_methods())}")
-    cls = _METHODS[name].Config
+    cls = _METHODS.get(name).Config
     fields = {f.name: f for f in dataclasses.fields(cls)}
     overrides = dict(overrides or {})
     bad = sorted(set(overrides) - set(fields))
@@ -121,4 +117,4 @@ def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
 
 def create_method(name: str, ctx: SynthContext, overrides: dict[str, Any] | None = None) -> Method:
     """Build a method by name for this context."""
-    return _METHODS[name](ctx, method_config(name, overrides)) if name in _METHODS else method_config(name)
+    return method_class(name)(ctx, method_config(name, overrides))

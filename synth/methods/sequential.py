@@ -30,10 +30,9 @@ from dfkd.store.augment import augment
 from dfkd.store.identity import check_same_run
 
 from ..bank import MemoryBank
-from ..losses import agreement_kl
+from ..losses import agreement_kl, kl_divergence
 from .base import Method, MethodError, SynthContext
 from .feature_stats import StatTerms
-from ..losses import kl_divergence
 
 
 @dataclass
