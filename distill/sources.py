@@ -36,13 +36,16 @@ class Source(Protocol):
 
 class StoreSource:
     """Batches of one synthetic store, or of the union of several (one seeded shuffle over all their samples):
-    stored images and the teacher's stored logits."""
+    stored images and the teacher's stored logits, or, with `views` on stores that keep view labels, one
+    stored view per image and epoch with the teacher's logits of that view (`self.views` says which)."""
 
-    def __init__(self, path: str | list[str], batch_size: int, seed: int = 0, workers: int = 0, **loader_kw) -> None:
+    def __init__(self, path: str | list[str], batch_size: int, seed: int = 0, workers: int = 0, views: bool = False,
+                 **loader_kw) -> None:
         paths = [path] if isinstance(path, str) else list(path)
         readers = [store.open(p) for p in paths]
         check_same_teacher(readers)
-        self.dataset = store.StoreDataset(paths, batch_size, seed=seed, **loader_kw)
+        self.views = bool(views) and any(r.meta.views for r in readers)  # views: a store without them says so
+        self.dataset = store.StoreDataset(paths, batch_size, seed=seed, views=self.views, **loader_kw)
         meta = self.dataset.meta
         self.num_classes, self.image_shape, self.name = meta.num_classes, meta.image_shape, "store:" + "+".join(paths)
         for r in readers:
@@ -62,6 +65,8 @@ class StoreSource:
         """The stores' identities (plan, done units, checksums) and how they are batched."""
         ids = [r.identity() for r in self.readers]
         out = {"store": ids[0] if len(ids) == 1 else ids, "batch_size": self.batch_size, "seed": self.seed}
+        if self.views:
+            out["views"] = True
         if self.max_images is not None:
             out["max_images"] = self.max_images
         return out

@@ -125,6 +125,10 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         self.amp = amp_dtype(config.amp, self.device)
         self.reads_per_rank: list[Any] = []
+        self.views = bool(getattr(source, "views", False))  # the source yields stored views with their logits
+        if self.views and teacher is not None:
+            raise TrainError(f"{source.name} yields stored view labels and a teacher was given too; use one: the "
+                             "teacher relabels views online, the store's view labels need no teacher")
         c, h, w = source.image_shape
         if h != w:
             raise TrainError(f"images are {h}×{w}; the zoo's models take square images")
@@ -229,8 +233,9 @@ class Trainer:
                 if self.device.type == "cuda":  # page-locked host memory: the copy overlaps compute
                     images = images.pin_memory()
                 images = images.to(self.device, non_blocking=True)
-                x = normalize(augment(images, cfg.augment, gen), self.source.mean, self.source.std)
-                teacher = self._targets(x, stored, cfg.augment != "none")
+                mode = "none" if self.views else cfg.augment  # stored views are the augmentation, labelled already
+                x = normalize(augment(images, mode, gen), self.source.mean, self.source.std)
+                teacher = self._targets(x, stored, mode != "none")
                 if obj.needs_teacher and teacher is None:
                     raise TrainError(f"{self.source.name} gives no teacher logits; pass a teacher for online targets")
                 y = None if labels is None else labels.to(self.device, non_blocking=True)

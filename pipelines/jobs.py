@@ -104,6 +104,8 @@ class SynthJob:
     amp: str = "auto"
     compile: bool = False
     model_code: tuple[str, ...] = ()  # package.module:factory names the user trusts checkpoints to name
+    views: int = 0  # teacher logits of this many seeded augmented views per image, stored with each unit
+    view_mode: str = "flip-crop"
 
 
 def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
@@ -117,7 +119,7 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
                      else (None, None))
     cfg = SynthConfig(num_images=job.num_images, out=job.out, batch_size=job.batch_size, seed=job.seed,
                       resume=job.resume, overwrite=job.overwrite, device=job.device, progress=job.progress,
-                      amp=job.amp, compile=job.compile)
+                      amp=job.amp, compile=job.compile, views=job.views, view_mode=job.view_mode)
     prefix = artifact_prefix(job.out)
 
     def save_student(wrote: bool) -> None:  # with the generator it was trained beside, before the fill
@@ -190,6 +192,7 @@ class DistillJob:
     compile: bool = False
     eval_every: int = 0  # epochs between test evaluations; 0: the last epoch only
     max_images: int | None = None  # a seeded draw of whole units, an equal share of each store
+    views: bool = True  # train on the store's view labels where it keeps them (and no teacher is given)
 
 
 def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -198,7 +201,8 @@ def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tenso
     for name in job.students:
         check_model_name(name)
     if source is None:
-        source = StoreSource(job.store, job.batch_size, seed=job.seed, workers=job.workers, max_images=job.max_images)
+        source = StoreSource(job.store, job.batch_size, seed=job.seed, workers=job.workers, max_images=job.max_images,
+                             views=job.views and teacher is None)
     cfg = TrainConfig(epochs=job.epochs, seed=job.seed, augment=job.augment, device=job.device, out_dir=job.out,
                       resume=job.resume, progress=job.progress, eval_every=job.eval_every or job.epochs,
                       amp=job.amp, compile=job.compile,

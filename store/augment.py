@@ -1,7 +1,8 @@
 """Seeded, label-preserving views of image batches: random crops after zero padding, horizontal flips.
 
-Pure tensor work on pixels, no model: the distillation stage augments stored images with it, and the
-memory-bank synthesis methods augment their batches and their bank with it.
+Pure tensor work on pixels, no model: the distillation stage augments stored images with it, the
+memory-bank synthesis methods augment their batches and their bank with it, and stored view labels
+(store/views.py) re-create their views' pixels with `crop_flip` from offsets they draw themselves.
 """
 
 from __future__ import annotations
@@ -12,22 +13,35 @@ import torch.nn.functional as F
 MODES = ("none", "crop", "flip-crop")
 
 
+def default_pad(side: int) -> int:
+    """The crop's zero padding: about 1/8 of the image side, at least one pixel."""
+    return max(1, side // 8)
+
+
+def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor | None,
+              pad: int) -> torch.Tensor:
+    """Each image padded by `pad` zeros, cropped back to its size at offsets (oy, ox) in [0, 2*pad], mirrored
+    where `flip`; exact on any dtype (uint8 pixels stay the same uint8 pixels)."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    rows = (oy.long()[:, None] + torch.arange(h)).to(images.device)
+    cols = (ox.long()[:, None] + torch.arange(w)).to(images.device)
+    if flip is not None:
+        cols = torch.where(flip.bool()[:, None].to(images.device), cols.flip(1), cols)
+    bi = torch.arange(b, device=images.device)[:, None, None, None]
+    ci = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 def augment(images: torch.Tensor, mode: str, gen: torch.Generator, pad: int | None = None) -> torch.Tensor:
     """Random crop after zero padding (pad ~ 1/8 of the side) and, for flip-crop, horizontal flips."""
     if mode == "none":
         return images
     if mode not in MODES:
         raise ValueError(f"unknown augmentation {mode!r}; choose one of {MODES}")
-    b, c, h, w = images.shape
-    p = max(1, h // 8) if pad is None else pad
-    padded = F.pad(images, (p, p, p, p))
+    b, _, h, _ = images.shape
+    p = default_pad(h) if pad is None else pad
     oy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
     ox = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-    rows = (oy[:, None] + torch.arange(h)).to(images.device)
-    cols = (ox[:, None] + torch.arange(w)).to(images.device)
-    if mode == "flip-crop":
-        flip = torch.rand(b, generator=gen) < 0.5
-        cols = torch.where(flip[:, None].to(images.device), cols.flip(1), cols)
-    bi = torch.arange(b, device=images.device)[:, None, None, None]
-    ci = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    flip = torch.rand(b, generator=gen) < 0.5 if mode == "flip-crop" else None
+    return crop_flip(images, oy, ox, flip, p)

@@ -34,6 +34,9 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
             raise StoreError(f"{src} is unfinished; changing the unit size needs a complete store "
                              "(finish it with --resume, or convert with the same unit size)")
         meta = dataclasses.replace(meta, unit_size=unit_size)
+    if meta.views and not (reader.backend.views_done_mask() | ~reader.done_mask()).all():
+        raise StoreError(f"{src} has view labels for only some of its finished units; finish them with "
+                         "`dfkd store label --resume` before converting (the copy keeps every unit's views)")
     replace = check_target(dst, overwrite)  # refused now, before any work, if dst may not be replaced
     backend = backend or backend_for_new(dst, None).name
     remote = fs.is_url(dst)  # object stores cannot rename: the copy is written in place (after the checks)
@@ -49,7 +52,7 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
         units = reader.done_units() if same_units else range(meta.num_units)
         for u in progress(units, desc=f"converting to {writer.backend.name}", unit="unit"):
             rec = reader.read_unit(u) if same_units else reader.read(*meta.unit_range(u))
-            writer.write_unit(u, rec.images, rec.logits, rec.labels)
+            writer.write_unit(u, rec.images, rec.logits, rec.labels, rec.views)
         writer.finalize()
         if not remote:
             _publish(tmp, dst, replace)

@@ -22,6 +22,8 @@ from .errors import StoreError
 from .runtime import rank_and_world
 from .reader import StoreReader
 from .schema import Records, StoreMeta
+from .units import unit_seed
+from .views import ViewRecipe, view_offsets, view_pixels
 
 DEFAULT_RAM_LIMIT = 2 << 30  # bytes; a store whose decoded size fits is loaded into RAM once
 
@@ -106,8 +108,31 @@ class Union:
     def read_unit(self, g: int, readers: list[StoreReader] | None = None) -> Records:
         rec = (readers or self.readers)[self.owner[g]].backend.read_unit(int(self.local[g]))
         if rec.logits.dtype != self.logits_dtype:
-            rec = Records(rec.images, rec.logits.astype(self.logits_dtype), rec.labels)
+            rec = Records(rec.images, rec.logits.astype(self.logits_dtype), rec.labels,
+                          None if rec.views is None else rec.views.astype(self.logits_dtype))
         return rec
+
+    def view_plan(self) -> tuple[ViewRecipe, np.ndarray]:
+        """The stores' common view recipe and every sample's view offsets (num_samples × V × 3), refused with one
+        line when a store lacks complete view labels or the stores' views differ."""
+        first = self.readers[0]
+        for r in self.readers:
+            if not r.meta.views:
+                raise StoreError(f"{r.path} keeps no view labels; add them with `dfkd store label {r.path} --teacher "
+                                 "T`, or distill on the stored logits with --no-views")
+            if not r.views_complete:
+                raise StoreError(f"{r.path} has view labels for only some of its finished units; finish them with "
+                                 f"`dfkd store label {r.path} --teacher T --resume`, or distill with --no-views")
+            if (r.meta.views, r.meta.view_recipe) != (first.meta.views, first.meta.view_recipe):
+                raise StoreError(f"{r.path} keeps {r.meta.views} views ({r.meta.view_recipe}) but {first.path} keeps "
+                                 f"{first.meta.views} ({first.meta.view_recipe}); label them alike to distill together")
+        recipe = ViewRecipe.from_json(first.meta.view_recipe, first.path)
+        offsets = np.zeros((self.num_samples, first.meta.views, 3), np.int16)
+        for g in range(len(self.owner)):
+            meta = self.readers[self.owner[g]].meta
+            lo, hi = self.unit_range(g)
+            offsets[lo:hi] = view_offsets(recipe, unit_seed(meta.base_seed, int(self.local[g])), meta.views, hi - lo)
+        return recipe, offsets
 
     def nbytes(self) -> int:
         return sum(r.nbytes() for r in self.readers)
@@ -115,7 +140,8 @@ class Union:
     def load_all(self) -> Records:
         """Every done sample of every store, in global index order."""
         parts = [r.load_all() for r in self.readers]
-        parts = [Records(p.images, p.logits.astype(self.logits_dtype, copy=False), p.labels) for p in parts]
+        parts = [Records(p.images, p.logits.astype(self.logits_dtype, copy=False), p.labels,
+                         None if p.views is None else p.views.astype(self.logits_dtype, copy=False)) for p in parts]
         return parts[0] if len(parts) == 1 else Records.concat(parts)
 
 
@@ -124,12 +150,14 @@ class StoreDataset(IterableDataset):
 
     `path` may be a list of stores: their union is shuffled as one (indices are then global, store k's after
     store k-1's). `max_images` keeps a seeded draw of whole done units, an equal share of each store.
+    With `views`, each epoch gives every image one of its stored views, drawn from (seed, epoch, index): the
+    batch holds that view's pixels, re-created from the stored image, and the teacher's stored logits of it.
     """
 
     def __init__(self, path: str | list[str], batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  buffer_units: int = 8, drop_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, in_ram: bool | None = None, ram_limit: int = DEFAULT_RAM_LIMIT,
-                 prefetch_units: int | None = None, max_images: int | None = None) -> None:
+                 prefetch_units: int | None = None, max_images: int | None = None, views: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise StoreError(f"batch_size must be >= 1, got {batch_size}")
@@ -148,6 +176,8 @@ class StoreDataset(IterableDataset):
         self.union = Union([open_store(p) for p in self.paths])
         self.meta = self.union.readers[0].meta
         self.units = self.union.done if max_images is None else self._draw(max_images)
+        self.views = views
+        self._view_recipe, self._view_offsets = self.union.view_plan() if views else (None, None)
         self.in_ram = self.union.nbytes() <= ram_limit if in_ram is None else in_ram
         self._readers: list[StoreReader] | None = None if self.in_ram else self.union.readers
         self._ram: Records | None = None
@@ -207,11 +237,29 @@ class StoreDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self._plan()
-        yield from (self._iter_ram(plan) if self.in_ram else self._iter_stream(plan))
+        batches = self._iter_ram(plan) if self.in_ram else self._iter_stream(plan)
+        yield from (map(self._to_view, batches) if self.views else batches)
+
+    def _view_choice(self) -> np.ndarray:
+        """This epoch's view of every sample: a pure function of (seed, epoch), the same on every rank."""
+        if getattr(self, "_choice_epoch", None) != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch, 104729])
+            self._choice = rng.integers(0, self.meta.views, self.union.num_samples)
+            self._choice_epoch = self.epoch
+        return self._choice
+
+    def _to_view(self, b: Batch) -> Batch:
+        """A batch of stored images and view labels -> the chosen views' pixels and the teacher's logits of them."""
+        idx = b.indices.numpy()
+        v = self._view_choice()[idx]
+        rows = np.arange(len(idx))
+        images = view_pixels(b.images, self._view_offsets[idx, v], self._view_recipe.pad)
+        return Batch(images, b.logits[rows, v], b.labels, b.indices)
 
     def _iter_ram(self, plan: list[np.ndarray]) -> Iterator[Batch]:
         # torch's index_select gathers rows ~2x faster than numpy fancy indexing
-        images, logits, labels = (torch.from_numpy(a) for a in (self._ram.images, self._ram.logits, self._ram.labels))
+        targets = self._ram.views if self.views else self._ram.logits  # with views: N×V×K, chosen in _to_view
+        images, logits, labels = (torch.from_numpy(a) for a in (self._ram.images, targets, self._ram.labels))
         identity = len(self._ram) == self.union.num_samples  # complete stores: position == index
         for idx in plan:
             rows = torch.from_numpy(idx if identity else self._pos[idx])
@@ -243,25 +291,31 @@ class StoreDataset(IterableDataset):
                 if len(need) == 1:
                     rec = cache[need[0]].result().take(idx - union.starts[need[0]])
                 else:
-                    rec = _gather({u: cache[u].result() for u in need}, need, owner, idx, union)
-                yield _to_batch(rec, idx)
+                    rec = _gather({u: cache[u].result() for u in need}, need, owner, idx, union, self.views)
+                yield _to_batch(rec, idx, self.views)
                 for u in need:
                     if last_use[u] == j:
                         del cache[u]
 
 
-def _gather(cache: dict[int, Records], need: list[int], owner: np.ndarray, idx: np.ndarray, union: Union) -> Records:
+def _gather(cache: dict[int, Records], need: list[int], owner: np.ndarray, idx: np.ndarray, union: Union,
+            views: bool = False) -> Records:
     """Assemble one batch whose samples come from several cached units."""
     n = len(idx)
+    first = cache[need[0]]
     out = Records(np.empty((n, *union.image_shape), np.uint8), np.empty((n, union.num_classes), union.logits_dtype),
-                  np.empty(n, np.int64))
+                  np.empty(n, np.int64), np.empty((n, *first.views.shape[1:]), union.logits_dtype) if views else None)
     for u in need:
         sel = owner == u
         src = cache[u].take(idx[sel] - union.starts[u])
         out.images[sel], out.logits[sel], out.labels[sel] = src.images, src.logits, src.labels
+        if views:
+            out.views[sel] = src.views
     return out
 
 
-def _to_batch(rec: Records, idx: np.ndarray) -> Batch:
-    return Batch(torch.from_numpy(np.ascontiguousarray(rec.images)), torch.from_numpy(np.ascontiguousarray(rec.logits)),
+def _to_batch(rec: Records, idx: np.ndarray, views: bool = False) -> Batch:
+    """Tensors of one batch; with `views` the logits slot holds the N×V×K view logits (one is chosen later)."""
+    targets = rec.views if views else rec.logits
+    return Batch(torch.from_numpy(np.ascontiguousarray(rec.images)), torch.from_numpy(np.ascontiguousarray(targets)),
                  torch.from_numpy(np.ascontiguousarray(rec.labels)), torch.from_numpy(np.ascontiguousarray(idx)))

@@ -87,21 +87,30 @@ class StoreReader:
     def nbytes(self) -> int:
         """Decoded size of the readable samples (what loading them into RAM costs)."""
         m = self.meta
-        per = int(np.prod(m.image_shape)) + m.num_classes * np.dtype(m.logits_dtype).itemsize + 8
+        per = int(np.prod(m.image_shape)) + (1 + m.views) * m.num_classes * np.dtype(m.logits_dtype).itemsize + 8
         return per * len(self)
 
+    @property
+    def views_complete(self) -> bool:
+        """Whether the store keeps view labels and every finished unit has them."""
+        return bool(self.meta.views) and bool((self.backend.views_done_mask() | ~self.done_mask()).all())
+
     def load_all(self) -> Records:
-        """Every done sample, in index order, in memory (the next chunk decodes while one is copied)."""
+        """Every done sample, in index order, in memory (the next chunk decodes while one is copied); with
+        their view labels when every finished unit has them."""
         units = self.done_units()
         m = self.meta
         n = sum(hi - lo for lo, hi in map(m.unit_range, units))
         out = Records(np.empty((n, *m.image_shape), np.uint8), np.empty((n, m.num_classes), m.logits_dtype),
-                      np.empty(n, np.int64))
+                      np.empty(n, np.int64),
+                      np.empty((n, m.views, m.num_classes), m.logits_dtype) if self.views_complete else None)
         pos = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfkd-load") as pool:
             for rec in pool.map(self.read_unit, units):
                 k = len(rec)
                 out.images[pos:pos + k], out.logits[pos:pos + k], out.labels[pos:pos + k] = rec.images, rec.logits, rec.labels
+                if out.views is not None:
+                    out.views[pos:pos + k] = rec.views
                 pos += k
         return out
 

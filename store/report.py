@@ -31,6 +31,8 @@ def info(path: str) -> dict[str, Any]:
         "complete": len(done) == m.num_units, "base_seed": m.base_seed, "mean": m.mean, "std": m.std,
         "label_counts": by_label[:-1].tolist(), "unlabelled": int(by_label[-1]),
         "teacher_argmax_counts": by_argmax.tolist(), "provenance": m.provenance,
+        "views": m.views, "view_recipe": m.view_recipe,
+        "units_with_views": int((reader.backend.views_done_mask() & reader.done_mask()).sum()),
     }
 
 
@@ -76,6 +78,11 @@ def verify(path: str) -> VerifyReport:
     if missing:
         report.problems.append(f"{len(missing)} of {m.num_units} units are not finished (units {_ranges(missing)}); "
                                "finish the store by rerunning its synthesis with --resume")
+    if m.views:
+        unlabelled = np.flatnonzero(done & ~reader.backend.views_done_mask()).tolist()
+        if unlabelled:
+            report.problems.append(f"{len(unlabelled)} finished units lack their {m.views} view labels (units "
+                                   f"{_ranges(unlabelled)}); add them with `dfkd store label {path} --resume`")
     c, h, w = m.image_shape
     for u in progress(np.flatnonzero(done).tolist(), desc="verifying", unit="unit"):
         lo, hi = m.unit_range(u)
@@ -98,4 +105,7 @@ def verify(path: str) -> VerifyReport:
             report.problems.append(f"{where}: {bad} samples have NaN or inf logits; re-synthesize the unit")
         if len(rec.labels) and (rec.labels.min() < -1 or rec.labels.max() >= m.num_classes):
             report.problems.append(f"{where}: labels outside [-1, {m.num_classes})")
+        if rec.views is not None and not np.isfinite(rec.views).all():
+            report.problems.append(f"{where}: view labels hold NaN or inf; label them again with "
+                                   "`dfkd store label --overwrite`")
     return report

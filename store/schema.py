@@ -30,6 +30,8 @@ class StoreMeta:
     std: tuple[float, ...] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    views: int = 0  # teacher logits stored per image on this many seeded augmented views (store/views.py)
+    view_recipe: dict[str, Any] | None = None  # how those views are drawn (ViewRecipe.to_json)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
@@ -47,6 +49,10 @@ class StoreMeta:
             raise StoreError(f"unit_size must be >= 1, got {self.unit_size}")
         if self.logits_dtype not in LOGITS_DTYPES:
             raise StoreError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
+        if self.views < 0:
+            raise StoreError(f"views must be >= 0, got {self.views}")
+        if self.views and self.view_recipe is None:
+            raise StoreError("a store with views must record their view_recipe")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != self.image_shape[0]:
@@ -70,6 +76,8 @@ class StoreMeta:
         d["image_shape"] = list(self.image_shape)
         d["mean"] = None if self.mean is None else list(self.mean)
         d["std"] = None if self.std is None else list(self.std)
+        if not self.views:  # a store without views is written exactly as before views existed
+            del d["views"], d["view_recipe"]
         return {"format": FORMAT_NAME, **d}
 
     @classmethod
@@ -91,25 +99,29 @@ class StoreMeta:
 
 @dataclass
 class Records:
-    """A run of consecutive samples: images uint8 N×C×H×W, logits N×K, labels int64 N (-1: none)."""
+    """A run of consecutive samples: images uint8 N×C×H×W, logits N×K, labels int64 N (-1: none), and where
+    the store keeps view labels, `views`: the teacher's logits of each image's V seeded views, N×V×K."""
 
     images: np.ndarray
     logits: np.ndarray
     labels: np.ndarray
+    views: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @classmethod
     def concat(cls, parts: list["Records"]) -> "Records":
-        """Join several runs of records in order."""
+        """Join several runs of records in order (views kept when every run has them)."""
+        views = None if any(p.views is None for p in parts) else np.concatenate([p.views for p in parts])
         return cls(np.concatenate([p.images for p in parts]),
                    np.concatenate([p.logits for p in parts]),
-                   np.concatenate([p.labels for p in parts]))
+                   np.concatenate([p.labels for p in parts]), views)
 
     def take(self, index: np.ndarray | slice) -> "Records":
         """Select samples by position."""
-        return Records(self.images[index], self.logits[index], self.labels[index])
+        return Records(self.images[index], self.logits[index], self.labels[index],
+                       None if self.views is None else self.views[index])
 
 
 def checksums(rec: Records) -> np.ndarray:
@@ -117,6 +129,11 @@ def checksums(rec: Records) -> np.ndarray:
     lost or changed after the write no longer matches. Separate sums let a reader check targets alone."""
     return np.array([zlib.crc32(np.ascontiguousarray(a)) for a in (rec.images, rec.logits, rec.labels)],
                     dtype=np.uint32)
+
+
+def view_checksum(views: np.ndarray) -> int:
+    """CRC-32 of a unit's view logits, kept with its view flag (separate: views may be added to a finished unit)."""
+    return zlib.crc32(np.ascontiguousarray(views))
 
 
 def mismatch_error(path: str, meta: StoreMeta, unit: int, parts: list[str]) -> StoreError:
@@ -152,5 +169,28 @@ def check_records(meta: StoreMeta, rec: Records, n: int, what: str) -> Records:
     if not np.isfinite(out_logits).all():
         raise StoreError(f"{what}: logits contain NaN or inf (after casting to {meta.logits_dtype}); "
                          "check the teacher's outputs or store float32 logits")
+    views = None if rec.views is None else check_views(meta, rec.views, n, what)
+    if meta.views and views is None:
+        raise StoreError(f"{what}: the store keeps {meta.views} view labels per image and these records have none; "
+                         "label the views with the teacher (dfkd.synth.views.label_views) before writing")
     return Records(np.ascontiguousarray(img), np.ascontiguousarray(out_logits),
-                   labels.astype(np.int64, copy=False))
+                   labels.astype(np.int64, copy=False), views)
+
+
+def check_views(meta: StoreMeta, views: Any, n: int, what: str) -> np.ndarray:
+    """Validate one unit's view logits (n×V×K, finite) and return them in the store's logits dtype."""
+    views = np.asarray(views)
+    if not meta.views:
+        raise StoreError(f"{what}: records carry view labels but the store keeps none; add them with "
+                         "`dfkd store label`, or write the records without views")
+    if views.shape != (n, meta.views, meta.num_classes):
+        raise StoreError(f"{what}: view logits have shape {tuple(views.shape)}, the store expects "
+                         f"{(n, meta.views, meta.num_classes)} (N×views×classes)")
+    if not np.issubdtype(views.dtype, np.floating):
+        raise StoreError(f"{what}: view logits must be floating point, got {views.dtype}")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(views.astype(meta.logits_dtype, copy=False))
+    if not np.isfinite(out).all():
+        raise StoreError(f"{what}: view logits contain NaN or inf (after casting to {meta.logits_dtype}); "
+                         "check the teacher's outputs or store float32 logits")
+    return out

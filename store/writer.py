@@ -55,10 +55,12 @@ class StoreWriter:
             raise StoreError(f"done snapshot has shape {done.shape}, the store has {self.meta.num_units} units")
         return share(np.flatnonzero(~done).tolist(), rank, world_size)
 
-    def write_unit(self, unit: int, images: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
-        """Validate then write one whole unit and mark it done; nothing is written if validation fails."""
+    def write_unit(self, unit: int, images: np.ndarray, logits: np.ndarray, labels: np.ndarray,
+                   views: np.ndarray | None = None) -> None:
+        """Validate then write one whole unit (with its view labels where the store keeps them) and mark it
+        done; nothing is written if validation fails."""
         lo, hi = self.unit_range(unit)
-        rec = check_records(self.meta, Records(images, logits, labels), hi - lo, f"unit {unit} of {self.path}")
+        rec = check_records(self.meta, Records(images, logits, labels, views), hi - lo, f"unit {unit} of {self.path}")
         try:
             self.backend.write_unit(unit, rec)
         except OSError as exc:  # a full disk or a lost mount: the unit stays pending; name the store, not a chunk

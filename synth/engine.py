@@ -24,6 +24,7 @@ from dfkd.store.runtime import amp_dtype, rank_and_world
 from .methods import MethodError, SynthContext, create_method, method_class, method_config
 from .methods.generative import artifact_prefix
 from .teacher import fingerprint
+from .views import label_views, with_views
 
 
 @dataclass
@@ -42,6 +43,8 @@ class SynthConfig:
     progress: bool | None = None
     amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16), off, bf16, fp16
     compile: bool = False  # torch.compile the teacher's forward (in place: layer paths stay those of the model)
+    views: int = 0  # also store the teacher's logits of this many seeded augmented views of every image
+    view_mode: str = "flip-crop"  # how those views are drawn (store.views.VIEW_MODES)
 
 
 @contextlib.contextmanager
@@ -106,6 +109,8 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     meta = store.StoreMeta(num_samples=cfg.num_images, image_shape=tuple(image_shape), num_classes=num_classes,
                            unit_size=cfg.batch_size, logits_dtype=cfg.logits_dtype, base_seed=cfg.seed,
                            mean=tuple(mean), std=tuple(std), provenance=provenance)
+    if cfg.views:
+        meta = with_views(meta, cfg.views, cfg.view_mode)
     show = cfg.progress  # None: a bar on a terminal, log lines otherwise (dfkd.progress)
     with frozen(teacher, student):
         net, stu = teacher, None if student is None else student.to(device)
@@ -133,7 +138,7 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
                 done, t0 = 0, time.perf_counter()
                 for u in bar:
                     images, logits, labels, losses = _make_unit(m, writer, u, teacher, ctx)
-                    writer.write_unit(u, images.numpy(), logits.numpy(), labels)
+                    writer.write_unit(u, images.numpy(), logits.numpy(), labels, _views(writer, u, images, ctx))
                     done += len(images)
                     bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}",
                                     **{k: f"{v:.3g}" for k, v in losses.items()})
@@ -159,6 +164,13 @@ def _make_unit(m: Any, writer: store.StoreWriter, u: int, teacher: nn.Module,
     return images, logits, labels.cpu().numpy().astype(np.int64), losses
 
 
+def _views(writer: store.StoreWriter, u: int, images: torch.Tensor, ctx: SynthContext) -> np.ndarray | None:
+    """The teacher's logits of the unit's stored views, where the store keeps views."""
+    if not writer.meta.views:
+        return None
+    return label_views(lambda x: teacher_logits(ctx.teacher, x, ctx), images, writer.meta, u)
+
+
 def chain_units(num_units: int, rank: int, world: int) -> list[int]:
     """A sequential method's chain on this rank: a contiguous, near-equal range of the units."""
     return list(range(rank * num_units // world, (rank + 1) * num_units // world))
@@ -181,7 +193,7 @@ def _fill_chain(m: Any, writer: store.StoreWriter, snapshot: np.ndarray, cfg: Sy
     for u in bar:
         images, logits, labels, losses = _make_unit(m, writer, u, teacher, m.ctx)
         if not snapshot[u]:
-            writer.write_unit(u, images.numpy(), logits.numpy(), labels)
+            writer.write_unit(u, images.numpy(), logits.numpy(), labels, _views(writer, u, images, m.ctx))
         m.end_unit(u, images)
         bar.set_postfix(**{k: f"{v:.3g}" for k, v in losses.items()})
 

@@ -50,6 +50,9 @@ def _check_teacher(spec: Any, num_classes: int, shape: tuple[int, ...], what: st
 @click.option("--ce-teacher", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Weight of CE to the teacher's argmax.")
 @click.option("--augment", type=click.Choice(["none", "crop", "flip-crop"]), default="none", show_default=True,
               help="Label-preserving augmentation; stored logits are reused unless --teacher relabels the views.")
+@click.option("--views/--no-views", default=True, show_default=True,
+              help="On a store with view labels (synth --views, store label) and no --teacher: each epoch trains on "
+                   "one stored augmented view per image with the teacher's stored logits of it.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers reading the store.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the students' initialization and the data order.")
 @device_option
@@ -63,7 +66,7 @@ def _check_teacher(spec: Any, num_classes: int, shape: tuple[int, ...], what: st
 def distill_cmd(store_path: tuple[str, ...], max_images: int | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
                 eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
                 lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
-                augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str,
+                augment: str, views: bool, workers: int, seed: int, device: str, out: str, resume: bool, amp: str,
                 compile_: bool, model_code: tuple[str, ...]) -> None:
     """Train one or more students at once from a store (or, with --kd-data, from real data and a teacher)."""
     if bool(store_path) == (kd_data is not None):
@@ -80,14 +83,15 @@ def distill_cmd(store_path: tuple[str, ...], max_images: int | None, kd_data: st
     with distributed(resolve_device(device)) as rank_device:  # under torchrun: DDP per student, equal batches per rank
         _distill(list(store_path), kd_data, students, teacher, eval_data, data_root, epochs, batch_size, optimizer,
                  lr, weight_decay, temperature, kd_weight, ce_teacher, augment, workers, seed, rank_device, out, resume,
-                 amp, compile_, model_code, max_images)
+                 amp, compile_, model_code, max_images, views)
 
 
 def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ...], teacher: str | None,
              eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
              lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
              augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str = "auto",
-             compile_: bool = False, model_code: tuple[str, ...] = (), max_images: int | None = None) -> None:
+             compile_: bool = False, model_code: tuple[str, ...] = (), max_images: int | None = None,
+             views: bool = True) -> None:
     from dfkd.distill.checkpoint import load_model
     from dfkd.distill.evaluate import accuracy
     from dfkd.distill.sources import StoreSource, TensorSource
@@ -101,7 +105,7 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     job = DistillJob(store_path, list(students), out, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                      lr=lr, weight_decay=weight_decay, temperature=temperature, kd=kd_weight, ce_teacher=ce_teacher,
                      augment=augment, seed=seed, workers=workers, device=device, resume=resume, amp=amp,
-                     compile=compile_, eval_every=1, max_images=max_images)
+                     compile=compile_, eval_every=1, max_images=max_images, views=views)
     if kd_data is not None:
         if t_model is None:
             raise click.UsageError("--kd-data needs --teacher (the teacher labels the real images online)")
@@ -110,9 +114,15 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
         source: Any = TensorSource(real.train_images, real.train_labels, real.num_classes, t_spec.mean, t_spec.std,
                                    batch_size, seed, name=f"kd:{real.name}")
     else:
-        source = StoreSource(store_path, batch_size, seed=seed, workers=workers, max_images=max_images)
+        source = StoreSource(store_path, batch_size, seed=seed, workers=workers, max_images=max_images,
+                             views=views and t_model is None)
         if t_spec is not None:
             _check_teacher(t_spec, source.num_classes, source.image_shape, " + ".join(store_path))
+        if source.views:
+            m = source.dataset.meta
+            click.echo(f"training on the store's view labels: each epoch one of {m.views} stored {m.view_recipe['mode']} "
+                       "views per image with the teacher's logits of it (no teacher needed)"
+                       + (f"; --augment {augment} is not applied on top" if augment != "none" else ""))
     evaluation = None
     if eval_data is not None:
         ev = load_data(eval_data, data_root)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .group import DfkdGroup, UserError
+from .options import device_option, model_code_option, quiet_option, resolve_device
 
 
 @click.group(cls=DfkdGroup, name="store")
@@ -42,6 +43,9 @@ def store_info(path: str, as_json: bool) -> None:
         f"labels       {_fmt_counts(d['label_counts'])}" + (f" unlabelled:{d['unlabelled']}" if d["unlabelled"] else ""),
         f"teacher top1 {_fmt_counts(d['teacher_argmax_counts'])}",
         f"base seed    {d['base_seed']}",
+        f"views        " + (f"{d['views']} per image ({d['view_recipe']['mode']}, pad {d['view_recipe']['pad']}), "
+                            f"{d['units_with_views']}/{d['units_done']} finished units labelled" if d["views"]
+                            else "none (add view labels with `dfkd store label`)"),
     ]
     for key, value in sorted(d["provenance"].items()):
         lines.append(f"  {key}: {json.dumps(value)}")
@@ -92,6 +96,35 @@ def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None
         options["image_format"] = image_format
     writer = convert(src, dst, backend=target, unit_size=unit_size, overwrite=overwrite, **options)
     click.echo(f"wrote {dst} ({writer.backend.name}, {writer.meta.num_units} units of {writer.meta.unit_size})")
+
+
+@store_group.command("label")
+@click.argument("path")
+@click.option("--teacher", required=True, help="The checkpoint of the teacher that made the store (checked by fingerprint).")
+@click.option("--views", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Seeded augmented views per image whose teacher logits are stored (K teacher forwards per image, once).")
+@click.option("--view-mode", type=click.Choice(["crop", "flip-crop"]), default="flip-crop", show_default=True,
+              help="How the views are drawn: a random crop after zero padding of 1/8 of the side, and mirroring.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted labelling (exactly the units without views).")
+@click.option("--overwrite", is_flag=True, help="Replace the store's existing view labels.")
+@device_option
+@model_code_option
+@quiet_option
+def store_label(path: str, teacher: str, views: int, view_mode: str, resume: bool, overwrite: bool, device: str,
+                model_code: tuple[str, ...]) -> None:
+    """Add the teacher's logits of VIEWS seeded augmented views of every image to the store at PATH.
+
+    A view is re-created exactly from the stored image and its seed, so `dfkd distill` then trains on
+    augmented views with no teacher; `dfkd synth --views K` gives the same labels at synthesis time.
+    """
+    from dfkd.distill.checkpoint import load_model
+    from dfkd.synth.views import label_store
+
+    model, _, _ = load_model(teacher, "teacher", model_code)
+    res = label_store(path, model, views, mode=view_mode, resume=resume, overwrite=overwrite,
+                      device=resolve_device(device))
+    click.echo(f"labelled {res['units_labelled']} units of {path} with {views} views ({view_mode}): "
+               f"{res['teacher_forwards']:,} teacher forwards in {res['seconds']:.0f} s")
 
 
 @store_group.command("preview")

@@ -85,9 +85,10 @@ class Backend(ABC):
         """One bool per write unit: True once the unit is completely written."""
 
     @abstractmethod
-    def read_unit(self, unit: int, check: bool = True) -> Records:
+    def read_unit(self, unit: int, check: bool = True, with_views: bool = True) -> Records:
         """All records of one unit, read as one whole chunk (or shard); refused when they do not match the
-        checksums written with the unit's done flag, unless `check` is False (verify's content checks)."""
+        checksums written with the unit's done flag, unless `check` is False (verify's content checks). Its
+        view labels come too where they are written, unless `with_views` is False (then they are not read)."""
 
     def read_targets(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
         """(logits, labels) of one unit; backends that can skip the images do."""
@@ -97,6 +98,22 @@ class Backend(ABC):
     @abstractmethod
     def write_unit(self, unit: int, records: Records) -> None:
         """Write one whole unit, then mark it done; a crash before the mark leaves it pending."""
+
+    def views_done_mask(self) -> np.ndarray:
+        """One bool per write unit: True once the unit's view labels are written (all False without views)."""
+        return np.zeros(self.meta.num_units, dtype=bool)
+
+    def read_views(self, unit: int, check: bool = True) -> np.ndarray:
+        """The view logits of one unit (N×V×K), refused when they do not match the checksum kept with them."""
+        raise StoreError(f"{self.path} keeps no view labels; add them with `dfkd store label`")
+
+    def add_views(self, meta: StoreMeta) -> None:
+        """Start keeping view labels as `meta` describes them (every unit's views pending)."""
+        raise StoreError(f"the {self.name} backend cannot add view labels to an existing store")
+
+    def write_views(self, unit: int, views: np.ndarray) -> None:
+        """Write the view labels of one finished unit, then mark them done."""
+        raise StoreError(f"the {self.name} backend cannot add view labels to an existing store")
 
     def checksum_table(self) -> list[list[int]] | None:
         """Every unit's checksums as kept with its done flag (None where the backend keeps none)."""

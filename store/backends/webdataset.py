@@ -3,6 +3,7 @@ rename on local disks, one PUT on object stores), so the shards' presence is the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -14,7 +15,7 @@ from PIL import Image
 
 from .. import fs
 from ..errors import StoreError
-from ..schema import Records, StoreMeta, checksums, mismatch_error
+from ..schema import Records, StoreMeta, check_views, checksums, mismatch_error, view_checksum
 from . import tar
 from .base import Backend, register_backend
 
@@ -23,7 +24,7 @@ PREFIX = "shard"
 IMAGE_FORMATS = ("png", "npy")
 # Members a dfkd shard may hold; anything else (notably pickles: .pyd, .pkl) is refused, never decoded.
 IMAGE_EXTS = {"png", "npy"}
-KNOWN_EXTS = IMAGE_EXTS | {"logits.npy", "cls", "json"}
+KNOWN_EXTS = IMAGE_EXTS | {"logits.npy", "views.npy", "cls", "json"}
 
 
 def shard_name(unit: int) -> str:
@@ -71,7 +72,8 @@ def _png_load(b: memoryview) -> np.ndarray:
 
 @register_backend
 class WebDatasetBackend(Backend):
-    """Per-sample members `<key>.png|npy`, `<key>.logits.npy`, `<key>.cls`, `<key>.json` + a meta.json sidecar."""
+    """Per-sample members `<key>.png|npy`, `<key>.logits.npy`, `<key>.cls`, `<key>.json` (and `<key>.views.npy`,
+    the V×K view logits, where the store keeps views) + a meta.json sidecar."""
 
     name = "webdataset"
     suffixes = (".wds",)
@@ -95,9 +97,39 @@ class WebDatasetBackend(Backend):
         if fmt == "png" and meta.image_shape[0] not in (1, 3):
             raise StoreError(f"PNG holds 1 or 3 channels, these images have {meta.image_shape[0]}; use image_format='npy'")
         fs.makedirs(path)
-        doc = {"dfkd": meta.to_json(), "webdataset": {"image_format": fmt, "shard_pattern": f"{PREFIX}-%06d.tar"}}
-        fs.write_atomic(fs.join(path, META_FILE), json.dumps(doc, indent=1, sort_keys=True).encode())
-        return cls(path, meta, True, fmt)
+        backend = cls(path, meta, True, fmt)
+        backend._write_meta()
+        return backend
+
+    def _write_meta(self) -> None:
+        doc = {"dfkd": self.meta.to_json(),
+               "webdataset": {"image_format": self.image_format, "shard_pattern": f"{PREFIX}-%06d.tar"}}
+        fs.write_atomic(fs.join(self.path, META_FILE), json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def add_views(self, meta: StoreMeta) -> None:
+        self.meta = meta  # shards without views members read as units whose views are pending
+        self._write_meta()
+
+    def views_done_mask(self) -> np.ndarray:
+        mask = np.zeros(self.meta.num_units, dtype=bool)
+        if self.meta.views:
+            for u in self._units_on_disk():
+                if u < len(mask):
+                    with contextlib.suppress(StoreError):
+                        mask[u] = self.read_unit(u, check=False).views is not None
+        return mask
+
+    def read_views(self, unit: int, check: bool = True) -> np.ndarray:
+        views = self.read_unit(unit, check).views
+        if views is None:
+            raise StoreError(f"{fs.join(self.path, shard_name(unit))} holds no view labels yet; add them with "
+                             "`dfkd store label --resume`")
+        return views
+
+    def write_views(self, unit: int, views: np.ndarray) -> None:
+        rec = self.read_unit(unit, with_views=False)
+        rec.views = check_views(self.meta, views, len(rec), f"unit {unit} of {self.path}")
+        self.write_unit(unit, rec)  # the whole shard again, published by one atomic rename
 
     @classmethod
     def open(cls, path: str, writable: bool = False) -> "WebDatasetBackend":
@@ -132,6 +164,9 @@ class WebDatasetBackend(Backend):
         lo, _ = self.meta.unit_range(unit)
         entries = []
         sums = checksums(records).tolist()  # kept in the unit's first sample's JSON: its shard's done record
+        head: dict[str, Any] = {"index": lo, "unit": unit, "unit_checksums": sums}
+        if records.views is not None:
+            head["view_checksum"] = view_checksum(records.views)
         for i in range(len(records)):
             key = f"{lo + i:010d}"
             img = records.images[i]
@@ -139,12 +174,14 @@ class WebDatasetBackend(Backend):
                 (f"{key}.{self.image_format}", _png_bytes(img) if self.image_format == "png" else _npy_bytes(img)),
                 (f"{key}.logits.npy", _npy_bytes(records.logits[i])),
                 (f"{key}.cls", str(int(records.labels[i])).encode()),
-                (f"{key}.json", json.dumps({"index": lo + i, "unit": unit, "unit_checksums": sums}).encode() if i == 0
+                (f"{key}.json", json.dumps(head).encode() if i == 0
                  else b'{"index": %d, "unit": %d}' % (lo + i, unit)),
             ]
+            if records.views is not None:
+                entries.append((f"{key}.views.npy", _npy_bytes(records.views[i])))
         fs.write_atomic(fs.join(self.path, shard_name(unit)), tar.pack(entries))  # its appearance marks the unit done
 
-    def read_unit(self, unit: int, check: bool = True) -> Records:
+    def read_unit(self, unit: int, check: bool = True, with_views: bool = True) -> Records:
         lo, hi = self.meta.unit_range(unit)
         where = fs.join(self.path, shard_name(unit))
         try:
@@ -156,7 +193,9 @@ class WebDatasetBackend(Backend):
         logits = np.empty((n, k), self.meta.logits_dtype)
         labels = np.empty(n, np.int64)
         seen = np.zeros((n, 3), dtype=bool)
-        expected = None
+        v = self.meta.views if with_views else 0
+        views, seen_views = (np.empty((n, v, k), self.meta.logits_dtype), np.zeros(n, bool)) if v else (None, None)
+        expected, expected_views = None, None
         for name, data in tar.members(buf, where):
             key, _, ext = name.partition(".")
             if ext not in KNOWN_EXTS:
@@ -181,11 +220,20 @@ class WebDatasetBackend(Backend):
                         raise StoreError(f"{where}: logits {name!r} are {row.dtype}{row.shape}, the store "
                                          f"expects {self.meta.logits_dtype}({k},)")
                     logits[i], seen[i, 1] = row, True
+                elif ext == "views.npy":
+                    if not v:
+                        continue
+                    rows = _npy_load(data, self.meta.logits_dtype, (v, k))
+                    if views is None or rows.shape != (v, k) or rows.dtype != np.dtype(self.meta.logits_dtype):
+                        raise StoreError(f"{where}: view logits {name!r} are {rows.dtype}{rows.shape}, the store "
+                                         f"expects {self.meta.logits_dtype}({v}, {k})")
+                    views[i], seen_views[i] = rows, True
                 elif ext == "cls":
                     labels[i], seen[i, 2] = int(bytes(data)), True
                 elif ext == "json" and i == 0:
                     doc = json.loads(bytes(data))
                     expected = doc.get("unit_checksums") if isinstance(doc, dict) else None
+                    expected_views = doc.get("view_checksum") if isinstance(doc, dict) else None
             except StoreError:
                 raise
             except (OSError, ValueError, SyntaxError) as exc:  # PIL and np.load report bad bytes this way
@@ -195,9 +243,16 @@ class WebDatasetBackend(Backend):
             missing = int((~seen.all(axis=1)).sum())
             raise StoreError(f"{where}: {missing} of {n} samples lack an image, logits or label; "
                              "the shard is corrupt, delete it and finish the store with --resume")
-        rec = Records(images, logits, labels)
+        if views is not None and not seen_views.all():
+            if seen_views.any():
+                raise StoreError(f"{where}: {int((~seen_views).sum())} of {n} samples lack their view labels; the "
+                                 "shard is corrupt, label the store again with `dfkd store label --resume`")
+            views = None  # a shard written before the store kept views: its views are pending
+        rec = Records(images, logits, labels, views)
         if check and isinstance(expected, list) and len(expected) == 3:
             bad = [k for k, a, b in zip(("images", "logits", "labels"), checksums(rec).tolist(), expected) if a != b]
+            if views is not None and view_checksum(views) != expected_views:
+                bad.append("view_logits")
             if bad:
                 raise mismatch_error(self.path, self.meta, unit, bad)
         return rec

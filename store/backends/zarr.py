@@ -13,7 +13,7 @@ from zarr.codecs import BloscCodec
 
 from .. import fs
 from ..errors import StoreError
-from ..schema import Records, StoreMeta, checksums, mismatch_error
+from ..schema import Records, StoreMeta, check_views, checksums, mismatch_error, view_checksum
 from .base import Backend, register_backend
 
 ATTR_KEY = "dfkd"
@@ -47,6 +47,16 @@ class ZarrBackend(Backend):
         # written before dfkd kept them: those cannot tell a lost chunk from one of fill values)
         self.checksums = group["checksums"] if "checksums" in group else None
         self._sums: np.ndarray | None = None  # the checksum table, read once (not one small chunk per unit read)
+        self._bind_views()
+
+    def _bind_views(self) -> None:
+        """The view-label arrays, where the store keeps them: logits N×V×K, a CRC-32 and a flag per unit."""
+        has = self.meta.views > 0 and "view_logits" in self.group
+        self.view_logits = self.group["view_logits"] if has else None
+        self.view_checksums = self.group["view_checksums"] if has else None
+        self.view_done = self.group["view_done"] if has else None
+        self._vsums: np.ndarray | None = None
+        self._vdone: np.ndarray | None = None
 
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -84,12 +94,36 @@ class ZarrBackend(Backend):
         array("images", (n, c, h, w), "uint8", 0)
         array("logits", (n, k), meta.logits_dtype, 0.0)
         array("labels", (n,), "int64", -1)
+        if meta.views:
+            cls._create_view_arrays(group, meta)
         group.create_array("checksums", shape=(meta.num_units, 3), dtype="uint32", chunks=(1, 3), compressors=None,
                            fill_value=0)
         # One uncompressed 1-byte chunk per unit: its appearance is the unit's completion mark.
         group.create_array("done", shape=(meta.num_units,), dtype="bool", chunks=(1,), compressors=None,
                            fill_value=False)
         return cls(path, meta, True, group)
+
+    @staticmethod
+    def _create_view_arrays(group: zarr.Group, meta: StoreMeta) -> None:
+        """view_logits chunked like the unit's other arrays, its checksums and its per-unit flags."""
+        layout = dict(group.attrs.get("zarr_layout", {}))
+        u, n, inner = meta.unit_size, meta.num_samples, int(layout.get("chunk_size") or meta.unit_size)
+        shape = (n, meta.views, meta.num_classes)
+        group.create_array("view_logits", shape=shape, dtype=meta.logits_dtype, chunks=(inner, *shape[1:]),
+                           shards=(u, *shape[1:]) if inner != u else None,
+                           compressors=_codec(layout.get("compressor", "lz4")), fill_value=0.0, overwrite=True)
+        group.create_array("view_checksums", shape=(meta.num_units,), dtype="uint32", chunks=(1,), compressors=None,
+                           fill_value=0, overwrite=True)
+        group.create_array("view_done", shape=(meta.num_units,), dtype="bool", chunks=(1,), compressors=None,
+                           fill_value=False, overwrite=True)
+
+    def add_views(self, meta: StoreMeta) -> None:
+        self._create_view_arrays(self.group, meta)
+        self.group.attrs[ATTR_KEY] = meta.to_json()  # after the arrays: a kill leaves the old metadata, no views
+        self.meta = meta
+        self.group = zarr.open_group(store=self.path, mode="r+", use_consolidated=False)  # sees the new arrays
+        self._bind_views()
+        self.finalize()
 
     @classmethod
     def open(cls, path: str, writable: bool = False) -> "ZarrBackend":
@@ -113,6 +147,9 @@ class ZarrBackend(Backend):
             "labels": ((n,), np.dtype("int64")),
             "done": ((meta.num_units,), np.dtype("bool")),
         }
+        if meta.views:
+            expected["view_logits"] = ((n, meta.views, k), np.dtype(meta.logits_dtype))
+            expected["view_done"] = ((meta.num_units,), np.dtype("bool"))
         for name, (shape, dtype) in expected.items():
             try:
                 arr = group[name]
@@ -121,7 +158,7 @@ class ZarrBackend(Backend):
             if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
                 raise StoreError(f"{path}: array '{name}' is {arr.dtype}{tuple(arr.shape)} but the metadata "
                                  f"says {dtype}{shape}; the store is corrupt, re-create it")
-            if name != "done":
+            if name not in ("done", "view_done"):
                 unit_chunk = (arr.shards or arr.chunks)[0]
                 if unit_chunk != meta.unit_size:
                     raise StoreError(f"{path}: array '{name}' has write blocks of {unit_chunk} samples but the "
@@ -167,8 +204,50 @@ class ZarrBackend(Backend):
             self._sums = np.asarray(self.checksums[:])
         return self._sums[unit]
 
-    def read_unit(self, unit: int, check: bool = True) -> Records:
-        return Records(*self._read_checked(unit, (self.images, self.logits, self.labels), (0, 1, 2), check))
+    def read_unit(self, unit: int, check: bool = True, with_views: bool = True) -> Records:
+        rec = Records(*self._read_checked(unit, (self.images, self.logits, self.labels), (0, 1, 2), check))
+        if with_views and self.view_logits is not None and self._view_flag(unit):
+            rec.views = self.read_views(unit, check)
+        return rec
+
+    def _view_flag(self, unit: int) -> bool:
+        """Whether `unit`'s views are written (the flag table is re-read only for a unit not yet set in it)."""
+        if self._vdone is None or not self._vdone[unit]:
+            self._vdone = np.asarray(self.view_done[:], dtype=bool)
+        return bool(self._vdone[unit])
+
+    def views_done_mask(self) -> np.ndarray:
+        if self.view_done is None:
+            return np.zeros(self.meta.num_units, dtype=bool)
+        self._vdone = np.asarray(self.view_done[:], dtype=bool)
+        return self._vdone.copy()
+
+    def read_views(self, unit: int, check: bool = True) -> np.ndarray:
+        lo, hi = self.meta.unit_range(unit)
+        try:
+            views = np.asarray(self.view_logits[lo:hi])
+            if self._vsums is None or not self._vsums[unit]:
+                self._vsums = np.asarray(self.view_checksums[:])
+        except Exception as exc:
+            raise StoreError(f"{self.path}: the views of unit {unit} cannot be decoded ({type(exc).__name__}: {exc}); "
+                             "label them again with `dfkd store label --resume`") from None
+        if check and view_checksum(views) != int(self._vsums[unit]):
+            raise mismatch_error(self.path, self.meta, unit, ["view_logits"])
+        return views
+
+    def write_views(self, unit: int, views: np.ndarray) -> None:
+        lo, hi = self.meta.unit_range(unit)
+        views = check_views(self.meta, views, hi - lo, f"unit {unit} of {self.path}")
+        self.view_logits[lo:hi] = views
+        self._set_view_flag(unit, views)
+
+    def _set_view_flag(self, unit: int, views: np.ndarray) -> None:
+        """The views' checksum, then their flag: only after the view block is on disk."""
+        crc = view_checksum(views)
+        self.view_checksums[unit] = crc
+        if self._vsums is not None:
+            self._vsums[unit] = crc
+        self.view_done[unit] = True
 
     def read_targets(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
         logits, labels = self._read_checked(unit, (self.logits, self.labels), (1, 2))
@@ -178,14 +257,21 @@ class ZarrBackend(Backend):
         if self.checksums is None:
             return None
         self._sums = np.asarray(self.checksums[:])
-        return self._sums.tolist()
+        if self.view_checksums is None:
+            return self._sums.tolist()
+        vsums = np.where(self.views_done_mask(), np.asarray(self.view_checksums[:]), 0)
+        return np.concatenate([self._sums, vsums[:, None]], axis=1).tolist()
 
     def mark_pending(self, unit: int) -> None:
         self.done[unit] = False
 
     def write_unit(self, unit: int, records: Records) -> None:
         lo, hi = self.meta.unit_range(unit)
-        pairs = ((self.images, records.images), (self.logits, records.logits), (self.labels, records.labels))
+        pairs = [(self.images, records.images), (self.logits, records.logits), (self.labels, records.labels)]
+        if records.views is not None:
+            if self.view_logits is None:
+                raise StoreError(f"{self.path} keeps no view labels; these records carry some")
+            pairs.append((self.view_logits, records.views))
         try:
             from zarr.core.sync import sync
 
@@ -195,6 +281,8 @@ class ZarrBackend(Backend):
         except (ImportError, AttributeError):  # zarr's internals moved: the public, sequential way
             for a, v in pairs:
                 a[lo:hi] = v
+        if records.views is not None:
+            self._set_view_flag(unit, records.views)
         if self.checksums is not None:
             sums = checksums(records)
             self.checksums[unit] = sums
