@@ -254,3 +254,18 @@ def test_the_proxy_students_default_rate_follows_its_batchnorm():
     assert student_lr(create_model("lenet5_half", 10, 1, 28)) == 0.02  # BN-free: 0.2 left proxies at chance
     assert student_lr(create_model("lenet5_bn", 10, 1, 28)) == 0.2
     assert student_lr(create_model("resnet8", 10, 3, 32)) == 0.2
+
+
+def test_a_chain_whose_proxy_student_dies_stops_with_the_fix(tmp_path):
+    """A proxy at chance (here: diverged at an absurd rate) stops the chain before more units are written."""
+    teacher = str(tmp_path / "t.pt")
+    save_tiny_teacher(teacher)
+    out = str(tmp_path / "s.zarr")
+    args = ["synth", "--teacher", teacher, "--method", "fast", "--num-images", "64", "--batch-size", "16",
+            "--student", "lenet5_half", "--device", "cpu", "--out", out, "--set", "g_steps=1", "--set", "kd_steps=100",
+            "--set", "kd_batch_size=16", "--set", "warmup=0", "--set", "width=8", "--set", "lr_s=10000", "-q"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert "the proxy student is at chance after 200 steps" in res.output
+    assert "--set lr_s=1000 --overwrite" in res.output
+    assert store.open(out).done_mask().tolist() == [True, True, False, False]  # stopped before the third unit

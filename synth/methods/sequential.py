@@ -64,6 +64,9 @@ class BankConfig:
     bank_ram_mb: int = 2048  # the memory bank is held in RAM up to this size, read back from the store beyond
 
 
+MIN_ALIVE_STEPS = 200  # proxy-student steps before a chain checks that its student learns (a few rounds of tiny test chains never do)
+
+
 def student_lr(student: nn.Module) -> float:
     """The proxy student's default SGD rate: the papers' 0.2 for students with BatchNorm (their ResNets), 0.02
     without. Measured on Fashion-MNIST with BN-free LeNet-5-half students, 0.2 left 2 of 4 proxies at chance
@@ -184,7 +187,8 @@ class BankMethod(Method):
             raise MethodError(f"{self.name}: the engine calls begin_chain() before the first unit")
         losses = {}
         if self.position >= self.config.warmup and len(self.bank) and self.config.kd_steps:
-            losses["student"] = self.train_student()
+            losses["student"], agree = self.train_student()
+            self._check_alive(losses["student"], agree)
         x01, made = self.make_batch(targets, gen)
         self.stats.update_momentum()
         self.position += 1
@@ -228,8 +232,21 @@ class BankMethod(Method):
             opt.step()
         return best, {k: float(v.detach()) for k, v in parts.items()}
 
-    def train_student(self) -> float:
-        """kd_steps of the proxy student on the bank (augmented, the teacher's logits at T), cosine lr over the chain."""
+    def _check_alive(self, loss: float, agree: float) -> None:
+        """Stop the chain, before its next unit is written, once the proxy student has had a second round of
+        training and still answers at chance: every later batch's adversarial term would be against a dead
+        student (Fashion-MNIST A, BN-free LeNet-5-half at lr_s 0.2: 10.00% after the whole chain)."""
+        chance = 1.0 / self.ctx.num_classes
+        if self.kd_done < max(2 * self.config.kd_steps, MIN_ALIVE_STEPS) or (math.isfinite(loss) and agree > 1.5 * chance):
+            return
+        raise MethodError(f"{self.name}: the proxy student is at chance after {self.kd_done} steps of training "
+                          f"(it agrees with the teacher on {agree:.0%} of a bank batch, chance "
+                          f"{chance:.0%}; loss {loss:.3g}): its SGD rate lr_s={self.lr_s:g} is too high for it; rerun "
+                          f"with --set lr_s={self.lr_s / 10:g} --overwrite (the units written so far are not worth keeping)")
+
+    def train_student(self) -> tuple[float, float]:
+        """kd_steps of the proxy student on the bank (augmented, the teacher's logits at T), cosine lr over the
+        chain; returns the last step's loss and the student's agreement with the teacher on that batch."""
         c, ctx, student = self.config, self.ctx, self.ctx.student
         total = c.kd_steps * max(1, len(self.units) - c.warmup)
         flags = [p.requires_grad for p in student.parameters()]
@@ -245,7 +262,8 @@ class BankMethod(Method):
                 with torch.no_grad(), ctx.autocast():
                     t = ctx.teacher(x)  # online, on the augmented view: the stored logits are of the plain image
                 with ctx.autocast():
-                    loss = kl_divergence(student(x), t, c.temperature) * c.temperature ** 2
+                    out = student(x)
+                    loss = kl_divergence(out, t, c.temperature) * c.temperature ** 2
                 self.opt_s.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt_s.step()
@@ -254,7 +272,7 @@ class BankMethod(Method):
             for p, f in zip(student.parameters(), flags):
                 p.requires_grad_(f)
             student.eval()
-        return float(loss.detach())
+        return float(loss.detach()), float((out.detach().argmax(1) == t.argmax(1)).float().mean())
 
     def close(self) -> None:
         self.stats.close()
