@@ -1,5 +1,6 @@
 """Distillation throughput: ms per step for 1 and 3 students from a store, beside the bare student
-forward+backward+step (the floor) measured in the same run, and stored logits beside an online teacher.
+forward+backward+step (the floor) measured in the same run, stored logits beside an online teacher, and
+a store's view labels (one of 8 stored flip-crop views per image, pixels re-created in the loader).
 
     python -m benchmarks.distill_throughput [--num-samples 20000] [--batch-size 256] [--epochs 1] [--rounds 3]
 
@@ -33,19 +34,25 @@ STUDENTS = ["lenet5_half", "lenet5_half_zskd", "lenet5"]
 RUN = {"device": "cpu", "amp": "off"}  # set from the command line
 
 
-def make_store(path: str, images: np.ndarray, logits: np.ndarray) -> None:
+def make_store(path: str, images: np.ndarray, logits: np.ndarray, views: int = 0) -> None:
+    """A store of these images and logits; with `views`, view labels too (the logits repeated: speed only)."""
+    from dfkd.synth.views import with_views
+
     meta = store.StoreMeta(num_samples=len(images), image_shape=SHAPE, num_classes=K, unit_size=1024, mean=MEAN, std=STD)
+    if views:
+        meta = with_views(meta, views, "flip-crop")
     w = store.create(path, meta, overwrite=True)
     for u in w.pending_units():
         lo, hi = w.unit_range(u)
-        w.write_unit(u, images[lo:hi], logits[lo:hi], np.full(hi - lo, -1))
+        v = np.repeat(logits[lo:hi, None], views, 1) if views else None
+        w.write_unit(u, images[lo:hi], logits[lo:hi], np.full(hi - lo, -1), v)
     w.finalize()
 
 
-def run_ms(source, students: list[str], epochs: int, teacher=None) -> float:
+def run_ms(source, students: list[str], epochs: int, teacher=None, augment: str = "none") -> float:
     """Median ms per training step over the epochs after the first (warm-up)."""
-    tr = Trainer(source, [StudentSpec(s) for s in students], TrainConfig(epochs=epochs + 1, progress=False, **RUN),
-                 teacher=teacher)
+    tr = Trainer(source, [StudentSpec(s) for s in students],
+                 TrainConfig(epochs=epochs + 1, progress=False, augment=augment, **RUN), teacher=teacher)
     tr.fit()
     return 1000 * statistics.median(r["seconds"] for r in tr.students[0].history[1:]) / len(source)
 
@@ -124,7 +131,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "bench.zarr")
         make_store(path, images, logits.numpy())
+        vpath = os.path.join(d, "views.zarr")
+        make_store(vpath, images, logits.numpy(), views=8)
         src = lambda: StoreSource(path, b)
+        vsrc = lambda: StoreSource(vpath, b, views=True)
         cases = {  # every case once per round, rounds alternate the order, so all see the same machine state
             "floor, 1 student": lambda: floor_ms(STUDENTS[:1], tensors, logits, b, 60),
             "floor, 3 students": lambda: floor_ms(STUDENTS, tensors, logits, b, 60),
@@ -135,6 +145,10 @@ def main() -> None:
             "online, 3 students one pass": lambda: run_ms(online_source(tensors, b), STUDENTS, e, teacher),
             "online, 3 separate runs": lambda: sum(run_ms(online_source(tensors, b), [s], e, teacher) for s in STUDENTS),
             "data path": lambda: data_path_ms(src(), e),
+            "stored + flip-crop, 1 student": lambda: run_ms(src(), STUDENTS[:1], e, augment="flip-crop"),
+            "views, 1 student": lambda: run_ms(vsrc(), STUDENTS[:1], e),
+            "views, 3 students one pass": lambda: run_ms(vsrc(), STUDENTS, e),
+            "views data path": lambda: data_path_ms(vsrc(), e),
         }
         for r in range(args.rounds):
             for name in (list(cases) if r % 2 == 0 else list(reversed(cases))):
@@ -149,18 +163,24 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     f1, f3 = med["floor, 1 student"], med["floor, 3 students"]
     for name, floor in (("stored, 1 student", f1), ("stored, 3 students one pass", f3), ("stored, 3 separate runs", f3),
-                        ("online, 1 student", f1), ("online, 3 students one pass", f3), ("online, 3 separate runs", f3)):
+                        ("online, 1 student", f1), ("online, 3 students one pass", f3), ("online, 3 separate runs", f3),
+                        ("stored + flip-crop, 1 student", f1), ("views, 1 student", f1),
+                        ("views, 3 students one pass", f3)):
         rel = ""
-        if name.endswith("one pass"):
+        if name.endswith("one pass") and name.replace("students one pass", "separate runs") in runs:
             rel = f"{ratio(name, name.replace('students one pass', 'separate runs')):.2f}"
         print(f"| {name} | {med[name]:.2f} | {floor:.2f} | {med[name] / floor:.2f}x | {rel} |")
     print(f"| data path alone (store read + normalize, no model) | {med['data path']:.2f} | {f1:.2f} | "
           f"{100 * med['data path'] / f1:.1f}% of the 1-student floor | |")
+    print(f"| views data path alone (store read + view pixels + normalize) | {med['views data path']:.2f} | {f1:.2f} | "
+          f"{100 * med['views data path'] / f1:.1f}% of the 1-student floor | |")
     print()
     for kind in ("stored", "online"):
         per_round = [a / b for a, b in zip(runs[f"{kind}, 3 students one pass"], runs[f"{kind}, 3 separate runs"])]
         print(f"{kind}: one pass / separate runs per round: {', '.join(f'{r:.2f}' for r in per_round)}")
     print(f"stored logits vs online teacher, 1 student: {med['online, 1 student'] / med['stored, 1 student']:.2f}x faster")
+    print(f"views vs stored logits (no augmentation), 1 student: {ratio('views, 1 student', 'stored, 1 student'):.2f}x; "
+          f"vs stored + flip-crop: {ratio('views, 1 student', 'stored + flip-crop, 1 student'):.2f}x")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class SynthJob:
     model_code: tuple[str, ...] = ()  # package.module:factory names the user trusts checkpoints to name
     views: int = 0  # teacher logits of this many seeded augmented views per image, stored with each unit
     view_mode: str = "flip-crop"
+    bank: tuple[str, ...] = ()  # fast/nayer: existing stores of this teacher the memory bank starts from
 
 
 def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
@@ -119,7 +120,8 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
                      else (None, None))
     cfg = SynthConfig(num_images=job.num_images, out=job.out, batch_size=job.batch_size, seed=job.seed,
                       resume=job.resume, overwrite=job.overwrite, device=job.device, progress=job.progress,
-                      amp=job.amp, compile=job.compile, views=job.views, view_mode=job.view_mode)
+                      amp=job.amp, compile=job.compile, views=job.views, view_mode=job.view_mode,
+                      bank=tuple(job.bank))
     prefix = artifact_prefix(job.out)
 
     def save_student(wrote: bool) -> None:  # with the generator it was trained beside, before the fill

@@ -17,6 +17,7 @@ class MemoryBank:
 
     def __init__(self, path: str, ram_limit: int = 2 << 30, units_per_draw: int = 8) -> None:
         self.path, self.ram_limit, self.units_per_draw = path, ram_limit, max(1, units_per_draw)
+        self.preloaded = 0  # images of other stores the bank starts from (a top-up), held in RAM
         self.units: list[int] = []
         self.spans: list[tuple[int, int] | None] = []  # each unit's rows in the RAM buffer, None: in the store only
         self._buf: torch.Tensor | None = None  # grown by doubling: adding a unit copies only that unit
@@ -31,6 +32,17 @@ class MemoryBank:
     def in_ram(self) -> bool:
         """Whether every unit of the bank is held in memory."""
         return all(span is not None for span in self.spans)
+
+    def preload(self, images: torch.Tensor, where: str) -> None:
+        """Start the bank from another store's images (a top-up learns from what is already made); in RAM."""
+        if self.units:
+            raise ValueError("preload the bank before the chain adds its own units")
+        if (self._rows + len(images)) * images[0].numel() > self.ram_limit:
+            raise store.StoreError(f"the bank store {where} does not fit the memory bank's RAM limit; raise "
+                                   "--set bank_ram_mb or top up from fewer images")
+        self.add(-1, images)
+        self.units.pop(), self.spans.pop()  # its rows stay in the buffer, outside any unit of this store
+        self.preloaded += len(images)
 
     def add(self, unit: int, images: torch.Tensor) -> None:
         """A unit just written to the store (its uint8 images as stored)."""
@@ -67,10 +79,10 @@ class MemoryBank:
     def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """n images drawn with replacement: uniformly over the bank when it is in RAM, else uniformly over the
         images of `units_per_draw` units drawn at random (each read once for the draw)."""
-        if not self.units:
+        if not self.units and not self.preloaded:
             raise ValueError("the memory bank is empty")
         if self.in_ram:
             return self._buf[torch.randint(self._rows, (n,), generator=gen)]
         pick = sorted(torch.randperm(len(self.units), generator=gen)[:self.units_per_draw].tolist())
-        images = torch.cat([self._unit_images(i) for i in pick])
+        images = torch.cat([self._unit_images(i) for i in pick] + ([self._buf[:self.preloaded]] if self.preloaded else []))
         return images[torch.randint(len(images), (n,), generator=gen)]

@@ -45,6 +45,7 @@ class SynthConfig:
     compile: bool = False  # torch.compile the teacher's forward (in place: layer paths stay those of the model)
     views: int = 0  # also store the teacher's logits of this many seeded augmented views of every image
     view_mode: str = "flip-crop"  # how those views are drawn (store.views.VIEW_MODES)
+    bank: tuple[str, ...] = ()  # fast/nayer: stores of this teacher the memory bank starts from (a top-up)
 
 
 @contextlib.contextmanager
@@ -106,6 +107,12 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     if method_class(method).sequential:  # the content depends on the chains, so a resume must keep their number
         provenance["sequential"] = {"chains": world, "order": "one chain per rank over a contiguous range of units; "
                                     "each unit depends on every earlier unit of its chain"}
+        if any(store.fs.same_location(b, cfg.out) for b in cfg.bank):
+            raise MethodError(f"--bank {cfg.out} is the store being written; a top-up starts from other stores")
+        if cfg.bank:
+            provenance["sequential"]["bank"] = [store.open(p).identity() for p in cfg.bank]
+    elif cfg.bank:
+        raise MethodError(f"{method} keeps no memory bank; --bank (a top-up) is for the memory-bank methods fast and nayer")
     meta = store.StoreMeta(num_samples=cfg.num_images, image_shape=tuple(image_shape), num_classes=num_classes,
                            unit_size=cfg.batch_size, logits_dtype=cfg.logits_dtype, base_seed=cfg.seed,
                            mean=tuple(mean), std=tuple(std), provenance=provenance)
@@ -187,7 +194,7 @@ def _fill_chain(m: Any, writer: store.StoreWriter, snapshot: np.ndarray, cfg: Sy
     """Run this rank's chain to its end: units found done are made again to move the chain on, never rewritten."""
     units = chain_units(writer.meta.num_units, rank, world)
     start = m.begin_chain(cfg.out, chain_state_path(cfg.out, rank, world), units, snapshot,
-                          seed=writer.unit_seed(units[0]) if units else cfg.seed, resume=cfg.resume)
+                          seed=writer.unit_seed(units[0]) if units else cfg.seed, resume=cfg.resume, bank=cfg.bank)
     bar = progress(units[start:], initial=start, total=len(units), desc=f"{method} -> {cfg.out}", unit="batch",
                    show=show)
     for u in bar:

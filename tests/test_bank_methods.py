@@ -269,3 +269,27 @@ def test_a_chain_whose_proxy_student_dies_stops_with_the_fix(tmp_path):
     assert "the proxy student is at chance after 200 steps" in res.output
     assert "--set lr_s=1000 --overwrite" in res.output
     assert store.open(out).done_mask().tolist() == [True, True, False, False]  # stopped before the third unit
+
+
+def test_a_top_up_starts_its_bank_from_other_stores_and_its_proxy_from_a_student(tmp_path):
+    teacher = str(tmp_path / "t.pt")
+    save_tiny_teacher(teacher)
+    first, top, plain = (str(tmp_path / f"{n}.zarr") for n in ("first", "top", "plain"))
+    _run(_args(teacher, first, "fast", 4))
+    student = os.path.splitext(first)[0] + ".student.pt"
+    _run(_args(teacher, top, "fast", 2, "--bank", first, "--seed", "5") + ["--student", student])
+    _run(_args(teacher, plain, "fast", 2, "--seed", "5") + ["--student", student])
+    meta = store.open(top).meta
+    assert meta.provenance["sequential"]["bank"] == [store.open(first).identity()]
+    assert "bank" not in store.open(plain).meta.provenance["sequential"]
+    # the bank changes what the chain learns: its proxy trained on the first store's images too
+    a, b = _student(top), _student(plain)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    res = CliRunner().invoke(cli, ["synth", "--teacher", teacher, "--method", "stat", "--num-images", "16",
+                                   "--iterations", "1", "--out", str(tmp_path / "x.zarr"), "--bank", first])
+    assert res.exit_code == 2 and "keeps no memory bank" in res.output
+    other = str(tmp_path / "other.pt")
+    from dfkd.distill.checkpoint import save_model
+    save_model(other, *tiny_teacher(seed=1))
+    res = CliRunner().invoke(cli, _args(other, str(tmp_path / "y.zarr"), "fast", 1, "--bank", first))
+    assert res.exit_code == 2 and "was not made by this teacher" in res.output

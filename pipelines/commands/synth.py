@@ -22,6 +22,9 @@ from .options import (device_option, method_names, model_code_option, parse_sets
               help="adi: the competing student's checkpoint. adversarial/dafl/fast/nayer: the proxy student, a zoo "
                    "name or a checkpoint to start from; it is saved as <store stem>.student.pt. Zoo: "
                    + ", ".join(zoo_names()) + ".")
+@click.option("--bank", multiple=True, help="fast/nayer: start the memory bank from this store of the same teacher "
+              "(repeatable); with --student a trained student's checkpoint, the chain tops up what that student has "
+              "not learned (distill the union with --store OLD --store NEW).")
 @click.option("--generator", default=None, help="adversarial/dafl: fill the store from this saved generator "
                                                  "(<stem>.generator.pt) instead of training one.")
 @click.option("--rounds", type=click.IntRange(min=0), default=None, help="adversarial/dafl: generator training rounds (the budget).")
@@ -44,7 +47,7 @@ from .options import (device_option, method_names, model_code_option, parse_sets
 @model_code_option
 @quiet_option
 def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str | None, student: str | None,
-              generator: str | None, rounds: int | None, batch_size: int, iterations: int | None, seed: int,
+              bank: tuple[str, ...], generator: str | None, rounds: int | None, batch_size: int, iterations: int | None, seed: int,
               sets: tuple[str, ...], views: int, view_mode: str, resume: bool, overwrite: bool, device: str, amp: str,
               compile_: bool, model_code: tuple[str, ...]) -> None:
     """Fill a store with a method's images of the teacher, and the teacher's logits of those images.
@@ -68,7 +71,7 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
     with distributed(resolve_device(device)) as rank_device:  # under torchrun every rank takes its share of the write units
         res = run_synth(SynthJob(method, num_images, out, hparams, batch_size, seed, student, stats, resume,
                                  overwrite, rank_device, amp=amp, compile=compile_, model_code=model_code,
-                                 views=views, view_mode=view_mode), teacher)
+                                 views=views, view_mode=view_mode, bank=bank), teacher)
         if rank_and_world()[0] != 0:
             return
     click.echo(f"wrote {out}: {num_images} images by {method} ({res['units']} units of {batch_size})"

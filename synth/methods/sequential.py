@@ -129,8 +129,11 @@ class BankMethod(Method):
                 "student": [list(v.shape) for v in student.state_dict().values()]}
 
     def begin_chain(self, store_path: str, state_path: str, units: list[int], done: np.ndarray, *, seed: int,
-                    resume: bool) -> int:
+                    resume: bool, bank: tuple[str, ...] = ()) -> int:
         """Start this chain over `units`, or continue its checkpoint; returns how many units it has made.
+
+        `bank`: stores of the same teacher whose images the memory bank starts from (a top-up: with a trained
+        proxy student, the chain makes what that student has not learned yet; CMI's data reuse).
 
         A checkpoint is continued only when every unit it has made is still done in the store; otherwise (a
         damaged unit reopened, a store made again) the chain starts over from its seed and replays: units
@@ -139,9 +142,10 @@ class BankMethod(Method):
         c = self.config
         self.units, self.state_path = list(units), state_path
         self.bank = MemoryBank(store_path, ram_limit=c.bank_ram_mb << 20)
+        banks = [self._preload(path) for path in bank]
         self.chain_gen.manual_seed(seed)
         self.init_chain(seed)
-        self._identity = self.identity(self.units, seed)
+        self._identity = {**self.identity(self.units, seed), **({"bank": banks} if banks else {})}
         if not resume:
             if fs.exists(state_path):
                 fs.remove(state_path)  # another run's chain: never continued by this one
@@ -168,6 +172,23 @@ class BankMethod(Method):
         for u in self.units[:made]:
             self.bank.add(u, torch.from_numpy(reader.read_unit(u).images))
         return made
+
+    def _preload(self, path: str) -> dict[str, Any]:
+        """Another store's finished images join the bank; refused unless it was made by this teacher at this shape."""
+        from dfkd import store
+
+        reader = store.open(path)
+        m = reader.meta
+        if m.provenance.get("teacher_fingerprint") != self.ctx.teacher_fingerprint:
+            raise MethodError(f"the bank store {path} was not made by this teacher (its fingerprint differs); a top-up "
+                              "starts from stores of the same teacher")
+        if tuple(m.image_shape) != tuple(self.ctx.image_shape):
+            raise MethodError(f"the bank store {path} holds {tuple(m.image_shape)} images, the teacher takes "
+                              f"{tuple(self.ctx.image_shape)}")
+        if not len(reader):
+            raise MethodError(f"the bank store {path} has no finished images; finish it with --resume first")
+        self.bank.preload(torch.from_numpy(reader.load_all().images), path)
+        return reader.identity()
 
     def _save(self) -> None:
         fs.save_torch({"identity": self._identity, "position": self.position, "kd_done": self.kd_done,
