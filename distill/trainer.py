@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,6 +100,14 @@ def _reduce_sums(values: list[torch.Tensor | float], world: int, device: torch.d
     return t.tolist()
 
 
+def _init_seed(seed: int, name: str) -> int:
+    """A student's initialization seed from the run's seed and its name alone, so a student trained in one pass
+    with others starts from the weights it gets alone (and the pass equals separate runs)."""
+    import zlib
+
+    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def _names(specs: list[StudentSpec]) -> list[str]:
     """Unique names: the architecture, suffixed -2, -3... when it repeats."""
     seen: dict[str, int] = {}
@@ -146,7 +155,7 @@ class Trainer:
         steps = config.epochs * len(source)
         self.students: list[Student] = []
         for i, (name, s) in enumerate(zip(_names(students), students)):
-            torch.manual_seed(config.seed * 1000 + i)  # each student's init depends on (seed, position) only
+            torch.manual_seed(_init_seed(config.seed, name))  # (seed, name) only: as in a run of its own
             spec = ModelSpec(s.arch, source.num_classes, c, h, tuple(source.mean), tuple(source.std), dict(s.kwargs))
             model = spec.build().to(self.device)  # the same initial weights on every rank (same seed)
             if self.device.type == "cuda":

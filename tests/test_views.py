@@ -233,3 +233,22 @@ def test_views_of_a_partly_labelled_store_are_refused_for_training(tmp_path, tea
     assert "--resume" in res.output
     res = invoke("store", "convert", path, str(tmp_path / "c.wds"))
     assert res.exit_code == 2 and "finish them with `dfkd store label --resume`" in res.output
+
+
+def test_one_pass_over_a_view_store_equals_each_students_own_run(tmp_path, teacher):
+    """Students of one pass share the decoded views and start from the weights they get alone, so each one
+    ends exactly where its own run ends."""
+    from dfkd.pipelines.jobs import DistillJob, run_distill
+
+    path = str(tmp_path / "s.zarr")
+    model, _ = make_store(path, teacher)
+    label_store(path, model, 2, show=False)
+
+    def weights(students, out):
+        run_distill(DistillJob(path, students, str(tmp_path / out), epochs=2, lr=0.01, progress=False))
+        return {s: load_model(str(tmp_path / out / f"{s}.pt"))[0].state_dict() for s in students}
+
+    both = weights(["mlp", "lenet5_half"], "both")
+    for s in ("mlp", "lenet5_half"):
+        alone = weights([s], s)[s]
+        assert all(torch.equal(alone[k], both[s][k]) for k in alone), s
