@@ -26,6 +26,7 @@ from dfkd.synth.teacher import fingerprint
 from dfkd.synth.methods import method_class
 from dfkd.synth.methods.generative import GenerativeMethod, artifact_prefix
 from dfkd.synth.record import TeacherStats, record
+from dfkd.synth.views import label_views, teacher_labeller, with_views
 
 from .real_data import RealData
 
@@ -143,7 +144,7 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
 
 def fill_real_store(path: str, teacher_path: str, real: RealData, num_images: int, *, seed: int = 0,
                     unit_size: int = 256, device: str = "cpu", overwrite: bool = False,
-                    model_code: tuple[str, ...] = ()) -> dict[str, Any]:
+                    model_code: tuple[str, ...] = (), views: int = 0, view_mode: str = "flip-crop") -> dict[str, Any]:
     """`num_images` real training images (a seeded draw) with the teacher's logits: real-data KD at equal count."""
     t0 = time.perf_counter()
     teacher, spec, _ = load_model(teacher_path, "teacher", model_code)
@@ -161,10 +162,14 @@ def fill_real_store(path: str, teacher_path: str, real: RealData, num_images: in
     meta = store.StoreMeta(num_samples=num_images, image_shape=spec.image_shape, num_classes=spec.num_classes,
                            unit_size=unit_size, logits_dtype="float32", base_seed=seed, mean=spec.mean, std=spec.std,
                            provenance={"method": "real", "data": real.name, "teacher_fingerprint": fingerprint(teacher)})
+    if views:
+        meta = with_views(meta, views, view_mode)
     w = store.create(path, meta, overwrite=overwrite)
+    logits_of = teacher_labeller(teacher, spec.mean, spec.std, device)
     for u in w.pending_units():
         lo, hi = w.unit_range(u)
-        w.write_unit(u, x[lo:hi].numpy(), logits[lo:hi].numpy(), real.train_labels[idx[lo:hi]].numpy())
+        v = label_views(logits_of, x[lo:hi], meta, u) if views else None
+        w.write_unit(u, x[lo:hi].numpy(), logits[lo:hi].numpy(), real.train_labels[idx[lo:hi]].numpy(), v)
     w.finalize()
     return {"store": path, "units": w.meta.num_units, "seconds": time.perf_counter() - t0}
 

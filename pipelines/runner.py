@@ -26,6 +26,14 @@ from .run_report import write_report
 from .spec import Pipeline, PipelineError
 
 
+def _fields(section: Any, added: tuple[str, ...]) -> dict[str, Any]:
+    """A section's settings for its fingerprint; fields added since stores were made count only when set, so an
+    existing stage keeps its fingerprint (and its output) until the new setting is used."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(section) if f.name in added}
+    return {k: v for k, v in dataclasses.asdict(section).items() if not (k in defaults and v == defaults[k])}
+
+
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -124,8 +132,10 @@ class Runner:
             if s.student.startswith("distill:"):
                 d, _, rest = s.student[len("distill:"):].partition("/")
                 deps.append(f"distill:{d}/{rest.rpartition('/')[0]}")
-            conf = {**dataclasses.asdict(s), "seed": p.run.seed if s.seed < 0 else s.seed,  # resolved defaults too:
-                    "method_config": None if s.method == "real" else  # a new library default re-runs the store
+            deps += [f"synth:{b}" for b in s.bank]
+            conf = {**_fields(s, added=("views", "view_mode", "bank")), "seed": p.run.seed if s.seed < 0 else s.seed,
+                    # resolved defaults too: a new library default re-runs the store
+                    "method_config": None if s.method == "real" else
                     dataclasses.asdict(method_config(s.method, s.params))}
             stages.append(Stage(f"synth:{s.name}", deps, conf, self._synth_runner(s),
                                 (lambda n=s.name: [self.store_path(n)]), teacher=tname))
@@ -269,14 +279,15 @@ class Runner:
             if s.method == "real":
                 return fill_real_store(self.store_path(s.name), self.teacher_path(tname), self.data, s.num_images,
                                        seed=seed, unit_size=s.batch_size, device=self.device, overwrite=True,
-                                       model_code=self.p.model_code)
+                                       model_code=self.p.model_code, views=s.views, view_mode=s.view_mode)
             student = s.student
             if student.startswith("distill:"):
                 student = self.path("distill", student[len("distill:"):] + ".pt")
             job = SynthJob(s.method, s.num_images, self.store_path(s.name), dict(s.params), s.batch_size, seed,
                            student or None, self.record_path(tname) if s.stats else None, resume=resume,
                            overwrite=overwrite and not resume, device=self.device, progress=self.progress,
-                           model_code=self.p.model_code)
+                           model_code=self.p.model_code, views=s.views, view_mode=s.view_mode,
+                           bank=tuple(self.store_path(b) for b in s.bank))
             res = run_synth(job, self.teacher_path(tname))
             if "student" in res:  # a generator method's proxy student is a distilled student in its own right
                 proxy, spec, _ = load_model(res["student"], "student", self.p.model_code)
@@ -295,7 +306,7 @@ class Runner:
                              batch_size=d.batch_size, optimizer=d.optimizer, lr=d.lr or None,
                              weight_decay=d.weight_decay, temperature=d.temperature, ce_teacher=d.ce_teacher,
                              augment=d.augment, seed=self.p.run.seed, device=self.device, resume=resume,
-                             progress=self.progress)
+                             progress=self.progress, views=d.views)
             m = run_distill(job, (self.data.test_images, self.data.test_labels))
             return {"images": m["images"], "students": {k: {"arch": v["arch"], "parameters": v["parameters"],
                                                          "test_top1": v["final"].get("test_top1")}

@@ -72,6 +72,9 @@ class SynthSection:
     student: str = ""  # adi: a checkpoint or distill:<name>/<store>/<student>; adversarial/dafl: a zoo name
     stats: bool = False  # use the teacher's record (stat/spectral on teachers without BN; needs record = true)
     params: dict[str, Any] = field(default_factory=dict)
+    views: int = 0  # teacher logits of this many seeded augmented views per image, stored with each unit
+    view_mode: str = "flip-crop"  # how the views are drawn: crop or flip-crop
+    bank: list[str] = field(default_factory=list)  # fast/nayer: [[synth]] names whose stores the memory bank starts from
 
 
 @dataclass
@@ -92,6 +95,7 @@ class DistillSection:
     temperature: float = 4.0
     ce_teacher: float = 0.0
     augment: str = "none"
+    views: bool = True  # train on a store's view labels where it keeps them
 
 
 @dataclass
@@ -193,6 +197,11 @@ def _validate(p: Pipeline) -> None:
         if s.teacher and s.teacher not in tnames:
             raise PipelineError(f"{where} key 'teacher': no teacher named {s.teacher!r}; teachers are {', '.join(tnames)}")
         teacher = next(t for t in p.teachers if t.name == (s.teacher or tnames[0]))
+        if s.views < 0 or s.view_mode not in ("crop", "flip-crop"):
+            raise PipelineError(f"{where} keys 'views'/'view_mode': views must be >= 0 and view_mode crop or flip-crop")
+        for b in s.bank:
+            if b not in names or b == s.name:
+                raise PipelineError(f"{where} key 'bank': no other [[synth]] named {b!r}; names are {', '.join(names)}")
         if s.method == "real":
             continue
         if s.method not in list_methods():
@@ -211,7 +220,8 @@ def _validate(p: Pipeline) -> None:
                 raise PipelineError(f"{where} needs key 'student' (the proxy student {s.method} trains), "
                                     "e.g. student = \"lenet5_half\"")
             try:
-                check_model_name(s.student)
+                if not s.student.startswith("distill:"):  # a distilled student (a top-up) is checked by its stage
+                    check_model_name(s.student)
             except ModelError as e:
                 raise PipelineError(f"{where} key 'student': {e}") from None
         if s.method == "adi" and not s.student:

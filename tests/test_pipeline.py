@@ -161,3 +161,17 @@ def test_report_states_each_student_against_real_data_kd_of_its_teacher_arch_and
                                          row("A", "fast", "s", 0.74, setting="k"), row("A", "nayer", "s", 0.6, setting="j")]))
     assert len(seeds) == 1 and seeds[0]["mean"] == pytest.approx(0.72) and seeds[0]["sd"] == pytest.approx(0.0283, abs=1e-4)
     assert seeds[0]["ratio"] == pytest.approx(0.9)
+
+
+def test_a_synth_section_with_views_stores_them_and_its_students_train_on_them(tmp_path):
+    text = TINY.replace('name = "noise"\nmethod = "noise"', 'name = "noise"\nmethod = "noise"\nviews = 2')
+    path = _write(tmp_path, text=text)
+    out = _run(path)
+    from dfkd import store
+
+    runner = Runner(load_pipeline(path))
+    assert store.open(runner.store_path("noise")).meta.views == 2
+    assert not store.open(runner.store_path("stat")).meta.views
+    keys = {s.key: s.config for s in runner.stages}
+    assert keys["synth:noise"]["views"] == 2 and "views" not in keys["synth:stat"]  # unset keys keep fingerprints
+    assert "distill:s/noise" in out
