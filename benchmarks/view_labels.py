@@ -44,14 +44,15 @@ def _files(path: str):
                 yield f.read()
 
 
-def labelled_copy(path: str, name: str, teacher: torch.nn.Module, views: int, work: str) -> tuple[str, float]:
+def labelled_copy(path: str, name: str, teacher: torch.nn.Module, views: int, work: str,
+                  mode: str = "flip-crop") -> tuple[str, float]:
     """A copy of the store with K view labels (made once, reused); returns it and the labelling seconds."""
-    dst = os.path.join(work, f"{name}-v{views}.zarr")
+    dst = os.path.join(work, f"{name}-v{views}{'' if mode == 'flip-crop' else '-' + mode}.zarr")
     if fs.exists(dst) and store.open(dst).views_complete and store.open(dst).meta.views == views:
         return dst, 0.0
     convert(path, dst, overwrite=True)
     t0 = time.perf_counter()
-    label_store(dst, teacher, views, overwrite=True, show=False)
+    label_store(dst, teacher, views, mode=mode, overwrite=True, show=False)
     return dst, time.perf_counter() - t0
 
 
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--store", action="append", required=True, help="NAME=PATH, repeatable")
     ap.add_argument("--views", type=int, action="append", default=None, help="K for the views variant; repeatable")
     ap.add_argument("--variants", default="logits,views,teacher")
+    ap.add_argument("--view-mode", default="flip-crop", help="how the views variant's views are drawn: flip-crop or crop")
     ap.add_argument("--student", action="append", default=None)
     ap.add_argument("--epochs", type=int, default=367)
     ap.add_argument("--optimizer", default="sgd")
@@ -83,8 +85,9 @@ def main() -> None:
         n = store.open(path).meta.num_samples
         for variant in args.variants.split(","):
             for k in (ks if variant == "views" else [0]):
-                src, label_s = (labelled_copy(path, name, teacher, k, args.work) if variant == "views" else (path, 0.0))
-                tag = f"{name}-{variant}" + (f"{k}" if k else "")
+                src, label_s = (labelled_copy(path, name, teacher, k, args.work, args.view_mode) if variant == "views"
+                                else (path, 0.0))
+                tag = f"{name}-{variant}" + (f"{k}" if k else "") + ("" if args.view_mode == "flip-crop" else args.view_mode)
                 job = DistillJob(src, students, os.path.join(args.work, "runs", tag), epochs=args.epochs,
                                  batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                                  temperature=args.temperature, augment="none" if variant == "views" else "flip-crop",
@@ -98,7 +101,7 @@ def main() -> None:
                 print(" | ".join(map(str, rows[-1])), flush=True)
     print(f"\n{platform.node()} {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.optimizer} lr {args.lr} T {args.temperature}, {args.epochs} epochs, batch {args.batch_size}, "
-          f"seed {args.seed}")
+          f"seed {args.seed}, views {args.view_mode}")
     head = ("store", "variant", "K", "student", "test top-1", "train s", "label s", "bytes/image", "teacher forwards")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
