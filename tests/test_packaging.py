@@ -30,10 +30,24 @@ def test_wheel_installs_one_name_and_ships_the_pipeline_files(wheel):
     assert {f"dfkd/{s}/__init__.py" for s in STAGES} <= names
 
 
+def _sees_our_dependencies(env_dir) -> None:
+    """Let a new virtual environment import the packages this interpreter has (torch, zarr...), wherever they are
+    installed: the system's site-packages or a user's own virtualenv. Paths in a .pth file are added as they are:
+    the .pth files inside them (an editable install's import hook) are not run, so `dfkd` comes from the wheel."""
+    import site
+    import sysconfig
+
+    purelib = sysconfig.get_path("purelib", vars={"base": str(env_dir), "platbase": str(env_dir)})
+    dirs = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_path("purelib")]
+    with open(os.path.join(purelib, "zz_test_dependencies.pth"), "w") as f:
+        f.write("\n".join(dict.fromkeys(d for d in dirs if os.path.isdir(d))) + "\n")
+
+
 def test_fresh_environment_imports_dfkd_store_and_not_store(wheel, tmp_path):
-    """In a new virtual environment (torch from the system's site-packages) only `dfkd.*` is importable."""
+    """In a new virtual environment (torch from wherever this interpreter has it) only `dfkd.*` is importable."""
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, with_pip=False)
+    _sees_our_dependencies(env_dir)
     python = str(env_dir / "bin" / "python")
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", str(wheel)],
                    check=True, capture_output=True, cwd=tmp_path)
