@@ -87,12 +87,12 @@ class DistillSection:
     students: list[str]
     stores: list[str] = field(default_factory=list)
     max_images: int = 0
-    epochs: int = 20
+    epochs: int = 300
     batch_size: int = 256
-    optimizer: str = "adam"
-    lr: float = 0.0
+    optimizer: str = "sgd"
+    lr: float = 0.0  # 0: 0.02 for sgd, 1e-3 for adam
     weight_decay: float = 5e-4
-    temperature: float = 4.0
+    temperature: float = 20.0
     ce_teacher: float = 0.0
     augment: str = "none"
     views: bool = True  # train on a store's view labels where it keeps them

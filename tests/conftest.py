@@ -18,3 +18,13 @@ def full_store(tmp_path, backend):
     fill(writer)
     writer.finalize()
     return path
+
+
+@pytest.fixture(autouse=True)
+def _progress_not_quiet():
+    """`--quiet` silences progress for the whole process; each test starts and ends with it off."""
+    from dfkd.store.progress import set_quiet
+
+    set_quiet(False)
+    yield
+    set_quiet(False)

@@ -209,7 +209,7 @@ def test_distill_on_view_labels_needs_no_teacher(tmp_path, teacher):
                  "--out", str(tmp_path / "n"), "-q")
     assert res.exit_code == 0
     label_store(path, model, 2, show=False)
-    res = invoke("distill", "--store", path, "--student", "mlp", "--student", "lenet5_half", "--epochs", "3", "--lr", "0.01",
+    res = invoke("distill", "--store", path, "--student", "mlp", "--student", "lenet5_half", "--epochs", "5", "--optimizer", "adam", "--lr", "0.01", "--temperature", "4",
                  "--eval", "digits", "--out", str(tmp_path / "v"), "-q")
     assert res.exit_code == 0, res.output
     assert "training on the store's view labels: each epoch one of 2 stored flip-crop views" in res.output
