@@ -238,19 +238,7 @@ class StoreDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         plan = self._plan()
         batches = self._iter_ram(plan) if self.in_ram else self._iter_stream(plan)
-        yield from (self._views_ahead(batches) if self.views else batches)
-
-    def _views_ahead(self, batches: Iterator[Batch]) -> Iterator[Batch]:
-        """Each batch's views made one batch ahead on a background thread, overlapping the students' step."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfkd-views") as pool:
-            pending: Future | None = None
-            for b in batches:
-                nxt = pool.submit(self._to_view, b)
-                if pending is not None:
-                    yield pending.result()
-                pending = nxt
-            if pending is not None:
-                yield pending.result()
+        yield from (map(self._to_view, batches) if self.views else batches)
 
     def _view_choice(self) -> np.ndarray:
         """This epoch's view of every sample: a pure function of (seed, epoch), the same on every rank."""
