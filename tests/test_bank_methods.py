@@ -282,6 +282,8 @@ def test_a_top_up_starts_its_bank_from_other_stores_and_its_proxy_from_a_student
     meta = store.open(top).meta
     assert meta.provenance["sequential"]["bank"] == [store.open(first).identity()]
     assert "bank" not in store.open(plain).meta.provenance["sequential"]
+    chain = torch.load(os.path.splitext(top)[0] + ".chain.pt", weights_only=True)
+    assert chain["identity"]["generator_from"] == os.path.splitext(first)[0] + ".chain.pt"  # the bank's generator goes on
     # the bank changes what the chain learns: its proxy trained on the first store's images too
     a, b = _student(top), _student(plain)
     assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -164,7 +164,8 @@ def invoke(*args):
 def test_cli_distill_with_eval_reports_accuracy(tmp_path, digits_store, digits_teacher):
     out = tmp_path / "run"
     res = invoke("distill", "--store", digits_store, "--student", "mlp", "--student", "lenet5_half",
-                 "--epochs", "5", "--optimizer", "adam", "--lr", "0.01", "--eval", "digits", "--out", str(out),
+                 "--epochs", "5", "--optimizer", "adam", "--lr", "0.01", "--temperature", "4", "--eval", "digits",
+                 "--out", str(out),
                  "--teacher", digits_teacher[0])
     assert res.exit_code == 0, res.output
     assert "| teacher | mlp |" in res.output and "| lenet5_half | lenet5_half |" in res.output

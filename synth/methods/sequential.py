@@ -145,7 +145,9 @@ class BankMethod(Method):
         banks = [self._preload(path) for path in bank]
         self.chain_gen.manual_seed(seed)
         self.init_chain(seed)
-        self._identity = {**self.identity(self.units, seed), **({"bank": banks} if banks else {})}
+        continued = self._continue_generator(bank[0]) if bank else None
+        self._identity = {**self.identity(self.units, seed), **({"bank": banks} if banks else {}),
+                          **({"generator_from": continued} if continued else {})}
         if not resume:
             if fs.exists(state_path):
                 fs.remove(state_path)  # another run's chain: never continued by this one
@@ -172,6 +174,26 @@ class BankMethod(Method):
         for u in self.units[:made]:
             self.bank.add(u, torch.from_numpy(reader.read_unit(u).images))
         return made
+
+    def _continue_generator(self, bank: str) -> str | None:
+        """A top-up continues the generator (and blended BN statistics) of the first bank store's finished chain
+        when its checkpoint lies beside it: a fresh generator's first units are a chain's worst."""
+        from .generative import artifact_prefix
+
+        path = f"{artifact_prefix(bank)}.chain.pt"
+        if not fs.exists(path):
+            return None
+        try:
+            st = fs.load_torch(path, map_location=self.ctx.device)
+            if (st.get("identity") or {}).get("method") != self.name:
+                raise ValueError(f"it is a {(st.get('identity') or {}).get('method')} chain")
+            self.load_generator_state(st["generator"])
+            self.stats.running = {k: tuple(v) for k, v in st["stat_running"].items()}
+        except Exception as e:  # noqa: BLE001 - any misfit is the same problem for the user
+            raise MethodError(f"the chain beside the bank store {bank} ({path}) cannot be continued by this {self.name} "
+                              f"chain ({type(e).__name__}: {e}); use the bank's own settings, or move {path} away "
+                              "to start a new generator") from None
+        return path
 
     def _preload(self, path: str) -> dict[str, Any]:
         """Another store's finished images join the bank; refused unless it was made by this teacher at this shape."""
