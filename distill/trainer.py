@@ -33,9 +33,6 @@ from .losses import Objective
 from .sources import Source
 
 
-COLLAPSE_EPOCHS = 5  # a student at chance after this many epochs stops the run (SGD at T 20 killed some BN-free LeNets)
-
-
 class TrainError(DfkdError):
     """A training run that cannot start or resume as asked."""
 
@@ -277,13 +274,6 @@ class Trainer:
                     raise TrainError(f"student {s.name}'s loss became {loss_sum} in epoch {epoch + 1}; its weights are "
                                      "no longer finite and were not saved: lower --lr, or check the store with "
                                      "`dfkd store verify`")
-                chance = 1.0 / self.source.num_classes
-                if epoch + 1 >= COLLAPSE_EPOCHS and agree <= 1.5 * chance * seen:  # the same sums on every rank
-                    lr = s.optimizer.param_groups[0].get("initial_lr", s.optimizer.param_groups[0]["lr"])
-                    raise TrainError(f"student {s.name} agrees with its targets on {agree / max(1, seen):.0%} of its "
-                                     f"images after {epoch + 1} epochs (chance {chance:.0%}): it has collapsed; lower "
-                                     f"--lr (it is {lr:g}) or use --optimizer adam (checkpoints of epoch {epoch} and "
-                                     "before are kept)")
                 row = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_agreement": agree / max(1, seen),
                        "seconds": round(seconds, 3)}
                 if evaluate and self.rank == 0:

@@ -103,11 +103,11 @@ def test_diverging_loss_stops_with_one_line_and_keeps_no_nan_student(tmp_path):
 
 
 @pytest.mark.parametrize("change,setting", [
-    (["--temperature", "2"], "objective.temperature was 4.0, now 2.0"),
-    (["--lr", "0.01"], "students[0].lr was null, now 0.01"),
+    (["--temperature", "2"], "objective.temperature was 20.0, now 2.0"),
+    (["--lr", "0.01"], "students[0].lr was 0.02, now 0.01"),
     (["--batch-size", "8"], "source.batch_size was 16, now 8"),
     (["--weight-decay", "0"], "students[0].weight_decay was 0.0005, now 0"),
-    (["--optimizer", "sgd"], "students[0].optimizer was \"adam\", now \"sgd\""),
+    (["--optimizer", "adam"], "students[0].optimizer was \"sgd\", now \"adam\""),
 ])
 def test_distillation_resumed_with_a_changed_setting_is_refused(tmp_path, change, setting):
     path = str(tmp_path / "s.zarr")
