@@ -299,6 +299,13 @@ class Trainer:
         epochs.close()
         return self.metrics()
 
+    def at_chance(self) -> list[str]:
+        """Students whose last epoch agreed with their targets no more than chance allows: they learned nothing
+        (B's BN-free LeNet under SGD at T 20 ended so, 10.00%). Said after the run, never used to stop one: slow
+        starters sat at chance for 20 epochs and ended at 68-79%."""
+        chance = 1.5 / self.source.num_classes
+        return [s.name for s in self.students if s.history and s.history[-1]["train_agreement"] <= chance]
+
     def metrics(self) -> dict[str, Any]:
         """Per-student history and final figures (the last epoch's, never a best epoch)."""
         out = {"source": self.source.name, "config": {**asdict(self.cfg), "objective": asdict(self.cfg.objective)},

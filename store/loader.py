@@ -178,6 +178,7 @@ class StoreDataset(IterableDataset):
         self.units = self.union.done if max_images is None else self._draw(max_images)
         self.views = views
         self._view_recipe, self._view_offsets = self.union.view_plan() if views else (None, None)
+        self._choice, self._choice_epoch = np.empty(0, np.int64), -1  # the view of each sample, for one epoch
         self.in_ram = self.union.nbytes() <= ram_limit if in_ram is None else in_ram
         self._readers: list[StoreReader] | None = None if self.in_ram else self.union.readers
         self._ram: Records | None = None
@@ -242,7 +243,7 @@ class StoreDataset(IterableDataset):
 
     def _view_choice(self) -> np.ndarray:
         """This epoch's view of every sample: a pure function of (seed, epoch), the same on every rank."""
-        if getattr(self, "_choice_epoch", None) != self.epoch:
+        if self._choice_epoch != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch, 104729])
             self._choice = rng.integers(0, self.meta.views, self.union.num_samples)
             self._choice_epoch = self.epoch

@@ -222,3 +222,14 @@ def test_class_count_and_shape_mismatches(tmp_path, digits_teacher):
                  "--out", str(tmp_path / "c"))
     assert res.exit_code == 2 and "takes (1, 28, 28) images but digits holds (1, 8, 8)" in res.output
 
+
+
+def test_a_student_that_learned_nothing_is_said_to_have(tmp_path, digits_store):
+    res = CliRunner().invoke(cli, ["distill", "--store", digits_store, "--student", "mlp", "--epochs", "5", "--lr", "2",
+                                   "--out", str(tmp_path / "run"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "warning: student mlp ended agreeing with its targets at chance" in res.stderr
+    ok = CliRunner().invoke(cli, ["distill", "--store", digits_store, "--student", "mlp", "--epochs", "2",
+                                  "--optimizer", "adam", "--lr", "0.01", "--temperature", "4", "--out",
+                                  str(tmp_path / "ok"), "-q"])
+    assert ok.exit_code == 0 and "warning" not in ok.stderr

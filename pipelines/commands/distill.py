@@ -151,4 +151,7 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     click.echo(f"distilled from {source.name}, {epochs} epochs, {metrics['batches_read']} batches read "
                f"(each fed to {len(students)} student(s))")
     click.echo(table(rows, ("model", "arch", "parameters", "test top-1 (last epoch)", "train s")))
+    for name in trainer.at_chance():
+        click.echo(f"warning: student {name} ended agreeing with its targets at chance: it learned nothing; lower --lr, "
+                   "or try --optimizer adam --temperature 4", err=True)
     click.echo(f"metrics: {os.path.join(out, 'metrics.json')}")
