@@ -34,7 +34,7 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
             raise StoreError(f"{src} is unfinished; changing the unit size needs a complete store "
                              "(finish it with --resume, or convert with the same unit size)")
         meta = dataclasses.replace(meta, unit_size=unit_size)
-    if meta.views and not (reader.backend.views_done_mask() | ~reader.done_mask()).all():
+    if meta.views and not reader.views_complete:
         raise StoreError(f"{src} has view labels for only some of its finished units; finish them with "
                          "`dfkd store label --resume` before converting (the copy keeps every unit's views)")
     replace = check_target(dst, overwrite)  # refused now, before any work, if dst may not be replaced

@@ -3,7 +3,6 @@ rename on local disks, one PUT on object stores), so the shards' presence is the
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
@@ -115,9 +114,21 @@ class WebDatasetBackend(Backend):
         if self.meta.views:
             for u in self._units_on_disk():
                 if u < len(mask):
-                    with contextlib.suppress(StoreError):
-                        mask[u] = self.read_unit(u, check=False).views is not None
+                    mask[u] = self._has_views(u)
         return mask
+
+    def _has_views(self, unit: int) -> bool:
+        """Whether a shard was written with view labels: its first sample's JSON (the shard's done record) holds
+        their checksum. Reads the shard but decodes no image; a damaged shard counts as without."""
+        where = fs.join(self.path, shard_name(unit))
+        try:
+            for name, data in tar.members(fs.read_bytes(where), where):
+                if name.endswith(".json"):
+                    doc = json.loads(bytes(data))
+                    return isinstance(doc, dict) and "view_checksum" in doc
+        except (OSError, ValueError, StoreError):
+            pass
+        return False
 
     def read_views(self, unit: int, check: bool = True) -> np.ndarray:
         views = self.read_unit(unit, check).views
