@@ -84,5 +84,12 @@ class MemoryBank:
         if self.in_ram:
             return self._buf[torch.randint(self._rows, (n,), generator=gen)]
         pick = sorted(torch.randperm(len(self.units), generator=gen)[:self.units_per_draw].tolist())
-        images = torch.cat([self._unit_images(i) for i in pick] + ([self._buf[:self.preloaded]] if self.preloaded else []))
-        return images[torch.randint(len(images), (n,), generator=gen)]
+        images = torch.cat([self._unit_images(i) for i in pick])
+        if not self.preloaded:
+            return images[torch.randint(len(images), (n,), generator=gen)]
+        # a top-up's preloaded rows are drawn where they lie, not copied out of the buffer every draw
+        idx = torch.randint(len(images) + self.preloaded, (n,), generator=gen)
+        own = idx < len(images)
+        out = torch.empty((n, *images.shape[1:]), dtype=images.dtype)
+        out[own], out[~own] = images[idx[own]], self._buf[idx[~own] - len(images)]
+        return out

@@ -295,3 +295,27 @@ def test_a_top_up_starts_its_bank_from_other_stores_and_its_proxy_from_a_student
     save_model(other, *tiny_teacher(seed=1))
     res = CliRunner().invoke(cli, _args(other, str(tmp_path / "y.zarr"), "fast", 1, "--bank", first))
     assert res.exit_code == 2 and "was not made by this teacher" in res.output
+
+
+def test_a_preloaded_bank_samples_its_top_up_rows_and_streamed_units(tmp_path):
+    """Preloaded rows (a top-up's other stores) stay in RAM and are drawn with the chain's units, streamed or not."""
+    from dfkd.synth.bank import MemoryBank
+    from tests.helpers import fill, small_meta
+
+    path = str(tmp_path / "s.zarr")
+    meta = small_meta(num_samples=32, unit_size=16, image_shape=(1, 8, 8))
+    w = store.create(path, meta)
+    fill(w)
+    w.finalize()
+    reader = store.open(path)
+    for limit in (10_000, 64 * 60):  # everything in RAM; the chain's units streamed from the store
+        bank = MemoryBank(path, ram_limit=limit)
+        bank.preload(torch.zeros((50, 1, 8, 8), dtype=torch.uint8), "other")
+        for u in (0, 1):
+            bank.add(u, torch.from_numpy(reader.read_unit(u).images))
+        assert len(bank) == 82 and bank.in_ram == (limit == 10_000)
+        x = bank.sample(4000, torch.Generator().manual_seed(0))
+        zero = (x.flatten(1) == 0).all(1).float().mean().item()
+        assert 0.3 < zero < 0.9  # both the preloaded rows (all zero) and the chain's own images are drawn
+    with pytest.raises(store.StoreError, match="does not fit the memory bank"):
+        MemoryBank(path, ram_limit=64).preload(torch.zeros((50, 1, 8, 8), dtype=torch.uint8), "other")
