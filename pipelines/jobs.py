@@ -231,4 +231,5 @@ def run_distill(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] |
     metrics = trainer.fit()
     metrics["seconds"] = time.perf_counter() - t0
     metrics["images"] = trainer.source.dataset.num_samples * trainer.world  # what the students trained on
+    metrics["at_chance"] = trainer.at_chance()  # students that learned nothing: said by the caller
     return metrics

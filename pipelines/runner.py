@@ -308,6 +308,9 @@ class Runner:
                              augment=d.augment, seed=self.p.run.seed, device=self.device, resume=resume,
                              progress=self.progress, views=d.views)
             m = run_distill(job, (self.data.test_images, self.data.test_labels))
+            for name in m["at_chance"]:
+                self.echo(f"warning: student {name} of distill:{d.name}/{store_name} ended agreeing with its targets at "
+                          "chance: it learned nothing; lower lr, or try optimizer = \"adam\", temperature = 4")
             return {"images": m["images"], "students": {k: {"arch": v["arch"], "parameters": v["parameters"],
                                                          "test_top1": v["final"].get("test_top1")}
                                                      for k, v in m["students"].items()}}
