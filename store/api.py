@@ -10,11 +10,8 @@ from .backends import backend_for_existing, backend_for_new, get_backend, list_b
 from .errors import StoreError
 from .identity import check_same_run
 from .reader import StoreReader
-from .schema import StoreMeta
+from .schema import StoreMeta, plan_key
 from .writer import StoreWriter
-
-# Provenance keys that legitimately differ between the run that created a store and one that resumes it.
-VOLATILE_KEYS = ("created",)
 
 
 def open(path: str | os.PathLike) -> StoreReader:  # noqa: A001 - the store's own `open`, like zarr.open
@@ -90,16 +87,6 @@ def create(path: str | os.PathLike, meta: StoreMeta, *, backend: str | None = No
             fs.rmtree(tmp)
         raise
     return StoreWriter(cls.open(path, writable=True))
-
-
-def plan_key(meta: StoreMeta) -> dict[str, Any]:
-    """What must match for a resume to continue the same run: everything but volatile provenance (when it was
-    made, and where the teacher file lay: the teacher is identified by its weights' fingerprint)."""
-    d = meta.to_json()
-    d["provenance"] = {k: v for k, v in meta.provenance.items() if k not in VOLATILE_KEYS}
-    if isinstance(d["provenance"].get("teacher"), dict):
-        d["provenance"]["teacher"] = {k: v for k, v in d["provenance"]["teacher"].items() if k != "path"}
-    return d
 
 
 def create_or_resume(path: str | os.PathLike, meta: StoreMeta, *, resume: bool = False, overwrite: bool = False,

@@ -9,7 +9,7 @@ import numpy as np
 
 from .backends import Backend
 from .errors import StoreError
-from .schema import Records, StoreMeta
+from .schema import Records, StoreMeta, plan_key
 
 
 class StoreReader:
@@ -117,7 +117,6 @@ class StoreReader:
     def identity(self) -> dict[str, Any]:
         """What a run trained on this store depends on: its plan, which units are done and their checksums
         (not its path: a moved store is the same store; a store that grew is not)."""
-        from .api import plan_key
         from .identity import digest
 
         done = self.done_mask(refresh=True)

@@ -124,6 +124,20 @@ class Records:
                        None if self.views is None else self.views[index])
 
 
+# Provenance keys that legitimately differ between the run that created a store and one that resumes it.
+VOLATILE_KEYS = ("created",)
+
+
+def plan_key(meta: StoreMeta) -> dict[str, Any]:
+    """What must match for a resume to continue the same run: everything but volatile provenance (when it was
+    made, and where the teacher file lay: the teacher is identified by its weights' fingerprint)."""
+    d = meta.to_json()
+    d["provenance"] = {k: v for k, v in meta.provenance.items() if k not in VOLATILE_KEYS}
+    if isinstance(d["provenance"].get("teacher"), dict):
+        d["provenance"]["teacher"] = {k: v for k, v in d["provenance"]["teacher"].items() if k != "path"}
+    return d
+
+
 def checksums(rec: Records) -> np.ndarray:
     """CRC-32 of a unit's images, logits and labels bytes (uint32 ×3), kept with its done flag: a chunk
     lost or changed after the write no longer matches. Separate sums let a reader check targets alone."""
