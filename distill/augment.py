@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dfkd.store.augment import MODES, augment  # noqa: F401  (the distillation stage's views)
+from ..store.augment import MODES, augment  # noqa: F401  (the distillation stage's views)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -13,8 +13,8 @@ from typing import Any, Collection
 
 from torch import nn
 
-from dfkd.store import fs
-from dfkd.store.errors import DfkdError
+from ..store import fs
+from ..store.errors import DfkdError
 
 from .models import check_file_model, create_model
 

@@ -14,7 +14,7 @@ import json
 import torch
 from torch import nn
 
-from dfkd.store import fs
+from ..store import fs
 
 from .checkpoint import CheckpointError, ModelSpec
 

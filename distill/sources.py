@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dfkd import store
-from dfkd.store.runtime import rank_and_world
+from .. import store
+from ..store.runtime import rank_and_world
 
 Triple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd.store import fs
-from dfkd.store.errors import DfkdError
-from dfkd.store.identity import check_same_run, plain, weights_fingerprint
-from dfkd.store.progress import progress
-from dfkd.store.runtime import amp_dtype, rank_and_world
+from ..store import fs
+from ..store.errors import DfkdError
+from ..store.identity import check_same_run, plain, weights_fingerprint
+from ..store.progress import progress
+from ..store.runtime import amp_dtype, rank_and_world
 
 from .augment import augment, normalize
 from .checkpoint import ModelSpec, read_checkpoint, save_model

@@ -11,22 +11,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd import store
-from dfkd.store import fs
-from dfkd.distill.augment import normalize
-from dfkd.distill.checkpoint import ModelSpec, load_model, save_model
-from dfkd.distill.losses import Objective
-from dfkd.distill.models import check_model_name
-from dfkd.distill.sources import StoreSource, TensorSource
-from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
-from dfkd.store.errors import DfkdError
-from dfkd.store.runtime import rank_and_world
-from dfkd.synth.engine import SynthConfig, synthesize
-from dfkd.synth.teacher import fingerprint
-from dfkd.synth.methods import method_class
-from dfkd.synth.methods.generative import GenerativeMethod, artifact_prefix
-from dfkd.synth.record import TeacherStats, record
-from dfkd.synth.views import label_views, teacher_labeller, with_views
+from .. import store
+from ..store import fs
+from ..distill.augment import normalize
+from ..distill.checkpoint import ModelSpec, load_model, save_model
+from ..distill.losses import Objective
+from ..distill.models import check_model_name
+from ..distill.sources import StoreSource, TensorSource
+from ..distill.trainer import StudentSpec, TrainConfig, Trainer
+from ..store.errors import DfkdError
+from ..store.runtime import rank_and_world
+from ..synth.engine import SynthConfig, synthesize
+from ..synth.teacher import fingerprint
+from ..synth.methods import method_class
+from ..synth.methods.generative import GenerativeMethod, artifact_prefix
+from ..synth.record import TeacherStats, record
+from ..synth.views import label_views, teacher_labeller, with_views
 
 from .real_data import RealData
 

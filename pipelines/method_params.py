@@ -44,7 +44,7 @@ def _summary(cls: type) -> str:
 
 def describe_methods() -> str:
     """One line per method: its name and what it does."""
-    from dfkd.synth.methods import list_methods, method_class
+    from ..synth.methods import list_methods, method_class
 
     width = max(len(n) for n in list_methods())
     lines = [f"{n:<{width}}  {_summary(method_class(n))}" for n in list_methods()]
@@ -53,7 +53,7 @@ def describe_methods() -> str:
 
 def describe_method(name: str) -> str:
     """The method's hyper-parameters: key, type, default and meaning, one line each."""
-    from dfkd.synth.methods import method_class
+    from ..synth.methods import method_class
 
     cls = method_class(name)
     config = cls.Config()
@@ -69,7 +69,7 @@ def describe_method(name: str) -> str:
 
 def undocumented(name: str) -> list[str]:
     """The method's hyper-parameters that have no meaning written beside them."""
-    from dfkd.synth.methods import method_class
+    from ..synth.methods import method_class
 
     cls = method_class(name)
     notes = field_comments(cls.Config)

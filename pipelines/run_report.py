@@ -10,8 +10,8 @@ import os
 import statistics
 from typing import Any, Callable
 
-from dfkd.distill.checkpoint import load_model
-from dfkd.store import fs
+from ..distill.checkpoint import load_model
+from ..store import fs
 
 
 def _pct(x: float | None) -> str:

@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 import torch
 
-from dfkd.store import fs
-from dfkd.store.identity import digest
-from dfkd.distill.checkpoint import load_model
-from dfkd.distill.evaluate import accuracy
-from dfkd.synth.methods import method_config
+from ..store import fs
+from ..store.identity import digest
+from ..distill.checkpoint import load_model
+from ..distill.evaluate import accuracy
+from ..synth.methods import method_config
 
 from .real_data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher

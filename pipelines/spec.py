@@ -9,9 +9,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from dfkd.distill.models import ModelError, check_model_name, is_code_name
-from dfkd.store.errors import DfkdError
-from dfkd.synth.methods import MethodError, list_methods, method_class, method_config
+from ..distill.models import ModelError, check_model_name, is_code_name
+from ..store.errors import DfkdError
+from ..synth.methods import MethodError, list_methods, method_class, method_config
 
 
 class PipelineError(DfkdError):

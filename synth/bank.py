@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dfkd import store
+from .. import store
 
 
 class MemoryBank:

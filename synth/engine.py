@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd import __version__ as VERSION
-from dfkd import store
-from dfkd.store.progress import progress
-from dfkd.store.runtime import amp_dtype, rank_and_world
+from ..store.version import __version__ as VERSION
+from .. import store
+from ..store.progress import progress
+from ..store.runtime import amp_dtype, rank_and_world
 
 from .methods import MethodError, SynthContext, create_method, method_class, method_config
 from .methods.generative import artifact_prefix

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dfkd.store import fs
-from dfkd.store.errors import DfkdError
-from dfkd.store.registry import Registry
+from ..store import fs
+from ..store.errors import DfkdError
+from ..store.registry import Registry
 
 FORMAT = "dfkd-generator"
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dfkd.store.errors import DfkdError
+from ..store.errors import DfkdError
 
 
 class HookError(DfkdError):

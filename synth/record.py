@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from dfkd.store.errors import DfkdError
+from ..store.errors import DfkdError
 
 from .hooks import FeatureHooks
 from .losses import amplitudes, class_sums
@@ -47,7 +47,7 @@ class TeacherStats:
         """Write the safetensors file atomically; returns its size in bytes."""
         from safetensors.torch import save
 
-        from dfkd.store import fs
+        from ..store import fs
 
         tensors = {}
         for layer in self.layers:

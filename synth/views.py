@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd import store
-from dfkd.store.progress import progress
-from dfkd.store.units import unit_seed
-from dfkd.store.views import ViewRecipe, unit_views
+from .. import store
+from ..store.progress import progress
+from ..store.units import unit_seed
+from ..store.views import ViewRecipe, unit_views
 
 from .teacher import fingerprint
 

@@ -26,7 +26,7 @@ def _crafted(path, arch, kwargs=None, **spec):
 ])
 def test_checkpoint_naming_a_factory_imports_nothing(tmp_path, arch, kwargs):
     path = _crafted(tmp_path / "evil.pt", arch, kwargs)
-    code = ("import sys\nfrom distill.checkpoint import load_model\n"
+    code = ("import sys\nfrom dfkd.distill.checkpoint import load_model\n"
             f"try:\n    load_model({path!r})\nexcept Exception as e:\n    print('refused:', e)\n"
             "print('imported:', [m for m in ('this', 'tests.model_factories') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

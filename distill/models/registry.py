@@ -8,8 +8,8 @@ from typing import Any, Callable, Collection
 
 from torch import nn
 
-from dfkd.store.errors import DfkdError
-from dfkd.store.registry import Registry
+from ...store.errors import DfkdError
+from ...store.registry import Registry
 
 
 class ModelError(DfkdError):

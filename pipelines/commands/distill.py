@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from dfkd.store.runtime import AMP_MODES
+from ...store.runtime import AMP_MODES
 
 from .options import (DATA_HELP, data_root_option, device_option, model_code_option, pct, quiet_option,
                       resolve_device, table, zoo_names)
@@ -15,7 +15,7 @@ from .options import (DATA_HELP, data_root_option, device_option, model_code_opt
 
 def _check_teacher(spec: Any, num_classes: int, shape: tuple[int, ...], what: str) -> None:
     """Refuse a teacher (a ModelSpec) whose classes or input shape differ from the data's."""
-    from dfkd.distill.trainer import TrainError
+    from ...distill.trainer import TrainError
 
     if spec.num_classes != num_classes:
         raise TrainError(f"the teacher has {spec.num_classes} classes but {what} has {num_classes}; "
@@ -78,7 +78,7 @@ def distill_cmd(store_path: tuple[str, ...], max_images: int | None, kd_data: st
     if kd_weight == 0 and ce_teacher == 0:
         raise click.UsageError("--kd and --ce-teacher are both 0: the students would have nothing to learn; keep "
                                "--kd 1 (the default) or give --ce-teacher a weight")
-    from dfkd.distill.models import check_model_name
+    from ...distill.models import check_model_name
 
     from ..distributed import distributed
 
@@ -96,9 +96,9 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
              augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str = "auto",
              compile_: bool = False, model_code: tuple[str, ...] = (), max_images: int | None = None,
              views: bool = True) -> None:
-    from dfkd.distill.checkpoint import load_model
-    from dfkd.distill.evaluate import accuracy
-    from dfkd.distill.sources import StoreSource, TensorSource
+    from ...distill.checkpoint import load_model
+    from ...distill.evaluate import accuracy
+    from ...distill.sources import StoreSource, TensorSource
 
     from ..jobs import DistillJob, distill_trainer
     from ..real_data import load_data

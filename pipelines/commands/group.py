@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from dfkd.store.errors import DfkdError
+from ...store.errors import DfkdError
 
 
 class UserError(click.ClickException):

@@ -39,7 +39,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 def import_teacher_cmd(arch: str, weights: str, input_shape: str, num_classes: int, mean: str, std: str, out: str,
                        overwrite: bool) -> None:
     """Check that WEIGHTS fit ARCH and a forward pass gives NUM_CLASSES logits, then write a dfkd checkpoint."""
-    from dfkd.distill.import_teacher import import_teacher
+    from ...distill.import_teacher import import_teacher
 
     _check_out(out, overwrite, weights)
     shape = tuple(int(v) for v in _floats(input_shape, "--input-shape"))
@@ -61,8 +61,8 @@ def import_teacher_cmd(arch: str, weights: str, input_shape: str, num_classes: i
 @model_code_option
 def export_cmd(model_path: str, fmt: str, out: str, overwrite: bool, model_code: tuple[str, ...]) -> None:
     """Write a checkpoint's model as TorchScript, ONNX (needs the onnx extra) or safetensors."""
-    from dfkd.distill.checkpoint import load_model
-    from dfkd.distill.export import export_model
+    from ...distill.checkpoint import load_model
+    from ...distill.export import export_model
 
     _check_out(out, overwrite, model_path)
     model, spec, _ = load_model(model_path, "model", model_code)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from dfkd.store.registry import declared_names
+from ...store.registry import declared_names
 
 model_code_option: Callable[[Any], Any] = click.option(
     "--model-code", "model_code", multiple=True, metavar="PACKAGE.MODULE:FACTORY",
@@ -21,7 +21,7 @@ device_option: Callable[[Any], Any] = click.option(
 
 def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
     if value:
-        from dfkd.store.progress import set_quiet
+        from ...store.progress import set_quiet
 
         set_quiet()
     return value
@@ -42,19 +42,19 @@ def resolve_device(device: str) -> str:
 
 
 def _package_dir(package: str) -> str:
-    spec = importlib.util.find_spec(package)  # imports only the parents (their __init__ files are light)
+    spec = importlib.util.find_spec(package, __package__)  # imports only the parents (their __init__ files are light)
     assert spec is not None and spec.submodule_search_locations, package
     return list(spec.submodule_search_locations)[0]
 
 
 def zoo_names() -> list[str]:
     """The model zoo's names, read from its source: listing them for --help must not import torch."""
-    return declared_names(_package_dir("dfkd.distill.models"), "register_model")
+    return declared_names(_package_dir("...distill.models"), "register_model")
 
 
 def method_names() -> list[str]:
     """The synthesis methods' names, read from their source (as zoo_names)."""
-    return declared_names(_package_dir("dfkd.synth.methods"), "register_method")
+    return declared_names(_package_dir("...synth.methods"), "register_method")
 
 
 def parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:

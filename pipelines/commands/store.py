@@ -26,7 +26,7 @@ def _fmt_counts(counts: list[int]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def store_info(path: str, as_json: bool) -> None:
     """Shape, classes, per-class counts, provenance and completeness of the store at PATH."""
-    from dfkd.store.report import info
+    from ...store.report import info
 
     d = info(path)
     if as_json:
@@ -56,7 +56,7 @@ def store_info(path: str, as_json: bool) -> None:
 @click.argument("path")
 def store_verify(path: str) -> None:
     """Check every finished unit of PATH; exit 1 when anything is wrong or unfinished."""
-    from dfkd.store.report import verify
+    from ...store.report import verify
 
     report = verify(path)
     for note in report.notes:
@@ -81,8 +81,8 @@ def store_verify(path: str) -> None:
 def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None, compressor: str | None,
                   image_format: str | None, overwrite: bool) -> None:
     """Copy the store SRC to DST in another backend (Zarr <-> WebDataset), content identical."""
-    from dfkd.store.backends import backend_for_new
-    from dfkd.store.convert import convert
+    from ...store.backends import backend_for_new
+    from ...store.convert import convert
 
     target = backend_for_new(dst, backend).name
     options: dict[str, Any] = {}
@@ -117,8 +117,8 @@ def store_label(path: str, teacher: str, views: int, view_mode: str, resume: boo
     A view is re-created exactly from the stored image and its seed, so `dfkd distill` then trains on
     augmented views with no teacher; `dfkd synth --views K` gives the same labels at synthesis time.
     """
-    from dfkd.distill.checkpoint import load_model
-    from dfkd.synth.views import label_store
+    from ...distill.checkpoint import load_model
+    from ...synth.views import label_store
 
     model, _, _ = load_model(teacher, "teacher", model_code)
     res = label_store(path, model, views, mode=view_mode, resume=resume, overwrite=overwrite,
@@ -133,7 +133,7 @@ def store_label(path: str, teacher: str, views: int, view_mode: str, resume: boo
 @click.option("--per-class", type=click.IntRange(min=1), default=8, show_default=True, help="Images per class row.")
 def store_preview(path: str, out: str, per_class: int) -> None:
     """Write a per-class image grid of the store at PATH."""
-    from dfkd.store.preview import preview
+    from ...store.preview import preview
 
     rows, cols = preview(path, out, per_class=per_class)
     click.echo(f"wrote {out} ({rows} classes x {cols} images)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dfkd.store.runtime import AMP_MODES
+from ...store.runtime import AMP_MODES
 
 from .options import (device_option, method_names, model_code_option, parse_sets, quiet_option, resolve_device,
                       zoo_names)
@@ -57,8 +57,8 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
     (fast, nayer) make the store as a chain of batches, the proxy student learning from the units already
     written; the chain is checkpointed at unit boundaries (<stem>.chain.pt), so --resume continues it exactly.
     """
-    from dfkd.store.runtime import rank_and_world
-    from dfkd.synth.methods import method_config
+    from ...store.runtime import rank_and_world
+    from ...synth.methods import method_config
 
     from ..distributed import distributed
     from ..jobs import SynthJob, run_synth

@@ -51,7 +51,7 @@ def train_teacher(arch: str, data: str, data_root: str | None, epochs: int, batc
 def record_cmd(teacher: str, data: str, data_root: str | None, layers: str | None, per_class: bool, batch_size: int,
                device: str, out: str, model_code: tuple[str, ...]) -> None:
     """One pass of the teacher over real data: per-layer channel mean/variance and mean amplitude spectra."""
-    from dfkd.distill.checkpoint import load_model
+    from ...distill.checkpoint import load_model
 
     from ..jobs import make_record
     from ..real_data import load_data

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dfkd.store.errors import DfkdError
-from dfkd.store.registry import Registry
+from ...store.errors import DfkdError
+from ...store.registry import Registry
 
 
 class MethodError(DfkdError):

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.store import fs
-from dfkd.store.augment import augment
-from dfkd.store.identity import check_same_run
+from ...store import fs
+from ...store.augment import augment
+from ...store.identity import check_same_run
 
 from ..bank import MemoryBank
 from ..losses import agreement_kl, kl_divergence
@@ -197,7 +197,7 @@ class BankMethod(Method):
 
     def _preload(self, path: str) -> dict[str, Any]:
         """Another store's finished images join the bank; refused unless it was made by this teacher at this shape."""
-        from dfkd import store
+        from ... import store
 
         reader = store.open(path)
         m = reader.meta

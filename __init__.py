@@ -7,28 +7,32 @@ small public API for Python users. Names load on first use, so `import dfkd` doe
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = importlib.metadata.version("dfkd")  # the one version: the package metadata
-except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
+from .store.version import __version__
+
+if TYPE_CHECKING:  # what the lazy names below are, for readers and type checkers (nothing is imported at run time)
+    from .distill.checkpoint import ModelSpec, load_model, save_model
+    from .distill.models import create_model, list_models
+    from .pipelines.jobs import DistillJob, SynthJob
+    from .store import DfkdError, StoreDataset, StoreError
+    from .store import open as open_store
+    from .synth.methods import list_methods
 
 # public name -> (module, attribute): resolved lazily by __getattr__
 _LAZY = {
-    "open_store": ("dfkd.store", "open"),
-    "StoreDataset": ("dfkd.store", "StoreDataset"),
-    "StoreError": ("dfkd.store", "StoreError"),
-    "DfkdError": ("dfkd.store", "DfkdError"),
-    "load_model": ("dfkd.distill.checkpoint", "load_model"),
-    "save_model": ("dfkd.distill.checkpoint", "save_model"),
-    "ModelSpec": ("dfkd.distill.checkpoint", "ModelSpec"),
-    "create_model": ("dfkd.distill.models", "create_model"),
-    "list_models": ("dfkd.distill.models", "list_models"),
-    "list_methods": ("dfkd.synth.methods", "list_methods"),
-    "SynthJob": ("dfkd.pipelines.jobs", "SynthJob"),
-    "DistillJob": ("dfkd.pipelines.jobs", "DistillJob"),
+    "open_store": (".store", "open"),
+    "StoreDataset": (".store", "StoreDataset"),
+    "StoreError": (".store", "StoreError"),
+    "DfkdError": (".store", "DfkdError"),
+    "load_model": (".distill.checkpoint", "load_model"),
+    "save_model": (".distill.checkpoint", "save_model"),
+    "ModelSpec": (".distill.checkpoint", "ModelSpec"),
+    "create_model": (".distill.models", "create_model"),
+    "list_models": (".distill.models", "list_models"),
+    "list_methods": (".synth.methods", "list_methods"),
+    "SynthJob": (".pipelines.jobs", "SynthJob"),
+    "DistillJob": (".pipelines.jobs", "DistillJob"),
 }
 
 __all__ = ["__version__", "synthesize", "distill_students", *_LAZY]  # not `distill`: that is the subpackage
@@ -51,7 +55,7 @@ def distill_students(store: str | list[str], students: list[str], out: str, **op
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(module, __name__), attr)
     raise AttributeError(f"module 'dfkd' has no attribute {name!r}")
 
 
