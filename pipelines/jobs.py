@@ -29,6 +29,7 @@ from ..synth.record import TeacherStats, record
 from ..synth.views import label_views, teacher_labeller, with_views
 
 from .real_data import RealData
+from .settings import DistillSettings
 
 
 class JobError(DfkdError):
@@ -174,43 +175,29 @@ def fill_real_store(path: str, teacher_path: str, real: RealData, num_images: in
     return {"store": path, "units": w.meta.num_units, "seconds": time.perf_counter() - t0}
 
 
-# The students' default peak rate per optimizer, measured with the default T 20 on Fashion-MNIST view stores.
-DISTILL_LR = {"sgd": 0.02, "adam": 1e-3}
-
-
 @dataclass
-class DistillJob:
-    """Students trained together from one store (or the union of several), evaluated on a real test split."""
+class DistillJob(DistillSettings):
+    """Students trained together from one store (or the union of several), evaluated on a real test split; the
+    recipe is DistillSettings' (keyword arguments), `teacher` a checkpoint path."""
 
     store: str | list[str]
     students: list[str]
     out: str
-    epochs: int = 300
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float | None = None  # None: DISTILL_LR of the optimizer
-    weight_decay: float = 5e-4
-    temperature: float = 20.0
-    kd: float = 1.0
-    ce_teacher: float = 0.0
-    augment: str = "none"
-    seed: int = 0
-    workers: int = 0
     device: str = "cpu"
     resume: bool = False
     progress: bool | None = None
-    amp: str = "auto"
-    compile: bool = False
     eval_every: int = 0  # epochs between test evaluations; 0: the last epoch only
-    max_images: int | None = None  # a seeded draw of whole units, an equal share of each store
-    views: bool = True  # train on the store's view labels where it keeps them (and no teacher is given)
+    model_code: tuple[str, ...] = ()  # package.module:factory names the user trusts the teacher checkpoint to name
 
 
 def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
                     teacher: nn.Module | None = None, source: Any = None) -> Trainer:
-    """The trainer for a job: every student in one pass over `source` (default: the job's store)."""
+    """The trainer for a job: every student in one pass over `source` (default: the job's store); `teacher`
+    (default: the job's teacher checkpoint, if any) relabels every augmented view online."""
     for name in job.students:
         check_model_name(name)
+    if teacher is None and job.teacher is not None:
+        teacher = load_model(job.teacher, "teacher", job.model_code)[0]
     if source is None:
         source = StoreSource(job.store, job.batch_size, seed=job.seed, workers=job.workers, max_images=job.max_images,
                              views=job.views and teacher is None)
@@ -218,8 +205,7 @@ def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tenso
                       resume=job.resume, progress=job.progress, eval_every=job.eval_every or job.epochs,
                       amp=job.amp, compile=job.compile,
                       objective=Objective(kd=job.kd, ce_teacher=job.ce_teacher, temperature=job.temperature))
-    lr = job.lr or DISTILL_LR.get(job.optimizer)
-    specs = [StudentSpec(s, job.optimizer, lr, weight_decay=job.weight_decay) for s in job.students]
+    specs = [StudentSpec(s, job.optimizer, job.peak_lr, weight_decay=job.weight_decay) for s in job.students]
     return Trainer(source, specs, cfg, teacher=teacher, eval_data=evaluation)
 
 

@@ -23,6 +23,7 @@ from ..synth.methods import method_config
 from .real_data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
 from .run_report import write_report
+from .settings import DistillSettings
 from .spec import Pipeline, PipelineError
 
 
@@ -142,10 +143,13 @@ class Runner:
         for d in p.distill:
             for name in d.stores or [s.name for s in p.synth]:
                 key = f"distill:{d.name}/{name}"
-                conf = {**dataclasses.asdict(d), "stores": None, "seed": p.run.seed, "eval": p.data.name}
-                if not d.max_images:  # the key's default keeps the fingerprints of files written before it
-                    del conf["max_images"]
-                stages.append(Stage(key, [f"synth:{part}" for part in name.split("+")], conf, self._distill_runner(d, name),
+                conf = {**_fields(d, added=("max_images", "teacher", "kd", "workers", "amp", "compile")),
+                        "stores": None, "seed": self.distill_seed(d), "eval": p.data.name,
+                        "lr": 0.0 if d.lr is None else d.lr}  # unset was written 0.0: earlier files keep their stages
+                if d.teacher is not None:
+                    conf["teacher"] = self.teacher_key(d.teacher)  # the teacher stage's fingerprint covers its file
+                deps = [f"synth:{part}" for part in name.split("+")] + ([self.teacher_key(d.teacher)] if d.teacher else [])
+                stages.append(Stage(key, deps, conf, self._distill_runner(d, name),
                                     (lambda k=key: [self.path("distill", k[len("distill:"):], "metrics.json")])))
         keys = {s.key for s in stages}
         for s in stages:
@@ -296,17 +300,20 @@ class Runner:
             return res
         return run
 
+    def distill_seed(self, d: Any) -> int:
+        """A [[distill]] section's seed: its own, else [run].seed."""
+        return self.p.run.seed if d.seed is None else d.seed
+
     def _distill_runner(self, d: Any, store_name: str) -> Callable[[bool, bool], dict[str, Any]]:
         def run(resume: bool, overwrite: bool) -> dict[str, Any]:
             out = self.path("distill", d.name, store_name)
             if not resume and os.path.exists(os.path.join(out, "run.pt")):
                 os.remove(os.path.join(out, "run.pt"))  # a fresh run: the old one had other settings
             paths = [self.store_path(part) for part in store_name.split("+")]
-            job = DistillJob(paths, list(d.students), out, epochs=d.epochs, max_images=d.max_images or None,
-                             batch_size=d.batch_size, optimizer=d.optimizer, lr=d.lr or None,
-                             weight_decay=d.weight_decay, temperature=d.temperature, ce_teacher=d.ce_teacher,
-                             augment=d.augment, seed=self.p.run.seed, device=self.device, resume=resume,
-                             progress=self.progress, views=d.views)
+            recipe = {f.name: getattr(d, f.name) for f in dataclasses.fields(DistillSettings)}
+            recipe.update(seed=self.distill_seed(d), teacher=self.teacher_path(d.teacher) if d.teacher else None)
+            job = DistillJob(paths, list(d.students), out, device=self.device, resume=resume, progress=self.progress,
+                             model_code=self.p.model_code, **recipe)
             m = run_distill(job, (self.data.test_images, self.data.test_labels))
             for name in m["at_chance"]:
                 self.echo(f"warning: student {name} of distill:{d.name}/{store_name} ended agreeing with its targets at "

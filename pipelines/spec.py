@@ -13,6 +13,8 @@ from ..distill.models import ModelError, check_model_name, is_code_name
 from ..store.errors import DfkdError
 from ..synth.methods import MethodError, list_methods, method_class, method_config
 
+from .settings import DistillSettings, SettingError, base_type, setting
+
 
 class PipelineError(DfkdError):
     """A pipeline file that cannot run as written."""
@@ -77,25 +79,16 @@ class SynthSection:
     bank: list[str] = field(default_factory=list)  # fast/nayer: [[synth]] names whose stores the memory bank starts from
 
 
-@dataclass
-class DistillSection:
+@dataclass(kw_only=True)
+class DistillSection(DistillSettings):
     """[[distill]]: students trained together from each listed store (default: every store). An entry "X+Y"
-    trains on the union of stores X and Y, shuffled as one; max_images > 0 keeps that many images of each entry
-    (whole units drawn with the seed, an equal share of each store of a union)."""
+    trains on the union of stores X and Y, shuffled as one. The other keys are `dfkd distill`'s options
+    (DistillSettings), of the same names; `teacher` names a [[teacher]], `seed` defaults to [run].seed."""
 
     name: str
     students: list[str]
     stores: list[str] = field(default_factory=list)
-    max_images: int = 0
-    epochs: int = 300
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.0  # 0: 0.02 for sgd, 1e-3 for adam
-    weight_decay: float = 5e-4
-    temperature: float = 20.0
-    ce_teacher: float = 0.0
-    augment: str = "none"
-    views: bool = True  # train on a store's view labels where it keeps them
+    seed: int | None = setting(None, "Seed of the students' initialization and the data order; unset: [run].seed.")
 
 
 @dataclass
@@ -120,6 +113,7 @@ class Pipeline:
 
 def _check_type(where: str, key: str, value: Any, hint: Any) -> Any:
     """Value as the field's type (ints accepted for floats), or a PipelineError naming the place."""
+    hint, _ = base_type(hint)  # `float | None`: unset by leaving the key out
     origin = typing.get_origin(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -148,7 +142,10 @@ def _section(cls: type, raw: Any, where: str) -> Any:
                and f.default_factory is dataclasses.MISSING and n not in raw]
     if missing:
         raise PipelineError(f"{where} needs key '{missing[0]}'")
-    return cls(**{k: _check_type(where, k, v, hints[k]) for k, v in raw.items()})
+    try:
+        return cls(**{k: _check_type(where, k, v, hints[k]) for k, v in raw.items()})
+    except SettingError as e:
+        raise PipelineError(f"{where} key '{e.key}' {e.reason}") from None
 
 
 def load_pipeline(path: str) -> Pipeline:
@@ -243,12 +240,8 @@ def _validate(p: Pipeline) -> None:
             for s in entry.split("+"):
                 if s not in names:
                     raise PipelineError(f"{where} key 'stores': no [[synth]] named {s!r}; names are {', '.join(names)}")
-        if d.max_images < 0:
-            raise PipelineError(f"{where} key 'max_images' must be >= 0 (0: every image), got {d.max_images}")
-        if d.optimizer not in ("sgd", "adam"):
-            raise PipelineError(f"{where} key 'optimizer' must be sgd or adam, got {d.optimizer!r}")
-        if d.augment not in ("none", "crop", "flip-crop"):
-            raise PipelineError(f"{where} key 'augment' must be none, crop or flip-crop, got {d.augment!r}")
+        if d.teacher is not None and d.teacher not in tnames:
+            raise PipelineError(f"{where} key 'teacher': no teacher named {d.teacher!r}; teachers are {', '.join(tnames)}")
 
 
 def _validate_teacher(t: TeacherSection, where: str) -> None:

@@ -1,5 +1,6 @@
 """`dfkd run`: stage reuse by fingerprint, partial re-runs, dry runs, resume, and invalid files."""
 
+import dataclasses
 import json
 import os
 
@@ -175,3 +176,66 @@ def test_a_synth_section_with_views_stores_them_and_its_students_train_on_them(t
     keys = {s.key: s.config for s in runner.stages}
     assert keys["synth:noise"]["views"] == 2 and "views" not in keys["synth:stat"]  # unset keys keep fingerprints
     assert "distill:s/noise" in out
+
+
+def test_every_distill_option_is_a_distill_key_of_the_same_name_with_one_default():
+    """`dfkd distill`'s recipe options and a [[distill]] section's keys are one declaration (DistillSettings)."""
+    from dfkd.pipelines.commands.distill import distill_cmd
+    from dfkd.pipelines.jobs import DistillJob
+    from dfkd.pipelines.settings import DistillSettings
+    from dfkd.pipelines.spec import DistillSection
+
+    run_level = {"store_path", "kd_data", "students", "eval_data", "data_root", "device", "out", "resume",
+                 "model_code", "quiet"}  # a pipeline's stores, [data], [run] and `dfkd run` flags hold these
+    options = {p.name: p.default for p in distill_cmd.params if p.name not in run_level}
+    keys = {f.name for f in dataclasses.fields(DistillSection)} - {"name", "students", "stores"}
+    assert set(options) == keys == {f.name for f in dataclasses.fields(DistillSettings)}
+    job = DistillJob("s.zarr", ["mlp"], "out")
+    for name, default in options.items():
+        assert getattr(job, name) == default, name
+        if name != "seed":  # a section's seed defaults to [run].seed
+            assert getattr(DistillSection(name="d", students=["mlp"]), name) == default, name
+    assert job.lr is None and job.peak_lr == 0.02 and DistillJob("s", ["mlp"], "o", optimizer="adam").peak_lr == 1e-3
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("optimizer", '"rmsprop"', "key 'optimizer' must be one of sgd, adam"),
+    ("lr", "0.0", "key 'lr' must be (> 0)"),
+    ("augment", '"mixup"', "key 'augment' must be one of none, crop, flip-crop"),
+    ("max_images", "0", "key 'max_images' must be (>= 1)"),
+    ("amp", '"fp8"', "key 'amp' must be one of auto, off, bf16, fp16"),
+    ("teacher", '"Z"', "key 'teacher': no teacher named 'Z'"),
+])
+def test_distill_keys_are_checked_like_the_cli_options(tmp_path, key, value, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(TINY.format(out=tmp_path / "out", iterations=2) + f"{key} = {value}\n")
+    res = CliRunner().invoke(cli, ["run", str(path), "--dry-run"])
+    assert res.exit_code == 2 and expected in res.output and "[[distill]] #1" in res.output, res.output
+
+
+def test_the_api_refuses_a_setting_outside_its_choices_in_one_line():
+    from dfkd.pipelines.jobs import DistillJob
+    from dfkd.pipelines.settings import SettingError
+
+    with pytest.raises(SettingError, match="optimizer must be one of sgd, adam, got 'lbfgs'"):
+        DistillJob("s.zarr", ["mlp"], "out", optimizer="lbfgs")
+    with pytest.raises(SettingError, match="kd and ce_teacher are both 0"):
+        DistillJob("s.zarr", ["mlp"], "out", kd=0)
+
+
+def test_a_distill_section_with_a_teacher_relabels_views_online_and_depends_on_it(tmp_path, monkeypatch):
+    """`teacher = "<[[teacher]] name>"` runs the online-teacher recipe, which `dfkd distill --teacher` runs."""
+    from dfkd.pipelines import runner as runner_module
+
+    text = TINY.replace('students = ["mlp"]\n', 'students = ["mlp"]\nteacher = "teacher"\naugment = "flip-crop"\n')
+    path = _write(tmp_path, text=text)
+    r = Runner(load_pipeline(path))
+    stage = next(s for s in r.stages if s.key == "distill:s/noise")
+    assert "teacher" in stage.deps and stage.config["teacher"] == "teacher"
+    plain = {s.key: s.config for s in Runner(load_pipeline(_write(tmp_path / "..", text=TINY))).stages}
+    assert "teacher" not in plain["distill:s/noise"]  # unset keys keep the fingerprints of earlier files
+    seen = []
+    real_run = runner_module.run_distill
+    monkeypatch.setattr(runner_module, "run_distill", lambda job, *a, **k: seen.append(job) or real_run(job, *a, **k))
+    _run(path, "--only", "teacher", "--only", "synth:noise", "--only", "distill:s/noise")
+    assert seen and seen[0].teacher == r.teacher_path("teacher") and seen[0].augment == "flip-crop"

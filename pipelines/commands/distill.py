@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import click
 
-from ...store.runtime import AMP_MODES
-
+from ..settings import DistillSettings, click_options
 from .options import (DATA_HELP, data_root_option, device_option, model_code_option, pct, quiet_option,
                       resolve_device, table, zoo_names)
 
@@ -27,55 +27,25 @@ def _check_teacher(spec: Any, num_classes: int, shape: tuple[int, ...], what: st
 @click.command("distill")
 @click.option("--store", "store_path", multiple=True, help="Synthetic store to distill from (no teacher needed); repeat "
               "to train on the union of several stores of one teacher, shuffled as one.")
-@click.option("--max-images", type=click.IntRange(min=1), default=None,
-              help="Train on this many images of the store(s): whole units drawn with --seed, an equal share of each "
-                   "store (to compare a mixture with one store at an equal image count).")
 @click.option("--kd-data", default=None, help="Classical KD on this real dataset instead of a store (needs --teacher).")
 @click.option("--student", "students", multiple=True, required=True,
               help="Student model, repeat for several: a zoo name (" + ", ".join(zoo_names()) + "), torchvision:NAME, "
                    "timm:NAME or package.module:factory.")
-@click.option("--teacher", default=None, help="Teacher checkpoint: online targets for augmented views, or for --kd-data.")
 @click.option("--eval", "eval_data", default=None, help="Real dataset whose test split scores the students: " + DATA_HELP)
 @data_root_option
-@click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True,
-              help="Passes over the store. A store of a few thousand synthetic images wants hundreds: on "
-                   "Fashion-MNIST a DeepInversion student gave 69.8% at 60 epochs, 77.1% at 300 (BENCHMARKS.md); "
-                   "the view-label figures are at 367.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step (per rank).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
-              help="sgd (momentum 0.9, cosine) by default: on Fashion-MNIST view stores it beat Adam 1e-3 at T 4 by "
-                   "6.5 points (82.07 vs 75.60%, BENCHMARKS.md).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Peak learning rate (cosine to 0); default 0.02 SGD, 1e-3 Adam.")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="L2 weight decay of every student.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
-              help="KD temperature T (loss x T^2); 20 as in the Fast/CMI proxy students.")
-@click.option("--kd", "kd_weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Weight of the KL term.")
-@click.option("--ce-teacher", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Weight of CE to the teacher's argmax.")
-@click.option("--augment", type=click.Choice(["none", "crop", "flip-crop"]), default="none", show_default=True,
-              help="Label-preserving augmentation; stored logits are reused unless --teacher relabels the views.")
-@click.option("--views/--no-views", default=True, show_default=True,
-              help="On a store with view labels (synth --views, store label) and no --teacher: each epoch trains on "
-                   "one stored augmented view per image with the teacher's stored logits of it.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers reading the store.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the students' initialization and the data order.")
+@click_options(DistillSettings)
 @device_option
 @click.option("--out", required=True, help="Run folder: a checkpoint per student, run.pt (resume), metrics.json.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True,
-              help="Mixed precision on CUDA (auto: bf16 where supported, else fp16 + grad scaler); off on CPU.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the students (CUDA; slow first steps).")
 @model_code_option
 @quiet_option
-def distill_cmd(store_path: tuple[str, ...], max_images: int | None, kd_data: str | None, students: tuple[str, ...], teacher: str | None,
-                eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
-                lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
-                augment: str, views: bool, workers: int, seed: int, device: str, out: str, resume: bool, amp: str,
-                compile_: bool, model_code: tuple[str, ...]) -> None:
+def distill_cmd(store_path: tuple[str, ...], kd_data: str | None, students: tuple[str, ...], eval_data: str | None,
+                data_root: str | None, device: str, out: str, resume: bool, model_code: tuple[str, ...],
+                **recipe: Any) -> None:
     """Train one or more students at once from a store (or, with --kd-data, from real data and a teacher)."""
     if bool(store_path) == (kd_data is not None):
         raise click.UsageError("give exactly one of --store (data-free) or --kd-data (classical KD on real data)")
-    if kd_weight == 0 and ce_teacher == 0:
+    if recipe["kd"] == 0 and recipe["ce_teacher"] == 0:
         raise click.UsageError("--kd and --ce-teacher are both 0: the students would have nothing to learn; keep "
                                "--kd 1 (the default) or give --ce-teacher a weight")
     from ...distill.models import check_model_name
@@ -85,17 +55,13 @@ def distill_cmd(store_path: tuple[str, ...], max_images: int | None, kd_data: st
     for name in students:
         check_model_name(name)  # unknown names fail here, before any data is loaded
     with distributed(resolve_device(device)) as rank_device:  # under torchrun: DDP per student, equal batches per rank
-        _distill(list(store_path), kd_data, students, teacher, eval_data, data_root, epochs, batch_size, optimizer,
-                 lr, weight_decay, temperature, kd_weight, ce_teacher, augment, workers, seed, rank_device, out, resume,
-                 amp, compile_, model_code, max_images, views)
+        _distill(list(store_path), kd_data, students, eval_data, data_root, rank_device, out, resume, model_code,
+                 DistillSettings(**recipe))
 
 
-def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ...], teacher: str | None,
-             eval_data: str | None, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
-             lr: float | None, weight_decay: float, temperature: float, kd_weight: float, ce_teacher: float,
-             augment: str, workers: int, seed: int, device: str, out: str, resume: bool, amp: str = "auto",
-             compile_: bool = False, model_code: tuple[str, ...] = (), max_images: int | None = None,
-             views: bool = True) -> None:
+def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ...], eval_data: str | None,
+             data_root: str | None, device: str, out: str, resume: bool, model_code: tuple[str, ...],
+             recipe: DistillSettings) -> None:
     from ...distill.checkpoint import load_model
     from ...distill.evaluate import accuracy
     from ...distill.sources import StoreSource, TensorSource
@@ -104,12 +70,11 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     from ..real_data import load_data
 
     t_model, t_spec = None, None
-    if teacher is not None:
-        t_model, t_spec, _ = load_model(teacher, "teacher", model_code)
-    job = DistillJob(store_path, list(students), out, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                     lr=lr, weight_decay=weight_decay, temperature=temperature, kd=kd_weight, ce_teacher=ce_teacher,
-                     augment=augment, seed=seed, workers=workers, device=device, resume=resume, amp=amp,
-                     compile=compile_, eval_every=1, max_images=max_images, views=views)
+    if recipe.teacher is not None:
+        t_model, t_spec, _ = load_model(recipe.teacher, "teacher", model_code)
+    job = DistillJob(store_path, list(students), out, device=device, resume=resume, eval_every=1,
+                     model_code=model_code, **dataclasses.asdict(recipe))
+    batch_size, seed, epochs, augment = recipe.batch_size, recipe.seed, recipe.epochs, recipe.augment
     if kd_data is not None:
         if t_model is None:
             raise click.UsageError("--kd-data needs --teacher (the teacher labels the real images online)")
@@ -118,8 +83,8 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
         source: Any = TensorSource(real.train_images, real.train_labels, real.num_classes, t_spec.mean, t_spec.std,
                                    batch_size, seed, name=f"kd:{real.name}")
     else:
-        source = StoreSource(store_path, batch_size, seed=seed, workers=workers, max_images=max_images,
-                             views=views and t_model is None)
+        source = StoreSource(store_path, batch_size, seed=seed, workers=recipe.workers, max_images=recipe.max_images,
+                             views=recipe.views and t_model is None)
         if t_spec is not None:
             _check_teacher(t_spec, source.num_classes, source.image_shape, " + ".join(store_path))
         if source.views:

@@ -1,0 +1,149 @@
+"""Settings families declared once: a dataclass whose fields carry their help, choices and bounds, from which the
+CLI options, the pipeline file's keys and the API's arguments are all made (no torch, so --help stays fast).
+
+`setting(default, help, ...)` declares a field; `click_options(Settings)` gives a command its options (one per
+field, `--batch-size` for `batch_size`); `check_settings(obj)` refuses a value outside its choices or bounds
+with one line, for the API and for pipeline files alike (the CLI's click types refuse the same values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..store.errors import DfkdError
+from ..store.runtime import AMP_MODES
+
+OPTIMIZERS = ("sgd", "adam")
+# The students' default peak rate per optimizer, measured with the default T 20 on Fashion-MNIST view stores.
+DISTILL_LR = {"sgd": 0.02, "adam": 1e-3}
+AUGMENTATIONS = ("none", "crop", "flip-crop")
+
+
+class SettingError(DfkdError):
+    """A setting outside its choices or bounds: `key` names it, `reason` says what it takes."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key} {reason}")
+        self.key, self.reason = key, reason
+
+
+def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, low: float | None = None,
+            low_open: bool = False, cli_help: str | None = None) -> Any:
+    """A dataclass field with what a user reads about it; `cli_help` where the command line says it otherwise."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "low_open": low_open,
+                                            "cli_help": cli_help})
+
+
+def base_type(hint: Any) -> tuple[Any, bool]:
+    """(the type, whether None is allowed) of a hint such as `float | None`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def setting_fields(cls: type) -> list[tuple[dataclasses.Field, Any, bool]]:
+    """(field, base type, optional) of every declared setting of `cls`, in order."""
+    hints = typing.get_type_hints(cls)
+    return [(f, *base_type(hints[f.name])) for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _bounds(f: dataclasses.Field) -> str:
+    low = f.metadata["low"]
+    return "" if low is None else f" ({'>' if f.metadata['low_open'] else '>='} {low:g})"
+
+
+def click_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """A decorator giving a click command one option per setting of `cls` (booleans: --x/--no-x)."""
+    import click
+
+    def option(f: dataclasses.Field, kind: Any) -> Callable:
+        m, flag = f.metadata, "--" + f.name.replace("_", "-")
+        text = m["cli_help"] or m["help"]
+        if kind is bool:
+            return click.option(f"{flag}/--no-{flag[2:]}", default=f.default, show_default=True, help=text)
+        if m["choices"]:
+            typ: Any = click.Choice(m["choices"])
+        elif kind in (int, float) and m["low"] is not None:
+            typ = (click.IntRange if kind is int else click.FloatRange)(min=m["low"], min_open=m["low_open"])
+        else:
+            typ = kind
+        return click.option(flag, type=typ, default=f.default, show_default=f.default is not None, help=text)
+
+    def decorate(command: Callable) -> Callable:
+        for f, kind, _ in reversed(setting_fields(cls)):
+            if f.name not in skip:
+                command = option(f, kind)(command)
+        return command
+    return decorate
+
+
+def check_settings(obj: Any) -> None:
+    """Refuse a setting outside its type, choices or bounds: one line naming it, its value and what it takes."""
+    for f, kind, optional in setting_fields(type(obj)):
+        v, m = getattr(obj, f.name), f.metadata
+        if v is None and optional:
+            continue
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+            setattr(obj, f.name, v)
+        if type(v) is not kind:
+            raise SettingError(f.name, f"must be {kind.__name__}{' or unset' if optional else ''}, got {v!r}")
+        if m["choices"] and v not in m["choices"]:
+            raise SettingError(f.name, f"must be one of {', '.join(m['choices'])}, got {v!r}")
+        low = m["low"]
+        if low is not None and (v < low or (m["low_open"] and v == low)):
+            raise SettingError(f.name, f"must be{_bounds(f)}, got {v!r}")
+
+
+@dataclass(kw_only=True)
+class DistillSettings:
+    """How students are distilled: `dfkd distill`'s options, a [[distill]] section's keys, DistillJob's arguments."""
+
+    teacher: str | None = setting(
+        None, "A teacher online: it relabels every augmented view (instead of stored logits); in a pipeline file the "
+        "name of a [[teacher]]", cli_help="Teacher checkpoint: online targets for augmented views, or for --kd-data.")
+    max_images: int | None = setting(
+        None, "Train on this many images of the store(s): whole units drawn with the seed, an equal share of each "
+        "store (to compare a mixture with one store at an equal image count)", low=1)
+    epochs: int = setting(
+        300, "Passes over the store. A store of a few thousand synthetic images wants hundreds: on Fashion-MNIST a "
+        "DeepInversion student gave 69.8% at 60 epochs, 77.1% at 300 (BENCHMARKS.md); the view-label figures are "
+        "at 367.", low=1)
+    batch_size: int = setting(256, "Images per step (per rank).", low=1)
+    optimizer: str = setting(
+        "sgd", "sgd (momentum 0.9, cosine) by default: on Fashion-MNIST view stores it beat Adam 1e-3 at T 4 by 6.5 "
+        "points (82.07 vs 75.60%, BENCHMARKS.md).", choices=OPTIMIZERS)
+    lr: float | None = setting(None, "Peak learning rate (cosine to 0); unset: 0.02 SGD, 1e-3 Adam.", low=0,
+                               low_open=True)
+    weight_decay: float = setting(5e-4, "L2 weight decay of every student.", low=0)
+    temperature: float = setting(20.0, "KD temperature T (loss x T^2); 20 as in the Fast/CMI proxy students.", low=0,
+                                 low_open=True)
+    kd: float = setting(1.0, "Weight of the KL term.", low=0)
+    ce_teacher: float = setting(0.0, "Weight of CE to the teacher's argmax.", low=0)
+    augment: str = setting(
+        "none", "Label-preserving augmentation; stored logits are reused unless a teacher relabels the views.",
+        choices=AUGMENTATIONS)
+    views: bool = setting(
+        True, "On a store with view labels (synth --views, store label) and no teacher: each epoch trains on one "
+        "stored augmented view per image with the teacher's stored logits of it.")
+    workers: int = setting(0, "DataLoader workers reading the store.", low=0)
+    seed: int = setting(0, "Seed of the students' initialization and the data order.")
+    amp: str = setting("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16 + grad scaler); off "
+                       "on CPU.", choices=AMP_MODES)
+    compile: bool = setting(False, "torch.compile the students (CUDA; slow first steps).")
+
+    @property
+    def peak_lr(self) -> float:
+        """The rate the students' cosine schedule starts from: `lr`, else the optimizer's measured default."""
+        return self.lr if self.lr is not None else DISTILL_LR[self.optimizer]
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.kd == 0 and self.ce_teacher == 0:
+            raise SettingError("kd", "and ce_teacher are both 0: the students would have nothing to learn; keep kd 1 "
+                               "(the default) or give ce_teacher a weight")
