@@ -121,8 +121,37 @@ def _cifar(cls_name: str, name: str, k: int, root: str) -> RealData:
     return _make(name, chw(tr.data), np.array(tr.targets), chw(te.data), np.array(te.targets), k, "flip-crop")
 
 
+# A folder's default augmentation: a shift of at most an eighth of the side never makes one class another; a
+# mirror can (digits, letters, arrows), so flips are the user's choice (train-teacher --augment flip-crop).
+FOLDER_AUGMENT = "crop"
+
+
+def _open_image(path: str):  # noqa: ANN202 - a PIL image
+    """An image file in its own mode (torchvision's default loader makes every image RGB)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+        return img
+
+
+def _folder_pixels(images: list) -> np.ndarray:
+    """N×C×H×W uint8 of PIL images as they are: one channel when every image is gray (a gray PNG, or a colour
+    file whose channels are equal everywhere), else RGB; the teacher, the store and the students then do the
+    work of the real channels, and inversion invents no colour the data never had."""
+    rgb = [np.asarray(i.convert("RGB")) for i in images]
+    if len({i.shape for i in rgb}) != 1:
+        raise DataError("images differ in size; resize them to one size first")
+    x = np.stack(rgb).transpose(0, 3, 1, 2)
+    gray = all(i.mode in ("1", "L", "LA", "I", "I;16", "F") for i in images) or \
+        bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
+    return np.ascontiguousarray(x[:, :1]) if gray else x
+
+
 def image_folder(path: str) -> RealData:
-    """An ImageFolder tree with train/ and test/ (or val/) subfolders of class folders; images of one size."""
+    """An ImageFolder tree with train/ and test/ (or val/) subfolders of class folders; images of one size.
+    Gray images stay one channel; the default augmentation is FOLDER_AUGMENT."""
     import torchvision
 
     split = lambda names: next((os.path.join(path, n) for n in names if os.path.isdir(os.path.join(path, n))), None)
@@ -130,18 +159,19 @@ def image_folder(path: str) -> RealData:
     if tr_dir is None or te_dir is None:
         raise DataError(f"{path} needs train/ and test/ (or val/) subfolders, each with one folder per class")
 
-    def load(d: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        ds = torchvision.datasets.ImageFolder(d)
-        imgs = [np.asarray(ds.loader(p).convert("RGB")) for p, _ in ds.samples]
-        if len({i.shape for i in imgs}) != 1:
-            raise DataError(f"{d}: images differ in size; resize them to one size first")
-        return np.stack(imgs).transpose(0, 3, 1, 2), np.array([y for _, y in ds.samples]), ds.classes
+    def load(d: str) -> tuple[list, np.ndarray, list[str]]:
+        ds = torchvision.datasets.ImageFolder(d, loader=_open_image)
+        return [ds.loader(p) for p, _ in ds.samples], np.array([y for _, y in ds.samples]), ds.classes
 
-    xtr, ytr, classes = load(tr_dir)
-    xte, yte, classes_te = load(te_dir)
+    tr, ytr, classes = load(tr_dir)
+    te, yte, classes_te = load(te_dir)
     if classes != classes_te:
         raise DataError(f"{path}: train and test class folders differ")
-    return _make(f"folder:{path}", xtr, ytr, xte, yte, len(classes), "flip-crop")
+    try:
+        x = _folder_pixels(tr + te)  # one decision for both splits: the teacher sees test images as it trained
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+    return _make(f"folder:{path}", x[:len(tr)], ytr, x[len(tr):], yte, len(classes), FOLDER_AUGMENT)
 
 
 DATASETS: dict[str, Callable[[str], RealData]] = {

@@ -19,7 +19,8 @@ from .options import (DATA_HELP, data_root_option, device_option, model_code_opt
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="L2 weight decay.")
 @click.option("--augment", type=click.Choice(["auto", "none", "crop", "flip-crop"]), default="auto", show_default=True,
-              help="auto: what suits the data (flips for clothes and objects, not for digits).")
+              help="auto: what suits the data (flips for clothes and objects, not for digits; crops only for an "
+                   "image folder, where a mirror may change a label).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialization and data order.")
 @device_option
 @click.option("--out", required=True, help="Checkpoint to write (architecture, normalization, weights, accuracy).")
