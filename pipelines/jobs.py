@@ -29,31 +29,31 @@ from ..synth.record import TeacherStats, record
 from ..synth.views import label_views, teacher_labeller, with_views
 
 from .real_data import RealData
-from .settings import DistillSettings
+from .settings import DistillSettings, TeacherSettings
 
 
 class JobError(DfkdError):
     """A job whose inputs do not fit together (shapes, classes, missing pieces)."""
 
 
-def train_teacher(arch: str, real: RealData, out: str, *, epochs: int = 10, batch_size: int = 128,
-                  optimizer: str = "sgd", lr: float | None = None, weight_decay: float = 5e-4, augment: str = "auto",
-                  seed: int = 0, device: str = "cpu", run_dir: str | None = None, resume: bool = False,
-                  progress: bool | None = None) -> dict[str, Any]:
-    """Supervised training on real data; writes the checkpoint with its test top-1; returns the figures."""
+def train_teacher(arch: str, real: RealData, out: str, *, device: str = "cpu", run_dir: str | None = None,
+                  resume: bool = False, progress: bool | None = None, **settings: Any) -> dict[str, Any]:
+    """Supervised training on real data (`settings`: TeacherSettings' fields); writes the checkpoint with its test
+    top-1; returns the figures."""
     check_model_name(arch)
-    src = TensorSource(real.train_images, real.train_labels, real.num_classes, real.mean, real.std, batch_size, seed,
-                       name=real.name)
-    cfg = TrainConfig(epochs=epochs, seed=seed, augment=real.augment if augment == "auto" else augment,
+    t = TeacherSettings(**settings)
+    src = TensorSource(real.train_images, real.train_labels, real.num_classes, real.mean, real.std, t.batch_size,
+                       t.seed, name=real.name)
+    cfg = TrainConfig(epochs=t.epochs, seed=t.seed, augment=real.augment if t.augment == "auto" else t.augment,
                       objective=Objective(kd=0.0, ce_label=1.0), device=device, out_dir=run_dir, resume=resume,
                       progress=progress)
-    trainer = Trainer(src, [StudentSpec(arch, optimizer, lr, weight_decay=weight_decay)], cfg,
+    trainer = Trainer(src, [StudentSpec(arch, t.optimizer, t.peak_lr, weight_decay=t.weight_decay)], cfg,
                       eval_data=(real.test_images, real.test_labels))
     trainer.fit()
     s = trainer.students[0]
     top1 = s.history[-1]["test_top1"]
     seconds = sum(r["seconds"] for r in s.history)
-    save_model(out, s.model, s.spec, {"data": real.name, "test_top1": top1, "epochs": epochs, "history": s.history})
+    save_model(out, s.model, s.spec, {"data": real.name, "test_top1": top1, "epochs": t.epochs, "history": s.history})
     return {"test_top1": top1, "seconds": seconds}
 
 

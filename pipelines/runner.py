@@ -23,7 +23,7 @@ from ..synth.methods import method_config
 from .real_data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
 from .run_report import write_report
-from .settings import DistillSettings
+from .settings import DistillSettings, TeacherSettings
 from .spec import Pipeline, PipelineError
 
 
@@ -119,7 +119,8 @@ class Runner:
         for t in p.teachers:
             tconf = ({"checkpoint": os.path.abspath(t.checkpoint)} if t.checkpoint else
                      {**dataclasses.asdict(t), "record": None, "record_layers": None, "record_per_class": None,
-                      "data": dataclasses.asdict(p.data), "seed": p.run.seed})
+                      "data": dataclasses.asdict(p.data), "seed": self.section_seed(t),
+                      "lr": 0.0 if t.lr is None else t.lr})  # unset was written 0.0: earlier files keep their stages
             stages.append(Stage(self.teacher_key(t.name), [], tconf, self._teacher_runner(t.name),
                                 (lambda n=t.name: [self.teacher_path(n)]), teacher=t.name))
             if t.record:
@@ -144,7 +145,7 @@ class Runner:
             for name in d.stores or [s.name for s in p.synth]:
                 key = f"distill:{d.name}/{name}"
                 conf = {**_fields(d, added=("max_images", "teacher", "kd", "workers", "amp", "compile")),
-                        "stores": None, "seed": self.distill_seed(d), "eval": p.data.name,
+                        "stores": None, "seed": self.section_seed(d), "eval": p.data.name,
                         "lr": 0.0 if d.lr is None else d.lr}  # unset was written 0.0: earlier files keep their stages
                 if d.teacher is not None:
                     conf["teacher"] = self.teacher_key(d.teacher)  # the teacher stage's fingerprint covers its file
@@ -259,11 +260,10 @@ class Runner:
     def _teacher_runner(self, name: str) -> Callable[[bool, bool], dict[str, Any]]:
         def run(resume: bool, overwrite: bool) -> dict[str, Any]:
             t = self.teacher(name)
-            return train_teacher(t.model, self.data, self.teacher_path(name), epochs=t.epochs,
-                                 batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr or None,
-                                 weight_decay=t.weight_decay, augment=t.augment, seed=self.p.run.seed,
-                                 device=self.device, run_dir=self.path(f"{t.name}_run"), resume=resume,
-                                 progress=self.progress)
+            recipe = {f.name: getattr(t, f.name) for f in dataclasses.fields(TeacherSettings)}
+            return train_teacher(t.model, self.data, self.teacher_path(name), device=self.device,
+                                 run_dir=self.path(f"{t.name}_run"), resume=resume, progress=self.progress,
+                                 **{**recipe, "seed": self.section_seed(t)})
         return run
 
     def _record_runner(self, name: str) -> Callable[[bool, bool], dict[str, Any]]:
@@ -300,9 +300,9 @@ class Runner:
             return res
         return run
 
-    def distill_seed(self, d: Any) -> int:
-        """A [[distill]] section's seed: its own, else [run].seed."""
-        return self.p.run.seed if d.seed is None else d.seed
+    def section_seed(self, section: Any) -> int:
+        """A [[teacher]] or [[distill]] section's seed: its own, else [run].seed."""
+        return self.p.run.seed if section.seed is None else section.seed
 
     def _distill_runner(self, d: Any, store_name: str) -> Callable[[bool, bool], dict[str, Any]]:
         def run(resume: bool, overwrite: bool) -> dict[str, Any]:
@@ -311,7 +311,7 @@ class Runner:
                 os.remove(os.path.join(out, "run.pt"))  # a fresh run: the old one had other settings
             paths = [self.store_path(part) for part in store_name.split("+")]
             recipe = {f.name: getattr(d, f.name) for f in dataclasses.fields(DistillSettings)}
-            recipe.update(seed=self.distill_seed(d), teacher=self.teacher_path(d.teacher) if d.teacher else None)
+            recipe.update(seed=self.section_seed(d), teacher=self.teacher_path(d.teacher) if d.teacher else None)
             job = DistillJob(paths, list(d.students), out, device=self.device, resume=resume, progress=self.progress,
                              model_code=self.p.model_code, **recipe)
             m = run_distill(job, (self.data.test_images, self.data.test_labels))

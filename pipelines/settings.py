@@ -20,7 +20,9 @@ from ..store.runtime import AMP_MODES
 OPTIMIZERS = ("sgd", "adam")
 # The students' default peak rate per optimizer, measured with the default T 20 on Fashion-MNIST view stores.
 DISTILL_LR = {"sgd": 0.02, "adam": 1e-3}
+TEACHER_LR = {"sgd": 0.05, "adam": 1e-3}  # supervised training on real data
 AUGMENTATIONS = ("none", "crop", "flip-crop")
+TEACHER_AUGMENTATIONS = ("auto", *AUGMENTATIONS)
 
 
 class SettingError(DfkdError):
@@ -147,3 +149,28 @@ class DistillSettings:
         if self.kd == 0 and self.ce_teacher == 0:
             raise SettingError("kd", "and ce_teacher are both 0: the students would have nothing to learn; keep kd 1 "
                                "(the default) or give ce_teacher a weight")
+
+
+@dataclass(kw_only=True)
+class TeacherSettings:
+    """How a teacher is trained on real data: `dfkd train-teacher`'s options, a [[teacher]] section's training keys,
+    train_teacher()'s arguments."""
+
+    epochs: int = setting(10, "Passes over the training split.", low=1)
+    batch_size: int = setting(128, "Images per step.", low=1)
+    optimizer: str = setting("sgd", "SGD with momentum 0.9, or Adam.", choices=OPTIMIZERS)
+    lr: float | None = setting(None, "Peak learning rate (cosine to 0); unset: 0.05 SGD, 1e-3 Adam.", low=0,
+                               low_open=True)
+    weight_decay: float = setting(5e-4, "L2 weight decay.", low=0)
+    augment: str = setting("auto", "auto: what suits the data (flips for clothes and objects, not for digits; crops "
+                           "only for an image folder, where a mirror may change a label).",
+                           choices=TEACHER_AUGMENTATIONS)
+    seed: int = setting(0, "Seed of initialization and data order.")
+
+    @property
+    def peak_lr(self) -> float:
+        """The rate the cosine schedule starts from: `lr`, else the optimizer's default."""
+        return self.lr if self.lr is not None else TEACHER_LR[self.optimizer]
+
+    def __post_init__(self) -> None:
+        check_settings(self)

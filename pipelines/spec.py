@@ -13,7 +13,7 @@ from ..distill.models import ModelError, check_model_name, is_code_name
 from ..store.errors import DfkdError
 from ..synth.methods import MethodError, list_methods, method_class, method_config
 
-from .settings import DistillSettings, SettingError, base_type, setting
+from .settings import DistillSettings, SettingError, TeacherSettings, base_type, setting
 
 
 class PipelineError(DfkdError):
@@ -39,9 +39,10 @@ class DataSection:
     root: str = ""
 
 
-@dataclass
-class TeacherSection:
-    """[teacher] (or several [[teacher]] with names): a checkpoint to use, or a model to train on [data].
+@dataclass(kw_only=True)
+class TeacherSection(TeacherSettings):
+    """[teacher] (or several [[teacher]] with names): a checkpoint to use, or a model to train on [data] with
+    `dfkd train-teacher`'s options as keys of the same names (TeacherSettings; `seed` defaults to [run].seed).
 
     `record = true` adds a `dfkd record` stage on [data]'s training split for this teacher (statistics
     and spectra of `record_layers`, default every conv/linear layer but the last).
@@ -50,12 +51,7 @@ class TeacherSection:
     name: str = "teacher"
     checkpoint: str = ""
     model: str = ""
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.0
-    weight_decay: float = 5e-4
-    augment: str = "auto"
+    seed: int | None = setting(None, "Seed of initialization and data order; unset: [run].seed.")
     record: bool = False
     record_layers: list[str] = field(default_factory=list)
     record_per_class: bool = False
@@ -252,10 +248,6 @@ def _validate_teacher(t: TeacherSection, where: str) -> None:
     if t.checkpoint and not os.path.isfile(t.checkpoint):
         raise PipelineError(f"{where} key 'checkpoint': {t.checkpoint} does not exist; train one with `dfkd "
                             "train-teacher`, or give 'model' to have the pipeline train it")
-    for key, value, choices in (("optimizer", t.optimizer, ("sgd", "adam")),
-                                ("augment", t.augment, ("auto", "none", "crop", "flip-crop"))):
-        if value not in choices:
-            raise PipelineError(f"{where} key '{key}' must be one of {', '.join(choices)}, got {value!r}")
     try:
         if t.model:
             check_model_name(t.model)

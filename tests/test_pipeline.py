@@ -116,6 +116,8 @@ def test_an_interrupted_stage_resumes_and_only_selects_stages(tmp_path):
     (lambda t: t.replace('model = "lenet5_bn"', 'checkpoint = "missing.pt"'),
      ["[teacher]", "key 'checkpoint'", "missing.pt does not exist", "dfkd train-teacher"]),
     (lambda t: t.replace("epochs = 2", 'epochs = "two"'), ["[teacher]", "key 'epochs' must be int"]),
+    (lambda t: t.replace("epochs = 2", 'epochs = 2\noptimizer = "rmsprop"'),
+     ["[teacher]", "key 'optimizer' must be one of sgd, adam, got 'rmsprop'"]),
     (lambda t: t.replace("iterations = 2", "iteration = 2"), ["[[synth]] #2", "no hyper-parameter 'iteration'"]),
     (lambda t: t.replace('students = ["mlp"]', 'students = ["nope"]'), ["[[distill]] #1 (s)", "key 'students'"]),
     (lambda t: t + "\n[extra]\n", ["unknown section [extra]"]),
@@ -178,24 +180,44 @@ def test_a_synth_section_with_views_stores_them_and_its_students_train_on_them(t
     assert "distill:s/noise" in out
 
 
-def test_every_distill_option_is_a_distill_key_of_the_same_name_with_one_default():
-    """`dfkd distill`'s recipe options and a [[distill]] section's keys are one declaration (DistillSettings)."""
+def _family(family):
+    """(command, section class, settings class, API defaults, options the section holds elsewhere)."""
     from dfkd.pipelines.commands.distill import distill_cmd
+    from dfkd.pipelines.commands.teacher import train_teacher
     from dfkd.pipelines.jobs import DistillJob
-    from dfkd.pipelines.settings import DistillSettings
-    from dfkd.pipelines.spec import DistillSection
+    from dfkd.pipelines.settings import DistillSettings, TeacherSettings
+    from dfkd.pipelines.spec import DistillSection, TeacherSection
 
-    run_level = {"store_path", "kd_data", "students", "eval_data", "data_root", "device", "out", "resume",
-                 "model_code", "quiet"}  # a pipeline's stores, [data], [run] and `dfkd run` flags hold these
-    options = {p.name: p.default for p in distill_cmd.params if p.name not in run_level}
-    keys = {f.name for f in dataclasses.fields(DistillSection)} - {"name", "students", "stores"}
-    assert set(options) == keys == {f.name for f in dataclasses.fields(DistillSettings)}
-    job = DistillJob("s.zarr", ["mlp"], "out")
+    if family == "distill":  # a pipeline's stores, [data], [run] and `dfkd run` flags hold the rest
+        return (distill_cmd, DistillSection, DistillSettings, DistillJob("s.zarr", ["mlp"], "out"),
+                {"store_path", "kd_data", "students", "eval_data", "data_root", "device", "out", "resume",
+                 "model_code", "quiet"}, {"name", "students", "stores"})
+    return (train_teacher, TeacherSection, TeacherSettings, TeacherSettings(),
+            {"arch", "data", "data_root", "device", "out", "quiet"},
+            {"name", "checkpoint", "model", "record", "record_layers", "record_per_class"})
+
+
+@pytest.mark.parametrize("family", ["distill", "teacher"])
+def test_every_option_is_a_section_key_of_the_same_name_with_one_default(family):
+    """A command's recipe options and its pipeline section's keys are one declaration (pipelines/settings.py)."""
+    command, section_cls, settings_cls, api, run_level, section_only = _family(family)
+    options = {p.name: p.default for p in command.params if p.name not in run_level}
+    keys = {f.name for f in dataclasses.fields(section_cls)} - section_only
+    assert set(options) == keys == {f.name for f in dataclasses.fields(settings_cls)}
+    section = section_cls(name="d", students=["mlp"]) if family == "distill" else section_cls(model="mlp")
     for name, default in options.items():
-        assert getattr(job, name) == default, name
+        assert getattr(api, name) == default, name
         if name != "seed":  # a section's seed defaults to [run].seed
-            assert getattr(DistillSection(name="d", students=["mlp"]), name) == default, name
-    assert job.lr is None and job.peak_lr == 0.02 and DistillJob("s", ["mlp"], "o", optimizer="adam").peak_lr == 1e-3
+            assert getattr(section, name) == default, name
+    assert section.seed is None and api.lr is None
+
+
+def test_an_unset_rate_is_the_optimizers_measured_default():
+    from dfkd.pipelines.jobs import DistillJob
+    from dfkd.pipelines.settings import TeacherSettings
+
+    assert DistillJob("s", ["mlp"], "o").peak_lr == 0.02 and DistillJob("s", ["mlp"], "o", optimizer="adam").peak_lr == 1e-3
+    assert TeacherSettings().peak_lr == 0.05 and TeacherSettings(lr=0.1).peak_lr == 0.1
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
+from ..settings import TeacherSettings, click_options
 from .options import (DATA_HELP, data_root_option, device_option, model_code_option, pct, quiet_option, resolve_device,
                       zoo_names)
 
@@ -13,27 +16,18 @@ from .options import (DATA_HELP, data_root_option, device_option, model_code_opt
                                                    "timm:NAME or package.module:factory.")
 @click.option("--data", required=True, help=DATA_HELP)
 @data_root_option
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Passes over the training split.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per step.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True, help="SGD with momentum 0.9, or Adam.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (cosine to 0); default 0.05 SGD, 1e-3 Adam.")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="L2 weight decay.")
-@click.option("--augment", type=click.Choice(["auto", "none", "crop", "flip-crop"]), default="auto", show_default=True,
-              help="auto: what suits the data (flips for clothes and objects, not for digits; crops only for an "
-                   "image folder, where a mirror may change a label).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialization and data order.")
+@click_options(TeacherSettings)
 @device_option
 @click.option("--out", required=True, help="Checkpoint to write (architecture, normalization, weights, accuracy).")
 @quiet_option
-def train_teacher(arch: str, data: str, data_root: str | None, epochs: int, batch_size: int, optimizer: str,
-                  lr: float | None, weight_decay: float, augment: str, seed: int, device: str, out: str) -> None:
+def train_teacher(arch: str, data: str, data_root: str | None, device: str, out: str, **settings: Any) -> None:
     """Train a teacher with plain supervised learning and report its test top-1."""
     from ..jobs import train_teacher as train_teacher_job
     from ..real_data import load_data
 
     real = load_data(data, data_root)
-    res = train_teacher_job(arch, real, out, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                            weight_decay=weight_decay, augment=augment, seed=seed, device=resolve_device(device))
+    res = train_teacher_job(arch, real, out, device=resolve_device(device), **settings)
+    epochs = settings["epochs"]
     click.echo(f"teacher {arch} on {real.name}: test top-1 {pct(res['test_top1'])} after {epochs} epochs "
                f"({res['seconds']:.0f} s) -> {out}")
 
