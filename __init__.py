@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .store.version import __version__
+from .store.toolbox.version import __version__
 
 if TYPE_CHECKING:  # what the lazy names below are, for readers and type checkers (nothing is imported at run time)
     from .distill.checkpoint import ModelSpec, load_model, save_model

@@ -26,7 +26,7 @@ from dfkd import store
 from dfkd.distill.checkpoint import load_model
 from dfkd.pipelines.jobs import DistillJob, run_distill
 from dfkd.pipelines.real_data import load_data
-from dfkd.store import fs
+from dfkd.store.toolbox import fs
 from dfkd.store.convert import convert
 from dfkd.synth.views import label_store
 

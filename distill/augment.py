@@ -1,10 +1,10 @@
-"""The distillation stage's augmentation (store.augment's seeded views) and normalization to the network's input."""
+"""The distillation stage's augmentation (store.toolbox.augment's seeded views) and normalization to the network's input."""
 
 from __future__ import annotations
 
 import torch
 
-from ..store.augment import MODES, augment  # noqa: F401  (the distillation stage's views)
+from ..store.toolbox.augment import MODES, augment  # noqa: F401  (the distillation stage's views)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -13,8 +13,8 @@ from typing import Any, Collection
 
 from torch import nn
 
-from ..store import fs
-from ..store.errors import DfkdError
+from ..store.toolbox import fs
+from ..store.toolbox.errors import DfkdError
 
 from .models import check_file_model, create_model
 

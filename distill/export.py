@@ -14,7 +14,7 @@ import json
 import torch
 from torch import nn
 
-from ..store import fs
+from ..store.toolbox import fs
 
 from .checkpoint import CheckpointError, ModelSpec
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..store import fs
-from ..store.errors import DfkdError
-from ..store.identity import check_same_run, plain, weights_fingerprint
-from ..store.progress import progress
-from ..store.runtime import amp_dtype, rank_and_world
+from ..store.toolbox import fs
+from ..store.toolbox.errors import DfkdError
+from ..store.toolbox.identity import check_same_run, plain, weights_fingerprint
+from ..store.toolbox.progress import progress
+from ..store.toolbox.runtime import amp_dtype, rank_and_world
 
 from .augment import augment, normalize
 from .checkpoint import ModelSpec, read_checkpoint, save_model
@@ -179,7 +179,7 @@ class Trainer:
         return None if self.cfg.out_dir is None else os.path.join(self.cfg.out_dir, "run.pt")
 
     def _identity(self) -> dict[str, Any]:
-        """Everything the weights of an uninterrupted run depend on (checked by store.identity on resume)."""
+        """Everything the weights of an uninterrupted run depend on (checked by store.toolbox.identity on resume)."""
         c = self.cfg
         return plain({"source": self.source.identity(), "students": [asdict(s.student) for s in self.students],
                       "epochs": c.epochs, "seed": c.seed, "augment": c.augment, "objective": asdict(c.objective),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..store.version import __version__ as VERSION
+from ..store.toolbox.version import __version__ as VERSION
 
 from .commands.distill import distill_cmd
 from .commands.group import DfkdGroup

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 from .. import store
-from ..store import fs
+from ..store.toolbox import fs
 from ..distill.augment import normalize
 from ..distill.checkpoint import ModelSpec, load_model, save_model
 from ..distill.losses import Objective
 from ..distill.models import check_model_name
 from ..distill.sources import StoreSource, TensorSource
 from ..distill.trainer import StudentSpec, TrainConfig, Trainer
-from ..store.errors import DfkdError
-from ..store.runtime import rank_and_world
+from ..store.toolbox.errors import DfkdError
+from ..store.toolbox.runtime import rank_and_world
 from ..synth.engine import SynthConfig, synthesize
 from ..synth.teacher import fingerprint
 from ..synth.methods import method_class

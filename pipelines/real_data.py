@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..store import fs
-from ..store.errors import DfkdError
+from ..store.toolbox import fs
+from ..store.toolbox.errors import DfkdError
 
 DEFAULT_ROOT = os.environ.get("DFKD_DATA", os.path.join(os.path.expanduser("~"), ".cache", "dfkd", "data"))
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"

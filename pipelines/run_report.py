@@ -11,7 +11,7 @@ import statistics
 from typing import Any, Callable
 
 from ..distill.checkpoint import load_model
-from ..store import fs
+from ..store.toolbox import fs
 
 
 def _pct(x: float | None) -> str:

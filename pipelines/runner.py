@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..store import fs
-from ..store.identity import digest
+from ..store.toolbox import fs
+from ..store.toolbox.identity import digest
 from ..distill.checkpoint import load_model
 from ..distill.evaluate import accuracy
 from ..synth.methods import method_config

@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..store.errors import DfkdError
-from ..store.runtime import AMP_MODES
+from ..store.toolbox.errors import DfkdError
+from ..store.toolbox.runtime import AMP_MODES
 
 OPTIMIZERS = ("sgd", "adam")
 # The students' default peak rate per optimizer, measured with the default T 20 on Fashion-MNIST view stores.

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..distill.models import ModelError, check_model_name, is_code_name
-from ..store.errors import DfkdError
+from ..store.toolbox.errors import DfkdError
 from ..synth.methods import MethodError, list_methods, method_class, method_config
 
 from .settings import DistillSettings, SettingError, TeacherSettings, base_type, setting

@@ -1,6 +1,6 @@
 """dfkd's persistent synthetic dataset: one schema (images, teacher logits, labels, done flags,
 provenance) over two backends (Zarr v3, WebDataset tar shards), a crash-safe writer and a streaming reader.
-The storage layer knows nothing about models. Names load on first use: importing `dfkd.store.errors`
+The storage layer knows nothing about models. Names load on first use: importing `dfkd.store.toolbox.errors`
 (every command does) costs neither zarr nor torch."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 # public name -> submodule that defines it
 _LAZY = {
     "create": "api", "create_or_resume": "api", "open": "api", "open_writer": "api", "plan_key": "schema",
-    "DfkdError": "errors", "StoreError": "errors", "StoreReader": "reader", "SCHEMA_VERSION": "schema",
+    "DfkdError": "toolbox.errors", "StoreError": "toolbox.errors", "StoreReader": "reader", "SCHEMA_VERSION": "schema",
     "Records": "schema", "StoreMeta": "schema", "unit_seed": "units", "StoreWriter": "writer",
     "Batch": "loader", "StoreDataset": "loader",  # these two import torch
 }

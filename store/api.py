@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import fs
+from .toolbox import fs
 from .backends import backend_for_existing, backend_for_new, get_backend, list_backends
-from .errors import StoreError
-from .identity import check_same_run
+from .toolbox.errors import StoreError
+from .toolbox.identity import check_same_run
 from .reader import StoreReader
 from .schema import StoreMeta, plan_key
 from .writer import StoreWriter

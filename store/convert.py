@@ -12,12 +12,12 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from . import fs
+from .toolbox import fs
 from .api import check_target, create, open_writer
 from .api import open as open_store
 from .backends import backend_for_new
-from .errors import StoreError
-from .progress import progress
+from .toolbox.errors import StoreError
+from .toolbox.progress import progress
 from .writer import StoreWriter
 
 

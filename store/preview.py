@@ -7,9 +7,9 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import fs
+from .toolbox import fs
 from .api import open as open_store
-from .errors import StoreError
+from .toolbox.errors import StoreError
 
 
 def _to_rgb(img: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .backends import Backend
-from .errors import StoreError
+from .toolbox.errors import StoreError
 from .schema import Records, StoreMeta, plan_key
 
 
@@ -117,7 +117,7 @@ class StoreReader:
     def identity(self) -> dict[str, Any]:
         """What a run trained on this store depends on: its plan, which units are done and their checksums
         (not its path: a moved store is the same store; a store that grew is not)."""
-        from .identity import digest
+        from .toolbox.identity import digest
 
         done = self.done_mask(refresh=True)
         return {"plan": digest(plan_key(self.meta)), "units_done": int(done.sum()),

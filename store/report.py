@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from .api import open as open_store
-from .errors import StoreError
-from .progress import progress
+from .toolbox.errors import StoreError
+from .toolbox.progress import progress
 
 
 def info(path: str) -> dict[str, Any]:

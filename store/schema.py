@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StoreError
+from .toolbox.errors import StoreError
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dfkd-store"

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import crop_flip, default_pad
-from .errors import StoreError
+from .toolbox.augment import crop_flip, default_pad
+from .toolbox.errors import StoreError
 
 VIEW_MODES = ("crop", "flip-crop")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import Backend
-from .errors import StoreError
+from .toolbox.errors import StoreError
 from .schema import Records, StoreMeta, check_records
 from .units import share, unit_seed
 

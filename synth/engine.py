@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..store.version import __version__ as VERSION
 from .. import store
-from ..store.progress import progress
-from ..store.runtime import amp_dtype, rank_and_world
+from ..store.toolbox import fs
+from ..store.toolbox.progress import progress
+from ..store.toolbox.runtime import amp_dtype, rank_and_world
+from ..store.toolbox.version import __version__ as VERSION
 
 from .methods import MethodError, SynthContext, create_method, method_class, method_config
 from .methods.generative import artifact_prefix
@@ -107,7 +108,7 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     if method_class(method).sequential:  # the content depends on the chains, so a resume must keep their number
         provenance["sequential"] = {"chains": world, "order": "one chain per rank over a contiguous range of units; "
                                     "each unit depends on every earlier unit of its chain"}
-        if any(store.fs.same_location(b, cfg.out) for b in cfg.bank):
+        if any(fs.same_location(b, cfg.out) for b in cfg.bank):
             raise MethodError(f"--bank {cfg.out} is the store being written; a top-up starts from other stores")
         if cfg.bank:
             provenance["sequential"]["bank"] = [store.open(p).identity() for p in cfg.bank]

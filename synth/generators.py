@@ -16,9 +16,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..store import fs
-from ..store.errors import DfkdError
-from ..store.registry import Registry
+from ..store.toolbox import fs
+from ..store.toolbox.errors import DfkdError
+from ..store.toolbox.registry import Registry
 
 FORMAT = "dfkd-generator"
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..store.errors import DfkdError
+from ..store.toolbox.errors import DfkdError
 
 
 class HookError(DfkdError):

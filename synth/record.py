@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..store.errors import DfkdError
+from ..store.toolbox.errors import DfkdError
 
 from .hooks import FeatureHooks
 from .losses import amplitudes, class_sums
@@ -47,7 +47,7 @@ class TeacherStats:
         """Write the safetensors file atomically; returns its size in bytes."""
         from safetensors.torch import save
 
-        from ..store import fs
+        from ..store.toolbox import fs
 
         tensors = {}
         for layer in self.layers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..store.identity import weights_fingerprint
+from ..store.toolbox.identity import weights_fingerprint
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import store
-from ..store.progress import progress
+from ..store.toolbox.progress import progress
 from ..store.units import unit_seed
 from ..store.views import ViewRecipe, unit_views
 

@@ -23,7 +23,7 @@ def full_store(tmp_path, backend):
 @pytest.fixture(autouse=True)
 def _progress_not_quiet():
     """`--quiet` silences progress for the whole process; each test starts and ends with it off."""
-    from dfkd.store.progress import set_quiet
+    from dfkd.store.toolbox.progress import set_quiet
 
     set_quiet(False)
     yield

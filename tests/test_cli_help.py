@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from dfkd.pipelines.cli import cli
-from dfkd.store import progress as progress_mod
+from dfkd.store.toolbox import progress as progress_mod
 from tests.synth_helpers import save_tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

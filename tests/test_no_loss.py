@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from dfkd import store
 from dfkd.pipelines.cli import cli
-from dfkd.store import fs
+from dfkd.store.toolbox import fs
 from dfkd.store.convert import convert
 from tests.helpers import fill, small_meta, tree_bytes
 
@@ -116,7 +116,7 @@ _KILL_AT = """
 import os, sys
 import zarr
 from dfkd import store
-from dfkd.store import fs
+from dfkd.store.toolbox import fs
 from tests.helpers import small_meta
 steps = {"n": 0}
 def killer(real):

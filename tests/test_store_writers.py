@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from dfkd.store.identity import ResumeError
+from dfkd.store.toolbox.identity import ResumeError
 
 from dfkd import store
 from tests.helpers import expected, fill, small_meta, write_share

@@ -8,8 +8,8 @@ from typing import Any, Callable, Collection
 
 from torch import nn
 
-from ...store.errors import DfkdError
-from ...store.registry import Registry
+from ...store.toolbox.errors import DfkdError
+from ...store.toolbox.registry import Registry
 
 
 class ModelError(DfkdError):

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ...store.errors import DfkdError
+from ...store.toolbox.errors import DfkdError
 
 
 class UserError(click.ClickException):

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from ...store.registry import declared_names
+from ...store.toolbox.registry import declared_names
 
 model_code_option: Callable[[Any], Any] = click.option(
     "--model-code", "model_code", multiple=True, metavar="PACKAGE.MODULE:FACTORY",
@@ -21,7 +21,7 @@ device_option: Callable[[Any], Any] = click.option(
 
 def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
     if value:
-        from ...store.progress import set_quiet
+        from ...store.toolbox.progress import set_quiet
 
         set_quiet()
     return value

@@ -7,9 +7,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .. import fs
-from ..errors import StoreError
-from ..registry import Registry
+from ..toolbox import fs
+from ..toolbox.errors import StoreError
+from ..toolbox.registry import Registry
 from ..schema import Records, StoreMeta
 
 _REGISTRY: Registry[type["Backend"]] = Registry("store backend", StoreError, key=lambda cls: cls.name)

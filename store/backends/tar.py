@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..errors import StoreError
+from ..toolbox.errors import StoreError
 
 BLOCK = 512
 _PAD = bytes(BLOCK)

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import fs
-from ..errors import StoreError
+from ..toolbox import fs
+from ..toolbox.errors import StoreError
 from ..schema import Records, StoreMeta, check_views, checksums, mismatch_error, view_checksum
 from . import tar
 from .base import Backend, register_backend

@@ -11,8 +11,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .. import fs
-from ..errors import StoreError
+from ..toolbox import fs
+from ..toolbox.errors import StoreError
 from ..schema import Records, StoreMeta, check_views, checksums, mismatch_error, view_checksum
 from .base import Backend, register_backend
 

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...store.errors import DfkdError
-from ...store.registry import Registry
+from ...store.toolbox.errors import DfkdError
+from ...store.toolbox.registry import Registry
 
 
 class MethodError(DfkdError):

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...store import fs
-from ...store.identity import check_same_run
-from ...store.progress import progress
+from ...store.toolbox import fs
+from ...store.toolbox.identity import check_same_run
+from ...store.toolbox.progress import progress
 
 from ..generators import GeneratorError, GeneratorSpec, load_generator, load_snapshots, save_generator
 from .base import Method, MethodError, SynthContext

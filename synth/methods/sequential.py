@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...store import fs
-from ...store.augment import augment
-from ...store.identity import check_same_run
+from ...store.toolbox import fs
+from ...store.toolbox.augment import augment
+from ...store.toolbox.identity import check_same_run
 
 from ..bank import MemoryBank
 from ..losses import agreement_kl, kl_divergence
