@@ -27,5 +27,6 @@ def distributed(device: str) -> Iterator[str]:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield device
+        dist.barrier()  # every rank done before any tears down: a rank leaving early aborted its peer (gloo, loaded CPU)
     finally:
         dist.destroy_process_group()
