@@ -59,7 +59,7 @@ def run_ms(source, students: list[str], epochs: int, teacher=None, augment: str 
 
 def floor_ms(students: list[str], images: torch.Tensor, logits: torch.Tensor, batch: int, steps: int) -> float:
     """Bare forward + KD loss + backward + optimizer step of each student on batches already in memory."""
-    from dfkd.store.toolbox.runtime import amp_dtype
+    from dfkd.store.toolbox.compute import amp_dtype
 
     dev = torch.device(RUN["device"])
     amp = amp_dtype(RUN["amp"], dev)

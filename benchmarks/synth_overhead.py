@@ -122,7 +122,7 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
     dev = torch.device(device)
     teacher = create_model(model_name, 10, shape[0], shape[1]).to(dev).eval()
     student = create_model("resnet18" if "resnet" in model_name else "lenet5_half", 10, shape[0], shape[1]).to(dev).eval()
-    from dfkd.store.toolbox.runtime import amp_dtype
+    from dfkd.store.toolbox.compute import amp_dtype
 
     ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student,
                        amp=amp_dtype(amp, dev))

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import store
-from ..store.toolbox.runtime import rank_and_world
+from ..store.toolbox.compute import rank_and_world
 
 Triple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 

@@ -24,7 +24,7 @@ from ..store.toolbox import fs
 from ..store.toolbox.errors import DfkdError
 from ..store.toolbox.identity import check_same_run, plain, weights_fingerprint
 from ..store.toolbox.progress import progress
-from ..store.toolbox.runtime import amp_dtype, rank_and_world
+from ..store.toolbox.compute import amp_dtype, rank_and_world
 
 from .augment import augment, normalize
 from .checkpoint import ModelSpec, read_checkpoint, save_model

@@ -20,7 +20,7 @@ from ..distill.models import check_model_name
 from ..distill.sources import StoreSource, TensorSource
 from ..distill.trainer import StudentSpec, TrainConfig, Trainer
 from ..store.toolbox.errors import DfkdError
-from ..store.toolbox.runtime import rank_and_world
+from ..store.toolbox.compute import rank_and_world
 from ..synth.engine import SynthConfig, synthesize
 from ..synth.teacher import fingerprint
 from ..synth.methods import method_class

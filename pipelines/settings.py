@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..store.toolbox.errors import DfkdError
-from ..store.toolbox.runtime import AMP_MODES
+from ..store.toolbox.compute import AMP_MODES
 
 OPTIMIZERS = ("sgd", "adam")
 # The students' default peak rate per optimizer, measured with the default T 20 on Fashion-MNIST view stores.

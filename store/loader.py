@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .api import open as open_store
 from .toolbox.errors import StoreError
-from .toolbox.runtime import rank_and_world
+from .toolbox.compute import rank_and_world
 from .reader import StoreReader
 from .schema import Records, StoreMeta
 from .units import unit_seed

@@ -19,7 +19,7 @@ from torch import nn
 from .. import store
 from ..store.toolbox import fs
 from ..store.toolbox.progress import progress
-from ..store.toolbox.runtime import amp_dtype, rank_and_world
+from ..store.toolbox.compute import amp_dtype, rank_and_world
 from ..store.toolbox.version import __version__ as VERSION
 
 from .methods import MethodError, SynthContext, create_method, method_class, method_config

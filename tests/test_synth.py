@@ -290,7 +290,7 @@ def test_unknown_hyper_parameter_and_missing_record(tmp_path):
 
 def test_amp_is_off_on_cpu_and_named_modes_need_cuda():
     from dfkd.store.toolbox.errors import DfkdError
-    from dfkd.store.toolbox.runtime import amp_dtype
+    from dfkd.store.toolbox.compute import amp_dtype
 
     assert amp_dtype("auto", "cpu") is None and amp_dtype("off", "cpu") is None
     with pytest.raises(DfkdError, match="needs a CUDA device"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ...store.toolbox.runtime import AMP_MODES
+from ...store.toolbox.compute import AMP_MODES
 
 from .options import (device_option, method_names, model_code_option, parse_sets, quiet_option, resolve_device,
                       zoo_names)
@@ -57,7 +57,7 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
     (fast, nayer) make the store as a chain of batches, the proxy student learning from the units already
     written; the chain is checkpointed at unit boundaries (<stem>.chain.pt), so --resume continues it exactly.
     """
-    from ...store.toolbox.runtime import rank_and_world
+    from ...store.toolbox.compute import rank_and_world
     from ...synth.methods import method_config
 
     from ..distributed import distributed
