@@ -10,7 +10,7 @@ from typing import Any
 
 # public name -> submodule that defines it
 _LAZY = {
-    "create": "api", "create_or_resume": "api", "open": "api", "open_writer": "api", "plan_key": "schema",
+    "create": "access", "create_or_resume": "access", "open": "access", "open_writer": "access", "plan_key": "schema",
     "DfkdError": "toolbox.errors", "StoreError": "toolbox.errors", "StoreReader": "reader", "SCHEMA_VERSION": "schema",
     "Records": "schema", "StoreMeta": "schema", "unit_seed": "units", "StoreWriter": "writer",
     "Batch": "loader", "StoreDataset": "loader",  # these two import torch

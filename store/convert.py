@@ -13,8 +13,8 @@ import dataclasses
 from typing import Any
 
 from .toolbox import fs
-from .api import check_target, create, open_writer
-from .api import open as open_store
+from .access import check_target, create, open_writer
+from .access import open as open_store
 from .backends import backend_for_new
 from .toolbox.errors import StoreError
 from .toolbox.progress import progress

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .api import open as open_store
+from .access import open as open_store
 from .toolbox.errors import StoreError
 from .toolbox.compute import rank_and_world
 from .reader import StoreReader

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .toolbox import fs
-from .api import open as open_store
+from .access import open as open_store
 from .toolbox.errors import StoreError
 
 

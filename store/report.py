@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .api import open as open_store
+from .access import open as open_store
 from .toolbox.errors import StoreError
 from .toolbox.progress import progress
 

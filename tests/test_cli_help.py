@@ -97,7 +97,7 @@ def test_import_dfkd_is_light_and_its_api_resolves():
     code = ("import sys, dfkd\nassert 'torch' not in sys.modules\n"
             "assert dfkd.__version__ and callable(dfkd.synthesize) and callable(dfkd.distill_students)\n"
             "assert 'lenet5_half' in dfkd.list_models() and 'fast' in dfkd.list_methods()\n"
-            "assert dfkd.open_store.__module__ == 'dfkd.store.api' and dfkd.load_model.__name__ == 'load_model'\n")
+            "assert dfkd.open_store.__module__ == 'dfkd.store.access' and dfkd.load_model.__name__ == 'load_model'\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
 

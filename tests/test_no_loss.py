@@ -150,13 +150,13 @@ def test_a_kill_anywhere_in_store_creation_leaves_what_resume_and_overwrite_acce
 
 def test_two_creators_at_once_get_one_line_and_one_store(tmp_path, monkeypatch):
     """The second of two processes creating the same store finds the first one's in place: one line, no damage."""
-    import dfkd.store.api as api
+    import dfkd.store.access as access
 
     path = str(tmp_path / "s.zarr")
     first = store.create(path, small_meta())
     fill(first)
     before = tree_bytes(path)
-    monkeypatch.setattr(api, "check_target", lambda p, overwrite: False)  # both checked before either renamed
+    monkeypatch.setattr(access, "check_target", lambda p, overwrite: False)  # both checked before either renamed
     with pytest.raises(store.StoreError, match="another process created a store at .* at the same moment"):
         store.create(path, small_meta())
     assert tree_bytes(path) == before and sorted(os.listdir(tmp_path)) == ["s.zarr"]

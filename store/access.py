@@ -1,4 +1,4 @@
-"""The store's entry points: `open` to read, `create` / `open_writer` / `create_or_resume` to write."""
+"""Opening and creating stores: `open` to read, `create` / `open_writer` / `create_or_resume` to write."""
 
 from __future__ import annotations
 
