@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..deferred import MomentSlot, tap, tapped_channel_stats
+from ..moment_taps import MomentSlot, tap, tapped_channel_stats
 from ..hooks import FeatureHooks, bn_layers
 from ..losses import channel_stats, competition, l2_prior, moment_distance, tv_l1, tv_l2
 from .base import MethodError, SynthContext, layer_list, register_method
@@ -21,7 +21,7 @@ from .inversion import InversionConfig, InversionMethod
 class StatTerms:
     """Hooks on the matched layers and their reference (mean, var); removed by `close`.
 
-    Each BN input passes a tap (synth.deferred), so its statistics' gradient is formed when the backward
+    Each BN input passes a tap (synth.moment_taps), so its statistics' gradient is formed when the backward
     pass reaches the layer instead of all at once at the loss: same gradient, less memory.
     """
 
