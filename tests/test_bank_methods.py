@@ -248,7 +248,7 @@ def test_two_rank_chains_fill_the_store_the_same_way_twice_and_resume(tmp_path):
 
 def test_the_proxy_students_default_rate_follows_its_batchnorm():
     from dfkd.distill.models import create_model
-    from dfkd.synth.methods.sequential import BankConfig, student_lr
+    from dfkd.synth.methods.bank_chain import BankConfig, student_lr
 
     assert BankConfig().lr_s == 0.0  # 0: chosen from the student
     assert student_lr(create_model("lenet5_half", 10, 1, 28)) == 0.02  # BN-free: 0.2 left proxies at chance
@@ -299,7 +299,7 @@ def test_a_top_up_starts_its_bank_from_other_stores_and_its_proxy_from_a_student
 
 def test_a_preloaded_bank_samples_its_top_up_rows_and_streamed_units(tmp_path):
     """Preloaded rows (a top-up's other stores) stay in RAM and are drawn with the chain's units, streamed or not."""
-    from dfkd.synth.bank import MemoryBank
+    from dfkd.synth.memory_bank import MemoryBank
     from tests.helpers import fill, small_meta
 
     path = str(tmp_path / "s.zarr")

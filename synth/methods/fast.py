@@ -17,7 +17,7 @@ from torch import nn
 
 from ..generators import create_generator
 from .base import MethodError, register_method
-from .sequential import BankConfig, BankMethod
+from .bank_chain import BankConfig, BankMethod
 
 
 def add_first_order_grads(meta: nn.Module, fast: nn.Module) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..generators import create_generator
 from .base import MethodError, register_method
-from .sequential import BankConfig, BankMethod
+from .bank_chain import BankConfig, BankMethod
 
 
 def load_embeddings(path: str, num_classes: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ...store.toolbox import fs
 from ...store.toolbox.augment import augment
 from ...store.toolbox.identity import check_same_run
 
-from ..bank import MemoryBank
+from ..memory_bank import MemoryBank
 from ..losses import agreement_kl, kl_divergence
 from .base import Method, MethodError, SynthContext
 from .feature_stats import StatTerms
