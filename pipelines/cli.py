@@ -9,7 +9,7 @@ from ..store.toolbox.version import __version__ as VERSION
 
 from .commands.distill import distill_cmd
 from .commands.group import DfkdGroup
-from .commands.models import export_cmd, import_teacher_cmd
+from .commands.model_files import export_cmd, import_teacher_cmd
 from .commands.options import quiet_option
 from .commands.run import run
 from .commands.store import store_group
