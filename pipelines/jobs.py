@@ -24,8 +24,9 @@ from ..store.toolbox.compute import rank_and_world
 from ..synth.engine import SynthConfig, synthesize
 from ..synth.teacher import fingerprint
 from ..synth.methods import method_class
-from ..synth.methods.generative import GenerativeMethod, artifact_prefix
+from ..synth.methods.generative import GenerativeMethod
 from ..synth.record import TeacherStats, record
+from ..synth.side_files import side_file
 from ..synth.views import label_views, teacher_labeller, with_views
 
 from .real_data import RealData
@@ -124,11 +125,11 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
                       resume=job.resume, overwrite=job.overwrite, device=job.device, progress=job.progress,
                       amp=job.amp, compile=job.compile, views=job.views, view_mode=job.view_mode,
                       bank=tuple(job.bank))
-    prefix = artifact_prefix(job.out)
+    student_file = side_file(job.out, "student")
 
     def save_student(wrote: bool) -> None:  # with the generator it was trained beside, before the fill
-        if wrote or not fs.exists(f"{prefix}.student.pt"):
-            save_model(f"{prefix}.student.pt", stu, stu_spec, {"trained_by": job.method, "store": job.out})
+        if wrote or not fs.exists(student_file):
+            save_model(student_file, stu, stu_spec, {"trained_by": job.method, "store": job.out})
 
     writer = synthesize(model, job.method, cfg, image_shape=spec.image_shape, num_classes=spec.num_classes,
                         mean=spec.mean, std=spec.std, hparams=job.hparams, record=rec, student=stu,
@@ -136,9 +137,9 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
                         on_trained=save_student if generative and not job.hparams.get("generator") else None)
     out = {"store": job.out, "units": writer.meta.num_units}
     if generative and not job.hparams.get("generator") and rank_and_world()[0] == 0:
-        out.update(student=f"{prefix}.student.pt", student_arch=stu_spec.arch)
+        out.update(student=student_file, student_arch=stu_spec.arch)
         if issubclass(cls, GenerativeMethod):
-            out["generator"] = f"{prefix}.generator.pt"
+            out["generator"] = side_file(job.out, "generator")
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -23,7 +23,7 @@ from ..store.toolbox.compute import amp_dtype, rank_and_world
 from ..store.toolbox.version import __version__ as VERSION
 
 from .methods import MethodError, SynthContext, create_method, method_class, method_config
-from .methods.generative import artifact_prefix
+from .side_files import side_file
 from .teacher import fingerprint
 from .views import label_views, with_views
 
@@ -186,8 +186,7 @@ def chain_units(num_units: int, rank: int, world: int) -> list[int]:
 
 def chain_state_path(out: str, rank: int, world: int) -> str:
     """Where a rank's chain checkpoint lies beside the store."""
-    prefix = artifact_prefix(out)
-    return f"{prefix}.chain.pt" if world == 1 else f"{prefix}.chain-{rank}-of-{world}.pt"
+    return side_file(out, "chain", rank, world)
 
 
 def _fill_chain(m: Any, writer: store.StoreWriter, snapshot: np.ndarray, cfg: SynthConfig, teacher: nn.Module,
@@ -213,7 +212,7 @@ def _prepare_on_rank0(m: Any, cfg: SynthConfig, rank: int, world: int, show: boo
     failure: str | None = None
     if rank == 0:
         try:
-            wrote = m.prepare(artifact_prefix(cfg.out), resume=cfg.resume, seed=cfg.seed, show=show)
+            wrote = m.prepare(cfg.out, resume=cfg.resume, seed=cfg.seed, show=show)
             if on_trained is not None:
                 on_trained(wrote)
         except store.DfkdError as e:
@@ -230,7 +229,7 @@ def _prepare_on_rank0(m: Any, cfg: SynthConfig, rank: int, world: int, show: boo
     if failure is not None:
         raise MethodError(failure)
     if rank != 0:
-        m.load_trained(artifact_prefix(cfg.out))
+        m.load_trained(cfg.out)
 
 
 def _from_rank0(payload: Any) -> Any:

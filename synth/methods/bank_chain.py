@@ -30,6 +30,7 @@ from ...store.toolbox.augment import augment
 from ...store.toolbox.identity import check_same_run
 
 from ..memory_bank import MemoryBank
+from ..side_files import side_file
 from ..losses import agreement_kl, kl_divergence
 from .base import Method, MethodError, SynthContext
 from .feature_stats import StatTerms
@@ -178,9 +179,7 @@ class BankMethod(Method):
     def _continue_generator(self, bank: str) -> str | None:
         """A top-up continues the generator (and blended BN statistics) of the first bank store's finished chain
         when its checkpoint lies beside it: a fresh generator's first units are a chain's worst."""
-        from .generative import artifact_prefix
-
-        path = f"{artifact_prefix(bank)}.chain.pt"
+        path = side_file(bank, "chain")
         if not fs.exists(path):
             return None
         try:

@@ -10,7 +10,6 @@ the finished generator is saved as `<stem>.generator.pt`, and `generator=FILE` s
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from ...store.toolbox.identity import check_same_run
 from ...store.toolbox.progress import progress
 
 from ..generators import GeneratorError, GeneratorSpec, load_generator, load_snapshots, save_generator
+from ..side_files import side_file
 from .base import Method, MethodError, SynthContext
 from .feature_stats import StatTerms
 
@@ -51,11 +51,6 @@ class GenerativeConfig:
     # making an equal share of every write unit. 1: the final generator only (published). The proxy student
     # learned from the whole trajectory of a moving generator; a store of the final one holds less variety.
     snapshots: int = 1  # generators along training that fill the store (1: the final one)
-
-
-def artifact_prefix(store_path: str) -> str:
-    """Where a store's generator files go: the store path without its extension."""
-    return os.path.splitext(os.fspath(store_path).rstrip("/"))[0]
 
 
 class GenerativeMethod(Method):
@@ -166,8 +161,8 @@ class GenerativeMethod(Method):
     def _save_state(self, path: str, z_gen: torch.Generator) -> None:
         fs.save_torch(self._state(z_gen), path)
 
-    def prepare(self, prefix: str, *, resume: bool = False, seed: int = 0, show: bool | None = None) -> bool:
-        """Train the generator (continuing a checkpoint when resuming) and save it as `<prefix>.generator.pt`.
+    def prepare(self, store_path: str, *, resume: bool = False, seed: int = 0, show: bool | None = None) -> bool:
+        """Train the generator (continuing a checkpoint when resuming) and save it beside the store (synth/side_files.py).
 
         Returns whether this run wrote the generator: False when a resume found training finished and its
         file in place (then nothing is rewritten, and the proxy student must not be either).
@@ -175,7 +170,7 @@ class GenerativeMethod(Method):
         if self.trained:
             return False
         c, student = self.config, self.ctx.student
-        state_path = f"{prefix}.generator-train.pt"
+        state_path = side_file(store_path, "generator-train")
         snap_rounds = {-(-k * c.rounds // c.snapshots) for k in range(1, c.snapshots)}  # ceil(k R / S), final excluded
         z_gen = torch.Generator().manual_seed(seed)
         self.setup()
@@ -210,7 +205,7 @@ class GenerativeMethod(Method):
                 student.eval()
             self.close()  # training hooks (the prior, DAFL features, ZSKT attention) leave the teacher before the fill
         self.trained = True
-        path = f"{prefix}.generator.pt"
+        path = side_file(store_path, "generator")
         if resume and self.rounds_done == rounds_before and fs.exists(path):
             return False  # finished before this run: the file there is this generator's
         save_generator(path, self.generator_model, self.spec,
@@ -218,13 +213,14 @@ class GenerativeMethod(Method):
                         "rounds": self.rounds_done, "config": asdict(c)}, snapshots=self.snapshot_states)
         return True
 
-    def load_trained(self, prefix: str) -> None:
-        """Take the generator another process trained for this store (`<prefix>.generator.pt`)."""
-        g, spec, _ = load_generator(f"{prefix}.generator.pt")
+    def load_trained(self, store_path: str) -> None:
+        """Take the generator another process trained for this store (its side file)."""
+        path = side_file(store_path, "generator")
+        g, spec, _ = load_generator(path)
         if spec != self.spec:
-            raise GeneratorError(f"{prefix}.generator.pt is a {spec}, this run builds a {self.spec}")
+            raise GeneratorError(f"{path} is a {spec}, this run builds a {self.spec}")
         self.generator_model.load_state_dict(g.state_dict())
-        self.snapshot_states = load_snapshots(f"{prefix}.generator.pt")
+        self.snapshot_states = load_snapshots(path)
         self.trained = True
 
     # -- filling the store -----------------------------------------------------------------------
