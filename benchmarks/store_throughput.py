@@ -39,13 +39,13 @@ def timed(fn: Callable[[], int], repeats: int) -> float:
     return statistics.median(rates)
 
 
-def make_data(n: int, k: int, seed: int = 0, shape: tuple[int, int, int] = (3, 32, 32)) -> store.Records:
+def make_data(n: int, k: int, seed: int = 0, shape: tuple[int, int, int] = (3, 32, 32)) -> store.Samples:
     rng = np.random.default_rng(seed)
-    return store.Records(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+    return store.Samples(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
                          rng.normal(size=(n, k)).astype(np.float16), rng.integers(0, k, n).astype(np.int64))
 
 
-def write_store(path: str, data: store.Records, unit_size: int, backend: str, **options) -> int:
+def write_store(path: str, data: store.Samples, unit_size: int, backend: str, **options) -> int:
     meta = store.StoreMeta(num_samples=len(data), image_shape=(3, 32, 32), num_classes=data.logits.shape[1],
                            unit_size=unit_size, logits_dtype="float16")
     w = store.create(path, meta, backend=backend, overwrite=True, **options)
@@ -64,7 +64,7 @@ def epoch(ds: store.StoreDataset, workers: int | None) -> int:
     return n
 
 
-def memmap_floor(dir_: str, data: store.Records, batch_size: int) -> Callable[[], int]:
+def memmap_floor(dir_: str, data: store.Samples, batch_size: int) -> Callable[[], int]:
     """Sequential batches from raw .npy memmaps into tensors: the fastest a reader could be."""
     np.save(os.path.join(dir_, "images.npy"), data.images)
     np.save(os.path.join(dir_, "logits.npy"), data.logits)

@@ -12,7 +12,7 @@ from typing import Any
 _LAZY = {
     "create": "access", "create_or_resume": "access", "open": "access", "open_writer": "access", "plan_key": "schema",
     "DfkdError": "toolbox.errors", "StoreError": "toolbox.errors", "StoreReader": "reader", "SCHEMA_VERSION": "schema",
-    "Records": "schema", "StoreMeta": "schema", "unit_seed": "units", "StoreWriter": "writer",
+    "Samples": "schema", "StoreMeta": "schema", "unit_seed": "units", "StoreWriter": "writer",
     "Batch": "loader", "StoreDataset": "loader",  # these two import torch
 }
 

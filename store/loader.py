@@ -21,7 +21,7 @@ from .access import open as open_store
 from .toolbox.errors import StoreError
 from .toolbox.compute import rank_and_world
 from .reader import StoreReader
-from .schema import Records, StoreMeta
+from .schema import Samples, StoreMeta
 from .units import unit_seed
 from .views import ViewRecipe, view_offsets, view_pixels
 
@@ -105,10 +105,10 @@ class Union:
         """The global unit holding each global sample index."""
         return np.searchsorted(self.starts, idx, side="right") - 1
 
-    def read_unit(self, g: int, readers: list[StoreReader] | None = None) -> Records:
+    def read_unit(self, g: int, readers: list[StoreReader] | None = None) -> Samples:
         rec = (readers or self.readers)[self.owner[g]].backend.read_unit(int(self.local[g]))
         if rec.logits.dtype != self.logits_dtype:
-            rec = Records(rec.images, rec.logits.astype(self.logits_dtype), rec.labels,
+            rec = Samples(rec.images, rec.logits.astype(self.logits_dtype), rec.labels,
                           None if rec.views is None else rec.views.astype(self.logits_dtype))
         return rec
 
@@ -137,12 +137,12 @@ class Union:
     def nbytes(self) -> int:
         return sum(r.nbytes() for r in self.readers)
 
-    def load_all(self) -> Records:
+    def load_all(self) -> Samples:
         """Every done sample of every store, in global index order."""
         parts = [r.load_all() for r in self.readers]
-        parts = [Records(p.images, p.logits.astype(self.logits_dtype, copy=False), p.labels,
+        parts = [Samples(p.images, p.logits.astype(self.logits_dtype, copy=False), p.labels,
                          None if p.views is None else p.views.astype(self.logits_dtype, copy=False)) for p in parts]
-        return parts[0] if len(parts) == 1 else Records.concat(parts)
+        return parts[0] if len(parts) == 1 else Samples.concat(parts)
 
 
 class StoreDataset(IterableDataset):
@@ -181,7 +181,7 @@ class StoreDataset(IterableDataset):
         self._choice, self._choice_epoch = np.empty(0, np.int64), -1  # the view of each sample, for one epoch
         self.in_ram = self.union.nbytes() <= ram_limit if in_ram is None else in_ram
         self._readers: list[StoreReader] | None = None if self.in_ram else self.union.readers
-        self._ram: Records | None = None
+        self._ram: Samples | None = None
         self._pos: np.ndarray | None = None
         if self.in_ram:  # loaded once, before workers fork, so they share it
             self._ram = self.union.load_all()
@@ -299,12 +299,12 @@ class StoreDataset(IterableDataset):
                         del cache[u]
 
 
-def _gather(cache: dict[int, Records], need: list[int], owner: np.ndarray, idx: np.ndarray, union: Union,
-            views: bool = False) -> Records:
+def _gather(cache: dict[int, Samples], need: list[int], owner: np.ndarray, idx: np.ndarray, union: Union,
+            views: bool = False) -> Samples:
     """Assemble one batch whose samples come from several cached units."""
     n = len(idx)
     first = cache[need[0]]
-    out = Records(np.empty((n, *union.image_shape), np.uint8), np.empty((n, union.num_classes), union.logits_dtype),
+    out = Samples(np.empty((n, *union.image_shape), np.uint8), np.empty((n, union.num_classes), union.logits_dtype),
                   np.empty(n, np.int64), np.empty((n, *first.views.shape[1:]), union.logits_dtype) if views else None)
     for u in need:
         sel = owner == u
@@ -315,7 +315,7 @@ def _gather(cache: dict[int, Records], need: list[int], owner: np.ndarray, idx: 
     return out
 
 
-def _to_batch(rec: Records, idx: np.ndarray, views: bool = False) -> Batch:
+def _to_batch(rec: Samples, idx: np.ndarray, views: bool = False) -> Batch:
     """Tensors of one batch; with `views` the logits slot holds the N×V×K view logits (one is chosen later)."""
     targets = rec.views if views else rec.logits
     return Batch(torch.from_numpy(np.ascontiguousarray(rec.images)), torch.from_numpy(np.ascontiguousarray(targets)),

@@ -9,7 +9,7 @@ import numpy as np
 
 from .backends import Backend
 from .toolbox.errors import StoreError
-from .schema import Records, StoreMeta, plan_key
+from .schema import Samples, StoreMeta, plan_key
 
 
 class StoreReader:
@@ -50,7 +50,7 @@ class StoreReader:
         """Whether every unit is done."""
         return bool(self.done_mask().all())
 
-    def read_unit(self, unit: int) -> Records:
+    def read_unit(self, unit: int) -> Samples:
         """One whole unit; refused when the unit is not done."""
         self.meta.unit_range(unit)  # bounds check
         if not self.done_mask()[unit] and not self.done_mask(refresh=True)[unit]:
@@ -59,7 +59,7 @@ class StoreReader:
                              "finish the store with --resume or read only done units")
         return self.backend.read_unit(unit)
 
-    def read(self, lo: int, hi: int) -> Records:
+    def read(self, lo: int, hi: int) -> Samples:
         """Samples [lo, hi) by global index; every unit the range touches must be done."""
         n = self.meta.num_samples
         if not 0 <= lo <= hi <= n:
@@ -72,15 +72,15 @@ class StoreReader:
             ulo, _ = self.meta.unit_range(u)
             rec = self.read_unit(u)
             parts.append(rec.take(slice(max(lo, ulo) - ulo, min(hi - ulo, len(rec)))))
-        return parts[0] if len(parts) == 1 else Records.concat(parts)
+        return parts[0] if len(parts) == 1 else Samples.concat(parts)
 
-    def _empty(self) -> Records:
+    def _empty(self) -> Samples:
         c, h, w = self.meta.image_shape
-        return Records(np.empty((0, c, h, w), np.uint8), np.empty((0, self.meta.num_classes), self.meta.logits_dtype),
+        return Samples(np.empty((0, c, h, w), np.uint8), np.empty((0, self.meta.num_classes), self.meta.logits_dtype),
                        np.empty(0, np.int64))
 
-    def iter_units(self, units: list[int] | None = None) -> Iterator[tuple[int, Records]]:
-        """(unit, records) for the given units, or for every done unit in order."""
+    def iter_units(self, units: list[int] | None = None) -> Iterator[tuple[int, Samples]]:
+        """(unit, samples) for the given units, or for every done unit in order."""
         for u in self.done_units() if units is None else units:
             yield u, self.read_unit(u)
 
@@ -95,13 +95,13 @@ class StoreReader:
         """Whether the store keeps view labels and every finished unit has them."""
         return bool(self.meta.views) and bool((self.backend.views_done_mask() | ~self.done_mask()).all())
 
-    def load_all(self) -> Records:
+    def load_all(self) -> Samples:
         """Every done sample, in index order, in memory (the next chunk decodes while one is copied); with
         their view labels when every finished unit has them."""
         units = self.done_units()
         m = self.meta
         n = sum(hi - lo for lo, hi in map(m.unit_range, units))
-        out = Records(np.empty((n, *m.image_shape), np.uint8), np.empty((n, m.num_classes), m.logits_dtype),
+        out = Samples(np.empty((n, *m.image_shape), np.uint8), np.empty((n, m.num_classes), m.logits_dtype),
                       np.empty(n, np.int64),
                       np.empty((n, m.views, m.num_classes), m.logits_dtype) if self.views_complete else None)
         pos = 0

@@ -1,4 +1,4 @@
-"""The one logical store format shared by every backend: metadata, records and their validation."""
+"""The one logical store format shared by every backend: metadata, samples and their validation."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class StoreMeta:
 
 
 @dataclass
-class Records:
+class Samples:
     """A run of consecutive samples: images uint8 N×C×H×W, logits N×K, labels int64 N (-1: none), and where
     the store keeps view labels, `views`: the teacher's logits of each image's V seeded views, N×V×K."""
 
@@ -111,16 +111,16 @@ class Records:
         return len(self.labels)
 
     @classmethod
-    def concat(cls, parts: list["Records"]) -> "Records":
-        """Join several runs of records in order (views kept when every run has them)."""
+    def concat(cls, parts: list["Samples"]) -> "Samples":
+        """Join several runs of samples in order (views kept when every run has them)."""
         views = None if any(p.views is None for p in parts) else np.concatenate([p.views for p in parts])
         return cls(np.concatenate([p.images for p in parts]),
                    np.concatenate([p.logits for p in parts]),
                    np.concatenate([p.labels for p in parts]), views)
 
-    def take(self, index: np.ndarray | slice) -> "Records":
+    def take(self, index: np.ndarray | slice) -> "Samples":
         """Select samples by position."""
-        return Records(self.images[index], self.logits[index], self.labels[index],
+        return Samples(self.images[index], self.logits[index], self.labels[index],
                        None if self.views is None else self.views[index])
 
 
@@ -138,7 +138,7 @@ def plan_key(meta: StoreMeta) -> dict[str, Any]:
     return d
 
 
-def checksums(rec: Records) -> np.ndarray:
+def checksums(rec: Samples) -> np.ndarray:
     """CRC-32 of a unit's images, logits and labels bytes (uint32 ×3), kept with its done flag: a chunk
     lost or changed after the write no longer matches. Separate sums let a reader check targets alone."""
     return np.array([zlib.crc32(np.ascontiguousarray(a)) for a in (rec.images, rec.logits, rec.labels)],
@@ -157,8 +157,8 @@ def mismatch_error(path: str, meta: StoreMeta, unit: int, parts: list[str]) -> S
                       "missing or damaged); rerun the synthesis with --resume, which re-makes exactly the damaged units")
 
 
-def check_records(meta: StoreMeta, rec: Records, n: int, what: str) -> Records:
-    """Validate records before anything is written; returns them in the store's dtypes."""
+def check_samples(meta: StoreMeta, rec: Samples, n: int, what: str) -> Samples:
+    """Validate samples before anything is written; returns them in the store's dtypes."""
     c, h, w = meta.image_shape
     img, logits, labels = rec.images, np.asarray(rec.logits), np.asarray(rec.labels)
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
@@ -185,9 +185,9 @@ def check_records(meta: StoreMeta, rec: Records, n: int, what: str) -> Records:
                          "check the teacher's outputs or store float32 logits")
     views = None if rec.views is None else check_views(meta, rec.views, n, what)
     if meta.views and views is None:
-        raise StoreError(f"{what}: the store keeps {meta.views} view labels per image and these records have none; "
+        raise StoreError(f"{what}: the store keeps {meta.views} view labels per image and these samples have none; "
                          "label the views with the teacher (dfkd.synth.views.label_views) before writing")
-    return Records(np.ascontiguousarray(img), np.ascontiguousarray(out_logits),
+    return Samples(np.ascontiguousarray(img), np.ascontiguousarray(out_logits),
                    labels.astype(np.int64, copy=False), views)
 
 
@@ -195,8 +195,8 @@ def check_views(meta: StoreMeta, views: Any, n: int, what: str) -> np.ndarray:
     """Validate one unit's view logits (n×V×K, finite) and return them in the store's logits dtype."""
     views = np.asarray(views)
     if not meta.views:
-        raise StoreError(f"{what}: records carry view labels but the store keeps none; add them with "
-                         "`dfkd store label`, or write the records without views")
+        raise StoreError(f"{what}: samples carry view labels but the store keeps none; add them with "
+                         "`dfkd store label`, or write the samples without views")
     if views.shape != (n, meta.views, meta.num_classes):
         raise StoreError(f"{what}: view logits have shape {tuple(views.shape)}, the store expects "
                          f"{(n, meta.views, meta.num_classes)} (N×views×classes)")

@@ -6,7 +6,7 @@ import numpy as np
 
 from .backends import Backend
 from .toolbox.errors import StoreError
-from .schema import Records, StoreMeta, check_records
+from .schema import Samples, StoreMeta, check_samples
 from .units import share, unit_seed
 
 
@@ -60,7 +60,7 @@ class StoreWriter:
         """Validate then write one whole unit (with its view labels where the store keeps them) and mark it
         done; nothing is written if validation fails."""
         lo, hi = self.unit_range(unit)
-        rec = check_records(self.meta, Records(images, logits, labels, views), hi - lo, f"unit {unit} of {self.path}")
+        rec = check_samples(self.meta, Samples(images, logits, labels, views), hi - lo, f"unit {unit} of {self.path}")
         try:
             self.backend.write_unit(unit, rec)
         except OSError as exc:  # a full disk or a lost mount: the unit stays pending; name the store, not a chunk

@@ -32,7 +32,7 @@ def default_layers(model: nn.Module) -> list[str]:
 
 @dataclass
 class TeacherStats:
-    """A teacher's record (dfkd record): per-layer statistics of its outputs on real data; not store.Records."""
+    """A teacher's record (dfkd record): per-layer statistics of its outputs on real data (not a store's Samples)."""
 
     teacher_fingerprint: str
     layers: list[str]

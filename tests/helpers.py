@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from dfkd import store
-from dfkd.store import Records, StoreMeta
+from dfkd.store import Samples, StoreMeta
 
 
 def small_meta(num_samples: int = 100, unit_size: int = 16, image_shape=(3, 8, 8), num_classes: int = 10,
@@ -19,7 +19,7 @@ def small_meta(num_samples: int = 100, unit_size: int = 16, image_shape=(3, 8, 8
                      std=(0.25,) * image_shape[0], provenance={"method": "test", "hparams": {"lr": 0.25}})
 
 
-def unit_content(meta: StoreMeta, unit: int) -> Records:
+def unit_content(meta: StoreMeta, unit: int) -> Samples:
     """What a unit holds, decided by its seed alone; logits column 0 carries the global index when float32."""
     lo, hi = meta.unit_range(unit)
     rng = np.random.default_rng(store.unit_seed(meta.base_seed, unit))
@@ -29,7 +29,7 @@ def unit_content(meta: StoreMeta, unit: int) -> Records:
     if meta.logits_dtype == "float32":
         logits[:, 0] = np.arange(lo, hi)
     labels = rng.integers(-1, meta.num_classes, n).astype(np.int64)
-    return Records(images, logits, labels)
+    return Samples(images, logits, labels)
 
 
 def fill(writer: store.StoreWriter, units=None, delay: float = 0.0) -> None:
@@ -41,9 +41,9 @@ def fill(writer: store.StoreWriter, units=None, delay: float = 0.0) -> None:
         writer.write_unit(u, rec.images, rec.logits, rec.labels)
 
 
-def expected(meta: StoreMeta) -> Records:
+def expected(meta: StoreMeta) -> Samples:
     """The whole store as an uninterrupted run writes it."""
-    return Records.concat([unit_content(meta, u) for u in range(meta.num_units)])
+    return Samples.concat([unit_content(meta, u) for u in range(meta.num_units)])
 
 
 def write_share(path: str, rank: int, world_size: int) -> int:

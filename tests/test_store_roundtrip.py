@@ -10,7 +10,7 @@ from dfkd.store.convert import convert
 from tests.helpers import expected, fill, small_meta
 
 
-def assert_same(a: store.Records, b: store.Records) -> None:
+def assert_same(a: store.Samples, b: store.Samples) -> None:
     assert a.images.dtype == b.images.dtype == np.uint8
     assert a.logits.dtype == b.logits.dtype
     assert a.labels.dtype == b.labels.dtype == np.int64

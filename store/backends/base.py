@@ -10,7 +10,7 @@ import numpy as np
 from ..toolbox import fs
 from ..toolbox.errors import StoreError
 from ..toolbox.registry import Registry
-from ..schema import Records, StoreMeta
+from ..schema import Samples, StoreMeta
 
 _REGISTRY: Registry[type["Backend"]] = Registry("store backend", StoreError, key=lambda cls: cls.name)
 register_backend = _REGISTRY.register  # class decorator: a backend available by its `name`
@@ -85,8 +85,8 @@ class Backend(ABC):
         """One bool per write unit: True once the unit is completely written."""
 
     @abstractmethod
-    def read_unit(self, unit: int, check: bool = True, with_views: bool = True) -> Records:
-        """All records of one unit, read as one whole chunk (or shard); refused when they do not match the
+    def read_unit(self, unit: int, check: bool = True, with_views: bool = True) -> Samples:
+        """All samples of one unit, read as one whole chunk (or shard); refused when they do not match the
         checksums written with the unit's done flag, unless `check` is False (verify's content checks). Its
         view labels come too where they are written, unless `with_views` is False (then they are not read)."""
 
@@ -96,7 +96,7 @@ class Backend(ABC):
         return rec.logits, rec.labels
 
     @abstractmethod
-    def write_unit(self, unit: int, records: Records) -> None:
+    def write_unit(self, unit: int, samples: Samples) -> None:
         """Write one whole unit, then mark it done; a crash before the mark leaves it pending."""
 
     def views_done_mask(self) -> np.ndarray:

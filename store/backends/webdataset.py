@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..toolbox import fs
 from ..toolbox.errors import StoreError
-from ..schema import Records, StoreMeta, check_views, checksums, mismatch_error, view_checksum
+from ..schema import Samples, StoreMeta, check_views, checksums, mismatch_error, view_checksum
 from . import tar
 from .base import Backend, register_backend
 
@@ -171,28 +171,28 @@ class WebDatasetBackend(Backend):
                 mask[u] = True
         return mask
 
-    def write_unit(self, unit: int, records: Records) -> None:
+    def write_unit(self, unit: int, samples: Samples) -> None:
         lo, _ = self.meta.unit_range(unit)
         entries = []
-        sums = checksums(records).tolist()  # kept in the unit's first sample's JSON: its shard's done record
+        sums = checksums(samples).tolist()  # kept in the unit's first sample's JSON: its shard's done record
         head: dict[str, Any] = {"index": lo, "unit": unit, "unit_checksums": sums}
-        if records.views is not None:
-            head["view_checksum"] = view_checksum(records.views)
-        for i in range(len(records)):
+        if samples.views is not None:
+            head["view_checksum"] = view_checksum(samples.views)
+        for i in range(len(samples)):
             key = f"{lo + i:010d}"
-            img = records.images[i]
+            img = samples.images[i]
             entries += [
                 (f"{key}.{self.image_format}", _png_bytes(img) if self.image_format == "png" else _npy_bytes(img)),
-                (f"{key}.logits.npy", _npy_bytes(records.logits[i])),
-                (f"{key}.cls", str(int(records.labels[i])).encode()),
+                (f"{key}.logits.npy", _npy_bytes(samples.logits[i])),
+                (f"{key}.cls", str(int(samples.labels[i])).encode()),
                 (f"{key}.json", json.dumps(head).encode() if i == 0
                  else b'{"index": %d, "unit": %d}' % (lo + i, unit)),
             ]
-            if records.views is not None:
-                entries.append((f"{key}.views.npy", _npy_bytes(records.views[i])))
+            if samples.views is not None:
+                entries.append((f"{key}.views.npy", _npy_bytes(samples.views[i])))
         fs.write_atomic(fs.join(self.path, shard_name(unit)), tar.pack(entries))  # its appearance marks the unit done
 
-    def read_unit(self, unit: int, check: bool = True, with_views: bool = True) -> Records:
+    def read_unit(self, unit: int, check: bool = True, with_views: bool = True) -> Samples:
         lo, hi = self.meta.unit_range(unit)
         where = fs.join(self.path, shard_name(unit))
         try:
@@ -259,7 +259,7 @@ class WebDatasetBackend(Backend):
                 raise StoreError(f"{where}: {int((~seen_views).sum())} of {n} samples lack their view labels; the "
                                  "shard is corrupt, label the store again with `dfkd store label --resume`")
             views = None  # a shard written before the store kept views: its views are pending
-        rec = Records(images, logits, labels, views)
+        rec = Samples(images, logits, labels, views)
         if check and isinstance(expected, list) and len(expected) == 3:
             bad = [k for k, a, b in zip(("images", "logits", "labels"), checksums(rec).tolist(), expected) if a != b]
             if views is not None and view_checksum(views) != expected_views:

@@ -13,7 +13,7 @@ from zarr.codecs import BloscCodec
 
 from ..toolbox import fs
 from ..toolbox.errors import StoreError
-from ..schema import Records, StoreMeta, check_views, checksums, mismatch_error, view_checksum
+from ..schema import Samples, StoreMeta, check_views, checksums, mismatch_error, view_checksum
 from .base import Backend, register_backend
 
 ATTR_KEY = "dfkd"
@@ -204,8 +204,8 @@ class ZarrBackend(Backend):
             self._sums = np.asarray(self.checksums[:])
         return self._sums[unit]
 
-    def read_unit(self, unit: int, check: bool = True, with_views: bool = True) -> Records:
-        rec = Records(*self._read_checked(unit, (self.images, self.logits, self.labels), (0, 1, 2), check))
+    def read_unit(self, unit: int, check: bool = True, with_views: bool = True) -> Samples:
+        rec = Samples(*self._read_checked(unit, (self.images, self.logits, self.labels), (0, 1, 2), check))
         if with_views and self.view_logits is not None and self._view_flag(unit):
             rec.views = self.read_views(unit, check)
         return rec
@@ -265,13 +265,13 @@ class ZarrBackend(Backend):
     def mark_pending(self, unit: int) -> None:
         self.done[unit] = False
 
-    def write_unit(self, unit: int, records: Records) -> None:
+    def write_unit(self, unit: int, samples: Samples) -> None:
         lo, hi = self.meta.unit_range(unit)
-        pairs = [(self.images, records.images), (self.logits, records.logits), (self.labels, records.labels)]
-        if records.views is not None:
+        pairs = [(self.images, samples.images), (self.logits, samples.logits), (self.labels, samples.labels)]
+        if samples.views is not None:
             if self.view_logits is None:
-                raise StoreError(f"{self.path} keeps no view labels; these records carry some")
-            pairs.append((self.view_logits, records.views))
+                raise StoreError(f"{self.path} keeps no view labels; these samples carry some")
+            pairs.append((self.view_logits, samples.views))
         try:
             from zarr.core.sync import sync
 
@@ -281,10 +281,10 @@ class ZarrBackend(Backend):
         except (ImportError, AttributeError):  # zarr's internals moved: the public, sequential way
             for a, v in pairs:
                 a[lo:hi] = v
-        if records.views is not None:
-            self._set_view_flag(unit, records.views)
+        if samples.views is not None:
+            self._set_view_flag(unit, samples.views)
         if self.checksums is not None:
-            sums = checksums(records)
+            sums = checksums(samples)
             self.checksums[unit] = sums
             if self._sums is not None:
                 self._sums[unit] = sums

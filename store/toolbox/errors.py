@@ -6,4 +6,4 @@ class DfkdError(Exception):
 
 
 class StoreError(DfkdError):
-    """A store is missing, foreign, corrupt, of another schema, or given records that do not fit it."""
+    """A store is missing, foreign, corrupt, of another schema, or given samples that do not fit it."""
