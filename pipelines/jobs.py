@@ -30,7 +30,7 @@ from ..synth.side_files import side_file
 from ..synth.views import label_views, teacher_labeller, with_views
 
 from .real_data import RealData
-from .settings import DistillSettings, TeacherSettings
+from .settings import DistillSettings, SynthSettings, TeacherSettings
 
 
 class JobError(DfkdError):
@@ -89,26 +89,21 @@ def build_student(student: str, teacher: ModelSpec, trainable: bool, seed: int =
 
 
 @dataclass
-class SynthJob:
-    """One synthesis run: method, its options, the store it fills."""
+class SynthJob(SynthSettings):
+    """One synthesis run: method, its options, the store it fills; the rest of the recipe is SynthSettings'
+    (keyword arguments)."""
 
     method: str
     num_images: int
     out: str
     hparams: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 256
-    seed: int = 0
     student: str | None = None
     stats: str | None = None
     resume: bool = False
     overwrite: bool = False
     device: str = "cpu"
     progress: bool | None = None
-    amp: str = "auto"
-    compile: bool = False
     model_code: tuple[str, ...] = ()  # package.module:factory names the user trusts checkpoints to name
-    views: int = 0  # teacher logits of this many seeded augmented views per image, stored with each unit
-    view_mode: str = "flip-crop"
     bank: tuple[str, ...] = ()  # fast/nayer: existing stores of this teacher the memory bank starts from
 
 

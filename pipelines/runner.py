@@ -23,7 +23,7 @@ from ..synth.methods import method_config
 from .real_data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
 from .run_report import write_report
-from .settings import DistillSettings, TeacherSettings
+from .settings import DistillSettings, SynthSettings, TeacherSettings
 from .spec import Pipeline, PipelineError
 
 
@@ -135,7 +135,7 @@ class Runner:
                 d, _, rest = s.student[len("distill:"):].partition("/")
                 deps.append(f"distill:{d}/{rest.rpartition('/')[0]}")
             deps += [f"synth:{b}" for b in s.bank]
-            conf = {**_fields(s, added=("views", "view_mode", "bank")), "seed": p.run.seed if s.seed < 0 else s.seed,
+            conf = {**_fields(s, added=("views", "view_mode", "bank", "amp", "compile")), "seed": self.section_seed(s),
                     # resolved defaults too: a new library default re-runs the store
                     "method_config": None if s.method == "real" else
                     dataclasses.asdict(method_config(s.method, s.params))}
@@ -278,7 +278,7 @@ class Runner:
     def _synth_runner(self, s: Any) -> Callable[[bool, bool], dict[str, Any]]:
         def run(resume: bool, overwrite: bool) -> dict[str, Any]:
             os.makedirs(self.path("stores"), exist_ok=True)
-            seed = self.p.run.seed if s.seed < 0 else s.seed
+            seed = self.section_seed(s)
             tname = s.teacher or self.p.teachers[0].name
             if s.method == "real":
                 return fill_real_store(self.store_path(s.name), self.teacher_path(tname), self.data, s.num_images,
@@ -287,11 +287,12 @@ class Runner:
             student = s.student
             if student.startswith("distill:"):
                 student = self.path("distill", student[len("distill:"):] + ".pt")
-            job = SynthJob(s.method, s.num_images, self.store_path(s.name), dict(s.params), s.batch_size, seed,
-                           student or None, self.record_path(tname) if s.stats else None, resume=resume,
+            recipe = {f.name: getattr(s, f.name) for f in dataclasses.fields(SynthSettings)}
+            job = SynthJob(s.method, s.num_images, self.store_path(s.name), dict(s.params), student or None,
+                           self.record_path(tname) if s.stats else None, resume=resume,
                            overwrite=overwrite and not resume, device=self.device, progress=self.progress,
-                           model_code=self.p.model_code, views=s.views, view_mode=s.view_mode,
-                           bank=tuple(self.store_path(b) for b in s.bank))
+                           model_code=self.p.model_code, bank=tuple(self.store_path(b) for b in s.bank),
+                           **{**recipe, "seed": seed})
             res = run_synth(job, self.teacher_path(tname))
             if "student" in res:  # a generator method's proxy student is a distilled student in its own right
                 proxy, spec, _ = load_model(res["student"], "student", self.p.model_code)
@@ -301,7 +302,7 @@ class Runner:
         return run
 
     def section_seed(self, section: Any) -> int:
-        """A [[teacher]] or [[distill]] section's seed: its own, else [run].seed."""
+        """A [[teacher]], [[synth]] or [[distill]] section's seed: its own, else [run].seed."""
         return self.p.run.seed if section.seed is None else section.seed
 
     def _distill_runner(self, d: Any, store_name: str) -> Callable[[bool, bool], dict[str, Any]]:

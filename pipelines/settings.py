@@ -152,6 +152,26 @@ class DistillSettings:
 
 
 @dataclass(kw_only=True)
+class SynthSettings:
+    """How a store is made, beyond its method, size and references: `dfkd synth`'s options, a [[synth]] section's
+    keys, SynthJob's arguments."""
+
+    batch_size: int = setting(256, "Images per batch = per write unit.", low=1)
+    seed: int = setting(0, "Base seed: each unit's seed derives from it and the unit's index.")
+    views: int = setting(
+        0, "Also store the teacher's logits of this many seeded augmented views of every image (view labels: "
+        "students then learn from augmented views with no teacher; `dfkd store label` adds them later).", low=0)
+    view_mode: str = setting("flip-crop", "How the views are drawn: a random crop after zero padding of 1/8 of the "
+                             "side, and mirroring.", choices=("crop", "flip-crop"))
+    amp: str = setting("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU.",
+                       choices=AMP_MODES)
+    compile: bool = setting(False, "torch.compile the teacher (CUDA; slow first batch).")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+@dataclass(kw_only=True)
 class TeacherSettings:
     """How a teacher is trained on real data: `dfkd train-teacher`'s options, a [[teacher]] section's training keys,
     train_teacher()'s arguments."""

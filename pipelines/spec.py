@@ -13,7 +13,7 @@ from ..distill.models import ModelError, check_model_name, is_code_name
 from ..store.toolbox.errors import DfkdError
 from ..synth.methods import MethodError, list_methods, method_class, method_config
 
-from .settings import DistillSettings, SettingError, TeacherSettings, base_type, setting
+from .settings import DistillSettings, SettingError, SynthSettings, TeacherSettings, base_type, setting
 
 
 class PipelineError(DfkdError):
@@ -57,21 +57,20 @@ class TeacherSection(TeacherSettings):
     record_per_class: bool = False
 
 
-@dataclass
-class SynthSection:
-    """[[synth]]: one store. method `real` stores real training images (real-data KD at the same count)."""
+@dataclass(kw_only=True)
+class SynthSection(SynthSettings):
+    """[[synth]]: one store. method `real` stores real training images (real-data KD at the same count). The
+    recipe keys are `dfkd synth`'s options of the same names (SynthSettings); `seed` defaults to [run].seed."""
 
     name: str
     method: str
     teacher: str = ""  # a [[teacher]] name; default: the first teacher
     num_images: int = 1024
-    batch_size: int = 256
-    seed: int = -1  # -1: [run].seed
+    seed: int | None = setting(None, "Base seed: each unit's seed derives from it and the unit's index; unset: "
+                               "[run].seed.")
     student: str = ""  # adi: a checkpoint or distill:<name>/<store>/<student>; adversarial/dafl: a zoo name
     stats: bool = False  # use the teacher's record (stat/spectral on teachers without BN; needs record = true)
     params: dict[str, Any] = field(default_factory=dict)
-    views: int = 0  # teacher logits of this many seeded augmented views per image, stored with each unit
-    view_mode: str = "flip-crop"  # how the views are drawn: crop or flip-crop
     bank: list[str] = field(default_factory=list)  # fast/nayer: [[synth]] names whose stores the memory bank starts from
 
 
@@ -190,8 +189,6 @@ def _validate(p: Pipeline) -> None:
         if s.teacher and s.teacher not in tnames:
             raise PipelineError(f"{where} key 'teacher': no teacher named {s.teacher!r}; teachers are {', '.join(tnames)}")
         teacher = next(t for t in p.teachers if t.name == (s.teacher or tnames[0]))
-        if s.views < 0 or s.view_mode not in ("crop", "flip-crop"):
-            raise PipelineError(f"{where} keys 'views'/'view_mode': views must be >= 0 and view_mode crop or flip-crop")
         for b in s.bank:
             if b not in names or b == s.name:
                 raise PipelineError(f"{where} key 'bank': no other [[synth]] named {b!r}; names are {', '.join(names)}")

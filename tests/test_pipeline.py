@@ -183,33 +183,40 @@ def test_a_synth_section_with_views_stores_them_and_its_students_train_on_them(t
 def _family(family):
     """(command, section class, settings class, API defaults, options the section holds elsewhere)."""
     from dfkd.pipelines.commands.distill import distill_cmd
+    from dfkd.pipelines.commands.synth import synth_cmd
     from dfkd.pipelines.commands.teacher import train_teacher
-    from dfkd.pipelines.jobs import DistillJob
-    from dfkd.pipelines.settings import DistillSettings, TeacherSettings
-    from dfkd.pipelines.spec import DistillSection, TeacherSection
+    from dfkd.pipelines.jobs import DistillJob, SynthJob
+    from dfkd.pipelines.settings import DistillSettings, SynthSettings, TeacherSettings
+    from dfkd.pipelines.spec import DistillSection, SynthSection, TeacherSection
 
     if family == "distill":  # a pipeline's stores, [data], [run] and `dfkd run` flags hold the rest
         return (distill_cmd, DistillSection, DistillSettings, DistillJob("s.zarr", ["mlp"], "out"),
                 {"store_path", "kd_data", "students", "eval_data", "data_root", "device", "out", "resume",
                  "model_code", "quiet"}, {"name", "students", "stores"})
+    if family == "synth":  # the method and its --set keys are the method's config (`dfkd methods`)
+        return (synth_cmd, SynthSection, SynthSettings, SynthJob("noise", 8, "s.zarr"),
+                {"teacher", "method", "num_images", "out", "stats", "student", "bank", "generator", "rounds",
+                 "iterations", "sets", "resume", "overwrite", "device", "model_code", "quiet"},
+                {"name", "method", "teacher", "num_images", "student", "stats", "params", "bank"})
     return (train_teacher, TeacherSection, TeacherSettings, TeacherSettings(),
             {"arch", "data", "data_root", "device", "out", "quiet"},
             {"name", "checkpoint", "model", "record", "record_layers", "record_per_class"})
 
 
-@pytest.mark.parametrize("family", ["distill", "teacher"])
+@pytest.mark.parametrize("family", ["distill", "synth", "teacher"])
 def test_every_option_is_a_section_key_of_the_same_name_with_one_default(family):
     """A command's recipe options and its pipeline section's keys are one declaration (pipelines/settings.py)."""
     command, section_cls, settings_cls, api, run_level, section_only = _family(family)
     options = {p.name: p.default for p in command.params if p.name not in run_level}
     keys = {f.name for f in dataclasses.fields(section_cls)} - section_only
     assert set(options) == keys == {f.name for f in dataclasses.fields(settings_cls)}
-    section = section_cls(name="d", students=["mlp"]) if family == "distill" else section_cls(model="mlp")
+    section = {"distill": lambda: section_cls(name="d", students=["mlp"]),
+               "synth": lambda: section_cls(name="s", method="noise"), "teacher": lambda: section_cls(model="mlp")}[family]()
     for name, default in options.items():
         assert getattr(api, name) == default, name
         if name != "seed":  # a section's seed defaults to [run].seed
             assert getattr(section, name) == default, name
-    assert section.seed is None and api.lr is None
+    assert section.seed is None and getattr(api, "lr", None) is None
 
 
 def test_an_unset_rate_is_the_optimizers_measured_default():

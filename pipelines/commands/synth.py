@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from ...store.toolbox.compute import AMP_MODES
-
+from ..settings import SynthSettings, click_options
 from .options import (device_option, method_names, model_code_option, parse_sets, quiet_option, resolve_device,
                       zoo_names)
 
@@ -28,28 +29,18 @@ from .options import (device_option, method_names, model_code_option, parse_sets
 @click.option("--generator", default=None, help="adversarial/dafl: fill the store from this saved generator "
                                                  "(<stem>.generator.pt) instead of training one.")
 @click.option("--rounds", type=click.IntRange(min=0), default=None, help="adversarial/dafl: generator training rounds (the budget).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch = per write unit.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Optimization steps per batch (inversion methods).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Base seed: each unit's seed derives from it and the unit's index.")
 @click.option("--set", "sets", multiple=True, help="Any method hyper-parameter, KEY=VALUE (e.g. w_bn=1); repeatable.")
-@click.option("--views", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also store the teacher's logits of this many seeded augmented views of every image (view labels: "
-                   "students then learn from augmented views with no teacher; `dfkd store label` adds them later).")
-@click.option("--view-mode", type=click.Choice(["crop", "flip-crop"]), default="flip-crop", show_default=True,
-              help="How the views are drawn: a random crop after zero padding of 1/8 of the side, and mirroring.")
+@click_options(SynthSettings)
 @click.option("--resume", is_flag=True, help="Finish an interrupted run (exactly the missing units).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @device_option
-@click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True,
-              help="Mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher (CUDA; slow first batch).")
 @model_code_option
 @quiet_option
 def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str | None, student: str | None,
-              bank: tuple[str, ...], generator: str | None, rounds: int | None, batch_size: int, iterations: int | None, seed: int,
-              sets: tuple[str, ...], views: int, view_mode: str, resume: bool, overwrite: bool, device: str, amp: str,
-              compile_: bool, model_code: tuple[str, ...]) -> None:
+              bank: tuple[str, ...], generator: str | None, rounds: int | None, iterations: int | None,
+              sets: tuple[str, ...], resume: bool, overwrite: bool, device: str, model_code: tuple[str, ...],
+              **recipe: Any) -> None:
     """Fill a store with a method's images of the teacher, and the teacher's logits of those images.
 
     Generator methods (adversarial, dafl) first train a generator and a proxy student (checkpointed beside
@@ -69,12 +60,12 @@ def synth_cmd(teacher: str, method: str, num_images: int, out: str, stats: str |
             hparams[key] = value
     method_config(method, hparams)  # unknown keys fail before any loading
     with distributed(resolve_device(device)) as rank_device:  # under torchrun every rank takes its share of the write units
-        res = run_synth(SynthJob(method, num_images, out, hparams, batch_size, seed, student, stats, resume,
-                                 overwrite, rank_device, amp=amp, compile=compile_, model_code=model_code,
-                                 views=views, view_mode=view_mode, bank=bank), teacher)
+        res = run_synth(SynthJob(method, num_images, out, hparams, student, stats, resume, overwrite, rank_device,
+                                 model_code=model_code, bank=bank, **recipe), teacher)
         if rank_and_world()[0] != 0:
             return
-    click.echo(f"wrote {out}: {num_images} images by {method} ({res['units']} units of {batch_size})"
+    views = recipe["views"]
+    click.echo(f"wrote {out}: {num_images} images by {method} ({res['units']} units of {recipe['batch_size']})"
                + (f" with {views} view labels each" if views else "") + f" in {res['seconds']:.0f} s")
     if "generator" in res:
         click.echo(f"generator: {res['generator']}; proxy student ({res['student_arch']}): {res['student']}")
