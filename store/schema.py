@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,11 @@ class StoreMeta:
             raise StoreError(f"{where} has store schema version {version}, this dfkd reads version "
                              f"{SCHEMA_VERSION}; use the dfkd release that wrote it, or re-create the store")
         keys = {k: v for k, v in d.items() if k != "format"}
+        unknown = sorted(set(keys) - {f.name for f in fields(cls)})
+        if unknown:  # a later release added metadata (as view labels once did): say so, not "corrupt"
+            by = (d.get("provenance") or {}).get("dfkd_version") if isinstance(d.get("provenance"), dict) else None
+            raise StoreError(f"{where} was written by a newer dfkd{f' ({by})' if by else ''} with metadata this "
+                             f"release does not know ({', '.join(unknown)}); upgrade dfkd to read it")
         try:
             return cls(**keys)
         except TypeError as exc:

@@ -66,6 +66,24 @@ def test_other_schema_version(tmp_path, backend_name):
         store.open(path)
 
 
+@pytest.mark.parametrize("backend_name", ["zarr", "webdataset"])
+def test_metadata_from_a_newer_release_says_upgrade_not_corrupt(tmp_path, backend_name):
+    path = str(tmp_path / "s")
+    meta = small_meta()
+    meta.provenance["dfkd_version"] = "9.0"
+    fill(store.create(path, meta, backend=backend_name))
+    if backend_name == "zarr":
+        g = zarr.open_group(path, mode="r+")
+        g.attrs["dfkd"] = {**g.attrs["dfkd"], "crop_labels": 4}
+    else:
+        doc = json.load(open(os.path.join(path, "meta.json")))
+        doc["dfkd"]["crop_labels"] = 4
+        json.dump(doc, open(os.path.join(path, "meta.json"), "w"))
+    with pytest.raises(store.StoreError, match=r"written by a newer dfkd \(9.0\) with metadata this release does "
+                                               r"not know \(crop_labels\); upgrade dfkd"):
+        store.open(path)
+
+
 def test_array_that_disagrees_with_metadata(tmp_path):
     path = str(tmp_path / "s.zarr")
     store.create(path, small_meta())
