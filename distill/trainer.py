@@ -64,6 +64,7 @@ class TrainConfig:
     progress: bool | None = None  # None: show bars only on a terminal
     amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16 + grad scaler), off, bf16, fp16
     compile: bool = False  # torch.compile each student's training forward
+    label: str = "distill"  # what its progress lines call the run (train-teacher for supervised training)
 
 
 @dataclass
@@ -225,7 +226,7 @@ class Trainer:
         """Train every student for the remaining epochs; returns the metrics."""
         cfg, obj = self.cfg, self.cfg.objective
         tty = cfg.progress is True or (cfg.progress is None and sys.stderr.isatty())  # a batch bar inside each epoch
-        epochs = progress(total=cfg.epochs, initial=self.start_epoch, desc="distill", unit="epoch",
+        epochs = progress(total=cfg.epochs, initial=self.start_epoch, desc=cfg.label, unit="epoch",
                           show=cfg.progress if self.rank == 0 else False)
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()

@@ -47,7 +47,7 @@ def train_teacher(arch: str, real: RealData, out: str, *, device: str = "cpu", r
                        t.seed, name=real.name)
     cfg = TrainConfig(epochs=t.epochs, seed=t.seed, augment=real.augment if t.augment == "auto" else t.augment,
                       objective=Objective(kd=0.0, ce_label=1.0), device=device, out_dir=run_dir, resume=resume,
-                      progress=progress)
+                      progress=progress, label="train-teacher")
     trainer = Trainer(src, [StudentSpec(arch, t.optimizer, t.peak_lr, weight_decay=t.weight_decay)], cfg,
                       eval_data=(real.test_images, real.test_labels))
     trainer.fit()
