@@ -14,10 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .toolbox.augment import crop_flip, default_pad
+from .toolbox.augment import VIEW_MODES, crop_flip, default_pad
 from .toolbox.errors import StoreError
-
-VIEW_MODES = ("crop", "flip-crop")
 
 
 @dataclass(frozen=True)

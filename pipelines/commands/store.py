@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from ...store.toolbox.augment import VIEW_MODES
+
 from .group import DfkdGroup, UserError
 from .options import device_option, model_code_option, quiet_option, resolve_device
 
@@ -103,7 +105,7 @@ def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None
 @click.option("--teacher", required=True, help="The checkpoint of the teacher that made the store (checked by fingerprint).")
 @click.option("--views", type=click.IntRange(min=1), default=8, show_default=True,
               help="Seeded augmented views per image whose teacher logits are stored (K teacher forwards per image, once).")
-@click.option("--view-mode", type=click.Choice(["crop", "flip-crop"]), default="flip-crop", show_default=True,
+@click.option("--view-mode", type=click.Choice(VIEW_MODES), default="flip-crop", show_default=True,
               help="How the views are drawn: a random crop after zero padding of 1/8 of the side, and mirroring.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted labelling (exactly the units without views).")
 @click.option("--overwrite", is_flag=True, help="Replace the store's existing view labels.")

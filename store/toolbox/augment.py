@@ -7,10 +7,13 @@ memory-bank synthesis methods augment their batches and their bank with it, and 
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
-MODES = ("none", "crop", "flip-crop")
+if TYPE_CHECKING:
+    import torch
+
+MODES = ("none", "crop", "flip-crop")  # the augmentations of training batches
+VIEW_MODES = ("crop", "flip-crop")  # how a stored view is drawn (store/views.py)
 
 
 def default_pad(side: int) -> int:
@@ -22,6 +25,9 @@ def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: to
               pad: int) -> torch.Tensor:
     """Each image padded by `pad` zeros, cropped back to its size at offsets (oy, ox) in [0, 2*pad], mirrored
     where `flip`; exact on any dtype (uint8 pixels stay the same uint8 pixels)."""
+    import torch
+    import torch.nn.functional as F
+
     b, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     rows = (oy.long()[:, None] + torch.arange(h)).to(images.device)
@@ -35,6 +41,8 @@ def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: to
 
 def augment(images: torch.Tensor, mode: str, gen: torch.Generator, pad: int | None = None) -> torch.Tensor:
     """Random crop after zero padding (pad ~ 1/8 of the side) and, for flip-crop, horizontal flips."""
+    import torch
+
     if mode == "none":
         return images
     if mode not in MODES:

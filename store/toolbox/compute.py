@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adam")  # what students, teachers and proxy students train with (SGD with momentum, or Adam)
 
 
 def rank_and_world() -> tuple[int, int]:

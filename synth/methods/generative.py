@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...store.toolbox import fs
+from ...store.toolbox.compute import OPTIMIZERS
 from ...store.toolbox.identity import check_same_run
 from ...store.toolbox.progress import progress
 
@@ -67,8 +68,9 @@ class GenerativeMethod(Method):
                               "(a zoo name such as lenet5_half, or a student checkpoint)")
         if config.snapshots < 1 or (not config.generator and config.snapshots > config.rounds):
             raise MethodError(f"{self.name}.snapshots must lie in [1, rounds={config.rounds}], got {config.snapshots}")
-        if config.student_optimizer not in ("sgd", "adam"):
-            raise MethodError(f"{self.name}.student_optimizer must be sgd or adam, got {config.student_optimizer!r}")
+        if config.student_optimizer not in OPTIMIZERS:
+            raise MethodError(f"{self.name}.student_optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                              f"{config.student_optimizer!r}")
         self.spec = GeneratorSpec(config.arch, config.latent_dim, tuple(ctx.image_shape), config.width, config.head)
         if config.generator:
             g, spec, _ = load_generator(config.generator)
