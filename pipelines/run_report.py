@@ -60,13 +60,17 @@ def with_real_ratio(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row's top-1 over that of the same teacher's and architecture's student distilled from a `real`
     store of the same image count (real-data KD at that count): the ratio the quality targets are stated in.
     A proxy student is set against real-data KD at its store's image count."""
-    real = {(r["teacher"], r["arch"], r["images"]): r["test_top1"] for r in rows
-            if r["method"] == "real" and r["distill"] != "(proxy)" and r["test_top1"]}
+    real: dict[tuple, float] = {}
+    for r in rows:  # the same [[distill]] section's real store first (the same recipe), else any section's
+        if r["method"] == "real" and r["distill"] != "(proxy)" and r["test_top1"]:
+            real[(r["teacher"], r["arch"], r["images"], r["distill"])] = r["test_top1"]
+            real.setdefault((r["teacher"], r["arch"], r["images"], None), r["test_top1"])
     count = {r["store"]: r["images"] for r in rows if r["distill"] != "(proxy)"}
     out = []
     for r in rows:
         key = (r["teacher"], r["arch"], r["images"] if r["images"] is not None else count.get(r["store"]))
-        out.append({**r, "vs_real": r["test_top1"] / real[key] if key in real and r["test_top1"] is not None else None})
+        ref = real.get((*key, r["distill"]), real.get((*key, None)))
+        out.append({**r, "vs_real": r["test_top1"] / ref if ref and r["test_top1"] is not None else None})
     return out
 
 

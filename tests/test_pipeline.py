@@ -160,6 +160,9 @@ def test_report_states_each_student_against_real_data_kd_of_its_teacher_arch_and
                             row("A", "real", "s", 0.90, images=200),
                             row("B", "real", "s", 0.50), row("B", "stat", "s", 0.25)])
     assert [r["vs_real"] for r in rows] == pytest.approx([1.0, 0.9, 0.5, None, 0.7 / 0.9, 1.0, 1.0, 0.5])
+    online = with_real_ratio([row("A", "real", "s", 0.80), row("A", "fast", "s", 0.76, store="f"),
+                              row("A", "real", "s", 0.84, distill="online"), row("A", "fast", "s", 0.78, "online", "f")])
+    assert [r["vs_real"] for r in online] == pytest.approx([1.0, 0.95, 1.0, 0.78 / 0.84])  # each its own recipe's
     seeds = seed_groups(with_real_ratio([row("A", "real", "s", 0.80), row("A", "fast", "s", 0.70, setting="k"),
                                          row("A", "fast", "s", 0.74, setting="k"), row("A", "nayer", "s", 0.6, setting="j")]))
     assert len(seeds) == 1 and seeds[0]["mean"] == pytest.approx(0.72) and seeds[0]["sd"] == pytest.approx(0.0283, abs=1e-4)
