@@ -51,17 +51,22 @@ def test_foreign_webdataset_folder(tmp_path):
         store.open(str(d))
 
 
+def _edit_metadata(path, backend_name, **changes):
+    """Change a finished store's dfkd metadata in place, as another release (or a hand) would."""
+    if backend_name == "zarr":
+        g = zarr.open_group(path, mode="r+")
+        g.attrs["dfkd"] = {**g.attrs["dfkd"], **changes}
+    else:
+        doc = json.load(open(os.path.join(path, "meta.json")))
+        doc["dfkd"].update(changes)
+        json.dump(doc, open(os.path.join(path, "meta.json"), "w"))
+
+
 @pytest.mark.parametrize("backend_name", ["zarr", "webdataset"])
 def test_other_schema_version(tmp_path, backend_name):
     path = str(tmp_path / "s")
     fill(store.create(path, small_meta(), backend=backend_name))
-    if backend_name == "zarr":
-        g = zarr.open_group(path, mode="r+")
-        g.attrs["dfkd"] = {**g.attrs["dfkd"], "schema_version": 99}
-    else:
-        doc = json.load(open(os.path.join(path, "meta.json")))
-        doc["dfkd"]["schema_version"] = 99
-        json.dump(doc, open(os.path.join(path, "meta.json"), "w"))
+    _edit_metadata(path, backend_name, schema_version=99)
     with pytest.raises(store.StoreError, match="schema version 99, this dfkd reads version 1"):
         store.open(path)
 
@@ -72,13 +77,7 @@ def test_metadata_from_a_newer_release_says_upgrade_not_corrupt(tmp_path, backen
     meta = small_meta()
     meta.provenance["dfkd_version"] = "9.0"
     fill(store.create(path, meta, backend=backend_name))
-    if backend_name == "zarr":
-        g = zarr.open_group(path, mode="r+")
-        g.attrs["dfkd"] = {**g.attrs["dfkd"], "crop_labels": 4}
-    else:
-        doc = json.load(open(os.path.join(path, "meta.json")))
-        doc["dfkd"]["crop_labels"] = 4
-        json.dump(doc, open(os.path.join(path, "meta.json"), "w"))
+    _edit_metadata(path, backend_name, crop_labels=4)
     with pytest.raises(store.StoreError, match=r"written by a newer dfkd \(9.0\) with metadata this release does "
                                                r"not know \(crop_labels\); upgrade dfkd"):
         store.open(path)
