@@ -23,7 +23,7 @@ from ..synth.methods import method_config
 from .real_data import RealData, load_data
 from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
 from .run_report import write_report
-from .settings import DistillSettings, SynthSettings, TeacherSettings
+from .settings import DistillSettings, SynthSettings, TeacherSettings, settings_of
 from .spec import Pipeline, PipelineError
 
 
@@ -260,10 +260,9 @@ class Runner:
     def _teacher_runner(self, name: str) -> Callable[[bool, bool], dict[str, Any]]:
         def run(resume: bool, overwrite: bool) -> dict[str, Any]:
             t = self.teacher(name)
-            recipe = {f.name: getattr(t, f.name) for f in dataclasses.fields(TeacherSettings)}
             return train_teacher(t.model, self.data, self.teacher_path(name), device=self.device,
                                  run_dir=self.path(f"{t.name}_run"), resume=resume, progress=self.progress,
-                                 **{**recipe, "seed": self.section_seed(t)})
+                                 **{**settings_of(t, TeacherSettings), "seed": self.section_seed(t)})
         return run
 
     def _record_runner(self, name: str) -> Callable[[bool, bool], dict[str, Any]]:
@@ -287,12 +286,11 @@ class Runner:
             student = s.student
             if student.startswith("distill:"):
                 student = self.path("distill", student[len("distill:"):] + ".pt")
-            recipe = {f.name: getattr(s, f.name) for f in dataclasses.fields(SynthSettings)}
             job = SynthJob(s.method, s.num_images, self.store_path(s.name), dict(s.params), student or None,
                            self.record_path(tname) if s.stats else None, resume=resume,
                            overwrite=overwrite and not resume, device=self.device, progress=self.progress,
                            model_code=self.p.model_code, bank=tuple(self.store_path(b) for b in s.bank),
-                           **{**recipe, "seed": seed})
+                           **{**settings_of(s, SynthSettings), "seed": seed})
             res = run_synth(job, self.teacher_path(tname))
             if "student" in res:  # a generator method's proxy student is a distilled student in its own right
                 proxy, spec, _ = load_model(res["student"], "student", self.p.model_code)
@@ -311,8 +309,8 @@ class Runner:
             if not resume and os.path.exists(os.path.join(out, "run.pt")):
                 os.remove(os.path.join(out, "run.pt"))  # a fresh run: the old one had other settings
             paths = [self.store_path(part) for part in store_name.split("+")]
-            recipe = {f.name: getattr(d, f.name) for f in dataclasses.fields(DistillSettings)}
-            recipe.update(seed=self.section_seed(d), teacher=self.teacher_path(d.teacher) if d.teacher else None)
+            recipe = {**settings_of(d, DistillSettings), "seed": self.section_seed(d),
+                      "teacher": self.teacher_path(d.teacher) if d.teacher else None}
             job = DistillJob(paths, list(d.students), out, device=self.device, resume=resume, progress=self.progress,
                              model_code=self.p.model_code, **recipe)
             m = run_distill(job, (self.data.test_images, self.data.test_labels))

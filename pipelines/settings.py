@@ -59,7 +59,7 @@ def _bounds(f: dataclasses.Field) -> str:
     return "" if low is None else f" ({'>' if f.metadata['low_open'] else '>='} {low:g})"
 
 
-def click_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+def click_options(cls: type) -> Callable[[Callable], Callable]:
     """A decorator giving a click command one option per setting of `cls` (booleans: --x/--no-x)."""
     import click
 
@@ -78,10 +78,14 @@ def click_options(cls: type, skip: tuple[str, ...] = ()) -> Callable[[Callable],
 
     def decorate(command: Callable) -> Callable:
         for f, kind, _ in reversed(setting_fields(cls)):
-            if f.name not in skip:
-                command = option(f, kind)(command)
+            command = option(f, kind)(command)
         return command
     return decorate
+
+
+def settings_of(obj: Any, cls: type) -> dict[str, Any]:
+    """The values of `cls`'s fields on `obj` (a pipeline section, say): the keyword arguments of a job."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)}
 
 
 def check_settings(obj: Any) -> None:

@@ -116,7 +116,7 @@ CASES = [
     ("num-images-negative", None, [*SYNTH[:6], "-3", *SYNTH[7:], "--out", "{ws}/o.zarr"], 2, "'--num-images': -3"),
     ("batch-size-zero", None, [*DISTILL, "--batch-size", "0"], 2, "'--batch-size': 0 is not in"),
     ("workers-negative", None, [*DISTILL, "--workers", "-1"], 2, "'--workers': -1 is not in"),
-    ("kd-zero", None, [*DISTILL, "--kd", "0"], 2, "--kd and --ce-teacher are both 0"),
+    ("kd-zero", None, [*DISTILL, "--kd", "0"], 2, "kd and ce_teacher are both 0"),
     ("epochs-zero", None, [*DISTILL[:6], "0", *DISTILL[7:]], 2, "'--epochs': 0 is not in"),
     ("foreign-folder-as-store", lambda ws, mp: (ws / "foreign").mkdir() or (ws / "foreign" / "x.txt").write_text("x"),
      [*DISTILL[:2], "{ws}/foreign", *DISTILL[3:]], 2, "is not a dfkd store"),

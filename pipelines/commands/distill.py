@@ -45,9 +45,7 @@ def distill_cmd(store_path: tuple[str, ...], kd_data: str | None, students: tupl
     """Train one or more students at once from a store (or, with --kd-data, from real data and a teacher)."""
     if bool(store_path) == (kd_data is not None):
         raise click.UsageError("give exactly one of --store (data-free) or --kd-data (classical KD on real data)")
-    if recipe["kd"] == 0 and recipe["ce_teacher"] == 0:
-        raise click.UsageError("--kd and --ce-teacher are both 0: the students would have nothing to learn; keep "
-                               "--kd 1 (the default) or give --ce-teacher a weight")
+    settings = DistillSettings(**recipe)  # the checks every front end shares (kd and ce_teacher both 0, ...)
     from ...distill.models import check_model_name
 
     from ..distributed import distributed
@@ -56,7 +54,7 @@ def distill_cmd(store_path: tuple[str, ...], kd_data: str | None, students: tupl
         check_model_name(name)  # unknown names fail here, before any data is loaded
     with distributed(resolve_device(device)) as rank_device:  # under torchrun: DDP per student, equal batches per rank
         _distill(list(store_path), kd_data, students, eval_data, data_root, rank_device, out, resume, model_code,
-                 DistillSettings(**recipe))
+                 settings)
 
 
 def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ...], eval_data: str | None,
