@@ -126,26 +126,24 @@ def _cifar(cls_name: str, name: str, k: int, root: str) -> RealData:
 FOLDER_AUGMENT = "crop"
 
 
-def _open_image(path: str):  # noqa: ANN202 - a PIL image
-    """An image file in its own mode (torchvision's default loader makes every image RGB)."""
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _folder_pixels(paths: list[str]) -> np.ndarray:
+    """N×C×H×W uint8 of image files as they are: one channel when every image is gray (a gray PNG, or a colour
+    file whose channels are equal everywhere), else RGB; the teacher, the store and the students then do the
+    work of the real channels, and inversion invents no colour the data never had. One file open at a time."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-        return img
-
-
-def _folder_pixels(images: list) -> np.ndarray:
-    """N×C×H×W uint8 of PIL images as they are: one channel when every image is gray (a gray PNG, or a colour
-    file whose channels are equal everywhere), else RGB; the teacher, the store and the students then do the
-    work of the real channels, and inversion invents no colour the data never had."""
-    rgb = [np.asarray(i.convert("RGB")) for i in images]
+    rgb, all_gray_modes = [], True
+    for p in paths:  # torchvision's ImageFolder loader would make every image RGB
+        with Image.open(p) as img:
+            all_gray_modes &= img.mode in GRAY_MODES
+            rgb.append(np.asarray(img.convert("RGB")))
     if len({i.shape for i in rgb}) != 1:
         raise DataError("images differ in size; resize them to one size first")
     x = np.stack(rgb).transpose(0, 3, 1, 2)
-    gray = all(i.mode in ("1", "L", "LA", "I", "I;16", "F") for i in images) or \
-        bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
+    gray = all_gray_modes or bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
     return np.ascontiguousarray(x[:, :1]) if gray else x
 
 
@@ -159,12 +157,12 @@ def image_folder(path: str) -> RealData:
     if tr_dir is None or te_dir is None:
         raise DataError(f"{path} needs train/ and test/ (or val/) subfolders, each with one folder per class")
 
-    def load(d: str) -> tuple[list, np.ndarray, list[str]]:
-        ds = torchvision.datasets.ImageFolder(d, loader=_open_image)
-        return [ds.loader(p) for p, _ in ds.samples], np.array([y for _, y in ds.samples]), ds.classes
+    def listing(d: str) -> tuple[list[str], np.ndarray, list[str]]:
+        ds = torchvision.datasets.ImageFolder(d)  # the class folders and the files in them; nothing decoded
+        return [p for p, _ in ds.samples], np.array([y for _, y in ds.samples]), ds.classes
 
-    tr, ytr, classes = load(tr_dir)
-    te, yte, classes_te = load(te_dir)
+    tr, ytr, classes = listing(tr_dir)
+    te, yte, classes_te = listing(te_dir)
     if classes != classes_te:
         raise DataError(f"{path}: train and test class folders differ")
     try:
