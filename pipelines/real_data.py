@@ -137,9 +137,12 @@ def _folder_pixels(paths: list[str]) -> np.ndarray:
 
     rgb, all_gray_modes = [], True
     for p in paths:  # torchvision's ImageFolder loader would make every image RGB
-        with Image.open(p) as img:
-            all_gray_modes &= img.mode in GRAY_MODES
-            rgb.append(np.asarray(img.convert("RGB")))
+        try:
+            with Image.open(p) as img:
+                all_gray_modes &= img.mode in GRAY_MODES
+                rgb.append(np.asarray(img.convert("RGB")))
+        except OSError as e:  # not an image, truncated, unreadable
+            raise DataError(f"cannot read {p} as an image ({e}); remove or replace it") from None
     if len({i.shape for i in rgb}) != 1:
         raise DataError("images differ in size; resize them to one size first")
     x = np.stack(rgb).transpose(0, 3, 1, 2)

@@ -48,3 +48,10 @@ def test_a_folder_mixing_gray_and_colour_is_rgb_and_sizes_must_agree(tmp_path):
     sizes = lambda k, i: Image.fromarray(np.zeros((6 + i, 5), np.uint8), mode="L")
     with pytest.raises(DataError, match="images differ in size; resize them"):
         load_data(_tree(tmp_path / "s", sizes))
+
+
+def test_a_file_that_is_no_image_is_named_in_one_line(tmp_path):
+    path = _tree(tmp_path, lambda k, i: Image.fromarray(_pixels(k, i, 1), mode="L"))
+    (tmp_path / "train" / "a" / "9.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read .*9.png as an image .*; remove or replace it"):
+        load_data(path)
