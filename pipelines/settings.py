@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..store.toolbox.augment import MODES as AUGMENTATIONS
-from ..store.toolbox.augment import VIEW_MODES
+from ..store.toolbox.augment import VIEW_MODE_HELP, VIEW_MODES
 from ..store.toolbox.compute import AMP_MODES, OPTIMIZERS
 from ..store.toolbox.errors import DfkdError
 
@@ -165,8 +165,7 @@ class SynthSettings:
     views: int = setting(
         0, "Also store the teacher's logits of this many seeded augmented views of every image (view labels: "
         "students then learn from augmented views with no teacher; `dfkd store label` adds them later).", low=0)
-    view_mode: str = setting("flip-crop", "How the views are drawn: a random crop after zero padding of 1/8 of the "
-                             "side, and mirroring.", choices=VIEW_MODES)
+    view_mode: str = setting("flip-crop", VIEW_MODE_HELP, choices=VIEW_MODES)
     amp: str = setting("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU.",
                        choices=AMP_MODES)
     compile: bool = setting(False, "torch.compile the teacher (CUDA; slow first batch).")

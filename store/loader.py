@@ -113,8 +113,8 @@ class Union:
         return rec
 
     def view_plan(self) -> tuple[ViewRecipe, np.ndarray]:
-        """The stores' common view recipe and every sample's view offsets (num_samples × V × 3), refused with one
-        line when a store lacks complete view labels or the stores' views differ."""
+        """The stores' common view recipe and every sample's view plan rows (num_samples × V × 3, or × 8 for a
+        mixing recipe), refused with one line when a store lacks complete view labels or the stores' views differ."""
         first = self.readers[0]
         for r in self.readers:
             if not r.meta.views:
@@ -127,11 +127,13 @@ class Union:
                 raise StoreError(f"{r.path} keeps {r.meta.views} views ({r.meta.view_recipe}) but {first.path} keeps "
                                  f"{first.meta.views} ({first.meta.view_recipe}); label them alike to distill together")
         recipe = ViewRecipe.from_json(first.meta.view_recipe, first.path)
-        offsets = np.zeros((self.num_samples, first.meta.views, 3), np.int16)
+        offsets = np.zeros((self.num_samples, first.meta.views, 8 if recipe.mixes else 3), np.int16)
+        side = first.meta.image_shape[-1]
         for g in range(len(self.owner)):
             meta = self.readers[self.owner[g]].meta
             lo, hi = self.unit_range(g)
-            offsets[lo:hi] = view_offsets(recipe, unit_seed(meta.base_seed, int(self.local[g])), meta.views, hi - lo)
+            offsets[lo:hi] = view_offsets(recipe, unit_seed(meta.base_seed, int(self.local[g])), meta.views, hi - lo,
+                                          side)
         return recipe, offsets
 
     def nbytes(self) -> int:
@@ -238,8 +240,15 @@ class StoreDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self._plan()
+        if self.views and self._view_recipe.mixes:  # each batch also reads its partners (same units: no extra reads)
+            plan = [np.concatenate([idx, self._partners(idx)]) for idx in plan]
         batches = self._iter_ram(plan) if self.in_ram else self._iter_stream(plan)
         yield from (map(self._to_view, batches) if self.views else batches)
+
+    def _partners(self, idx: np.ndarray) -> np.ndarray:
+        """The global index of each sample's partner in this epoch's mixed view (a sample of its own unit)."""
+        v = self._view_choice()[idx]
+        return self.union.starts[self.union.unit_of(idx)] + self._view_offsets[idx, v, 3]
 
     def _view_choice(self) -> np.ndarray:
         """This epoch's view of every sample: a pure function of (seed, epoch), the same on every rank."""
@@ -250,12 +259,14 @@ class StoreDataset(IterableDataset):
         return self._choice
 
     def _to_view(self, b: Batch) -> Batch:
-        """A batch of stored images and view labels -> the chosen views' pixels and the teacher's logits of them."""
-        idx = b.indices.numpy()
+        """A batch of stored images and view labels (and, for mixed views, their partners' images after them) ->
+        the chosen views' pixels and the teacher's logits of them."""
+        n = len(b.indices) // 2 if self._view_recipe.mixes else len(b.indices)
+        partners = b.images[n:] if self._view_recipe.mixes else None
+        idx = b.indices[:n].numpy()
         v = self._view_choice()[idx]
-        rows = np.arange(len(idx))
-        images = view_pixels(b.images, self._view_offsets[idx, v], self._view_recipe.pad)
-        return Batch(images, b.logits[rows, v], b.labels, b.indices)
+        images = view_pixels(b.images[:n], self._view_offsets[idx, v], self._view_recipe.pad, partners)
+        return Batch(images, b.logits[np.arange(n), v], b.labels[:n], b.indices[:n])
 
     def _iter_ram(self, plan: list[np.ndarray]) -> Iterator[Batch]:
         # torch's index_select gathers rows ~2x faster than numpy fancy indexing

@@ -1,9 +1,10 @@
 """View labels: K seeded augmented views of every stored image, whose teacher logits the store keeps.
 
-A view is a pure function of (unit seed, view index, position in the unit) and the stored uint8 image, so
-a reader re-creates its pixels exactly and the logits stored for it are the teacher's answer on exactly
-those pixels (FKD's stored soft labels of random crops). Pixel work only: the teacher's forward lives in
-synth/views.py; this module knows no model.
+A view is a pure function of (unit seed, view index, position in the unit) and the stored uint8 images of
+its unit, so a reader re-creates its pixels exactly and the logits stored for it are the teacher's answer on
+exactly those pixels (FKD's stored soft labels of random crops). A CutMix view (SRe2L's relabelled mixes)
+pastes a box of a partner image from the same unit, so a unit stays self-contained. Pixel work only: the
+teacher's forward lives in synth/views.py; this module knows no model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from .toolbox.errors import StoreError
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """How views are drawn: a random crop after `pad` zeros each side, mirrored half of the time for flip-crop."""
+    """How views are drawn: a random crop after `pad` zeros each side, mirrored half of the time for flip-crop;
+    flip-crop-cutmix first pastes a random box (a uniform share of the area) of a partner image of the unit."""
 
     mode: str = "flip-crop"
     pad: int = 0  # 0: about 1/8 of the image side (default_pad)
@@ -36,7 +38,13 @@ class ViewRecipe:
         return ViewRecipe(self.mode, self.pad or default_pad(side))
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "seed": "numpy default_rng(SeedSequence([unit seed, view])): oy, ox, flip per sample"}
+        drawn = "oy, ox, flip" + (", partner, box y0 y1 x0 x1" if self.mixes else "")
+        return {**asdict(self), "seed": f"numpy default_rng(SeedSequence([unit seed, view])): {drawn} per sample"}
+
+    @property
+    def mixes(self) -> bool:
+        """Whether a view holds a box of a partner image (its plan rows then carry partner and box)."""
+        return self.mode == "flip-crop-cutmix"
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> "ViewRecipe":
@@ -57,26 +65,46 @@ def view_seed(unit_seed: int, view: int) -> int:
     return int(state >> np.uint64(1))
 
 
-def view_offsets(recipe: ViewRecipe, unit_seed: int, views: int, n: int) -> np.ndarray:
-    """Crop offsets and flips of every view of a unit of n samples: int16 n×K×3 (oy, ox, flip)."""
+def view_offsets(recipe: ViewRecipe, unit_seed: int, views: int, n: int, side: int = 0) -> np.ndarray:
+    """How every view of a unit of n samples is drawn: int16 n×K×3 (oy, ox, flip), or for a mixing recipe
+    n×K×8 (oy, ox, flip, partner's position in the unit, box y0 y1 x0 x1 on images of this side)."""
     p = recipe.pad
-    out = np.zeros((n, views, 3), np.int16)
+    out = np.zeros((n, views, 8 if recipe.mixes else 3), np.int16)
     for v in range(views):
         rng = np.random.default_rng(view_seed(unit_seed, v))
         out[:, v, 0] = rng.integers(0, 2 * p + 1, n)
         out[:, v, 1] = rng.integers(0, 2 * p + 1, n)
         flips = rng.random(n) < 0.5
-        out[:, v, 2] = flips if recipe.mode == "flip-crop" else 0
+        out[:, v, 2] = flips if recipe.mode != "crop" else 0
+        if recipe.mixes:  # drawn after the crop, so a mix's crop is flip-crop's crop
+            if side < 1:
+                raise ValueError("a mixing view recipe needs the image side")
+            out[:, v, 3] = (np.arange(n) + rng.integers(1, max(2, n), n)) % n  # another sample (itself if alone)
+            cut = np.floor(side * np.sqrt(rng.random(n))).astype(np.int64)  # CutMix: the box's share is uniform
+            cy, cx = rng.integers(0, side, n), rng.integers(0, side, n)
+            out[:, v, 4], out[:, v, 5] = np.clip(cy - cut // 2, 0, side), np.clip(cy + cut - cut // 2, 0, side)
+            out[:, v, 6], out[:, v, 7] = np.clip(cx - cut // 2, 0, side), np.clip(cx + cut - cut // 2, 0, side)
     return out
 
 
-def view_pixels(images: torch.Tensor, offsets: torch.Tensor | np.ndarray, pad: int) -> torch.Tensor:
-    """Each image's view given its (oy, ox, flip) row: images N×C×H×W, offsets N×3; same dtype out."""
+def view_pixels(images: torch.Tensor, offsets: torch.Tensor | np.ndarray, pad: int,
+                partners: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's view given its plan row (offsets N×3, or N×8 with `partners`: each row's partner image,
+    whose box is pasted before the crop): images N×C×H×W; same dtype out."""
     offsets = torch.as_tensor(np.asarray(offsets)).long()
+    if offsets.shape[1] > 3:
+        if partners is None or partners.shape != images.shape:
+            raise ValueError("mixed views need each image's partner image, of the images' shape")
+        h, w = images.shape[2:]
+        ys, xs = torch.arange(h), torch.arange(w)
+        inside = (((ys >= offsets[:, 4:5]) & (ys < offsets[:, 5:6]))[:, :, None]
+                  & ((xs >= offsets[:, 6:7]) & (xs < offsets[:, 7:8]))[:, None, :])  # N×H×W
+        images = torch.where(inside[:, None].to(images.device), partners, images)
     return crop_flip(images, offsets[:, 0], offsets[:, 1], offsets[:, 2], pad)
 
 
 def unit_views(images: torch.Tensor, recipe: ViewRecipe, unit_seed: int, views: int) -> torch.Tensor:
     """Every view of one unit's images: K×N×C×H×W (view-major, so each view is one batch)."""
-    off = view_offsets(recipe, unit_seed, views, len(images))
-    return torch.stack([view_pixels(images, off[:, v], recipe.pad) for v in range(views)])
+    off = view_offsets(recipe, unit_seed, views, len(images), images.shape[-1])
+    mates = lambda v: images[torch.from_numpy(off[:, v, 3].astype(np.int64))] if recipe.mixes else None
+    return torch.stack([view_pixels(images, off[:, v], recipe.pad, mates(v)) for v in range(views)])

@@ -43,10 +43,12 @@ def stored_logits_of_views(reader, model, spec, unit, views):
     """The teacher's logits of a unit's views, computed here from the stored images alone."""
     rec = reader.read_unit(unit)
     recipe = ViewRecipe.from_json(reader.meta.view_recipe, "test")
-    off = view_offsets(recipe, unit_seed(reader.meta.base_seed, unit), views, len(rec))
+    off = view_offsets(recipe, unit_seed(reader.meta.base_seed, unit), views, len(rec), rec.images.shape[-1])
+    images = torch.from_numpy(rec.images)
     out = []
     for v in range(views):
-        px = view_pixels(torch.from_numpy(rec.images), off[:, v], recipe.pad)
+        partners = images[off[:, v, 3].astype(np.int64)] if recipe.mixes else None
+        px = view_pixels(images, off[:, v], recipe.pad, partners)
         with torch.no_grad():
             out.append(model(normalize(px, spec.mean, spec.std)))
     return torch.stack(out, 1).numpy()
@@ -73,6 +75,34 @@ def test_label_stores_the_teachers_answers_on_views_a_reader_recreates(tmp_path,
     info = invoke("store", "info", path)
     assert "3 per image (flip-crop, pad 1), 12/12 finished units labelled" in info.output
     assert invoke("store", "verify", path).exit_code == 0
+
+
+def test_cutmix_views_paste_a_box_of_another_image_of_the_unit_into_flip_crops_view(tmp_path, teacher):
+    path = str(tmp_path / "s.zarr")
+    model, spec = make_store(path, teacher)
+    res = invoke("store", "label", path, "--teacher", teacher, "--views", "3", "--view-mode", "flip-crop-cutmix",
+                 "--quiet")
+    assert res.exit_code == 0, res.output
+    r = store.open(path)
+    assert r.meta.view_recipe["mode"] == "flip-crop-cutmix" and "partner" in r.meta.view_recipe["seed"]
+    for u in (0, 11):
+        np.testing.assert_allclose(r.read_unit(u).views, stored_logits_of_views(r, model, spec, u, 3), rtol=1e-5,
+                                   atol=1e-5)
+    mixed = ViewRecipe("flip-crop-cutmix", 1)
+    off = view_offsets(mixed, 5, 3, 128, 8)
+    np.testing.assert_array_equal(off[..., :3], view_offsets(ViewRecipe("flip-crop", 1), 5, 3, 128))  # same crops
+    assert (off[..., 3] != np.arange(128)[:, None]).all() and (off[..., 3] < 128).all()  # another sample of the unit
+    area = (off[..., 5] - off[..., 4]) * (off[..., 7] - off[..., 6]) / 64
+    assert 0.2 < area.mean() < 0.5 and area.min() == 0 and area.max() > 0.75  # CutMix: shares spread over [0, 1]
+    images = torch.from_numpy(r.read_unit(0).images)
+    partners = images[off[:, 0, 3].astype(np.int64)]
+    got = view_pixels(images, off[:, 0], 1, partners)
+    plain = view_pixels(images, off[:, 0, :3], 1)
+    mate = view_pixels(partners, off[:, 0, :3], 1)
+    assert ((got == plain) | (got == mate)).all()  # every pixel is the image's or its partner's, same crop
+    assert (got != plain).any() and (got != mate).any()
+    with pytest.raises(ValueError, match="partner image"):
+        view_pixels(images, off[:, 0], 1)
 
 
 def test_synth_with_views_equals_labelling_afterwards(tmp_path):
@@ -170,10 +200,11 @@ def test_convert_keeps_views_and_plain_tools_read_them(tmp_path, teacher):
 
 
 @pytest.mark.parametrize("in_ram", [True, False])
-def test_loader_gives_each_image_one_stored_view_per_epoch(tmp_path, teacher, in_ram):
+@pytest.mark.parametrize("mode", ["flip-crop", "flip-crop-cutmix"])
+def test_loader_gives_each_image_one_stored_view_per_epoch(tmp_path, teacher, in_ram, mode):
     path = str(tmp_path / "s.zarr")
     model, spec = make_store(path, teacher)
-    label_store(path, model, 4, show=False)
+    label_store(path, model, 4, mode=mode, show=False)
     r = store.open(path)
     ds = store.StoreDataset(path, 100, seed=3, views=True, in_ram=in_ram)
     full = r.load_all()
@@ -189,8 +220,9 @@ def test_loader_gives_each_image_one_stored_view_per_epoch(tmp_path, teacher, in
         for j, i in enumerate(idx):
             u = i // 128
             lo, hi = r.meta.unit_range(u)
-            off = view_offsets(recipe, unit_seed(r.meta.base_seed, u), 4, hi - lo)[i - lo, v[j]]
-            px = view_pixels(torch.from_numpy(full.images[i:i + 1]), off[None], recipe.pad)
+            off = view_offsets(recipe, unit_seed(r.meta.base_seed, u), 4, hi - lo, 8)[i - lo, v[j]]
+            mate = torch.from_numpy(full.images[lo + off[3]:lo + off[3] + 1]) if recipe.mixes else None
+            px = view_pixels(torch.from_numpy(full.images[i:i + 1]), off[None], recipe.pad, mate)
             assert torch.equal(b.images[j:j + 1], px)  # the view's exact pixels
         assert len(set(v.tolist())) > 1
     ds.set_epoch(0)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ...store.toolbox.augment import VIEW_MODES
+from ...store.toolbox.augment import VIEW_MODE_HELP, VIEW_MODES
 
 from .group import DfkdGroup, UserError
 from .options import device_option, model_code_option, quiet_option, resolve_device
@@ -106,7 +106,7 @@ def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None
 @click.option("--views", type=click.IntRange(min=1), default=8, show_default=True,
               help="Seeded augmented views per image whose teacher logits are stored (K teacher forwards per image, once).")
 @click.option("--view-mode", type=click.Choice(VIEW_MODES), default="flip-crop", show_default=True,
-              help="How the views are drawn: a random crop after zero padding of 1/8 of the side, and mirroring.")
+              help=VIEW_MODE_HELP)
 @click.option("--resume", is_flag=True, help="Finish an interrupted labelling (exactly the units without views).")
 @click.option("--overwrite", is_flag=True, help="Replace the store's existing view labels.")
 @device_option

@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     import torch
 
 MODES = ("none", "crop", "flip-crop")  # the augmentations of training batches
-VIEW_MODES = ("crop", "flip-crop")  # how a stored view is drawn (store/views.py)
+VIEW_MODES = ("crop", "flip-crop", "flip-crop-cutmix")  # how a stored view is drawn (store/views.py)
+VIEW_MODE_HELP = ("How the views are drawn: a random crop after zero padding of 1/8 of the side (crop), also mirrored "
+                  "half of the time (flip-crop), after pasting a random box of another image of the unit "
+                  "(flip-crop-cutmix).")
 
 
 def default_pad(side: int) -> int:
