@@ -127,7 +127,7 @@ class Union:
                 raise StoreError(f"{r.path} keeps {r.meta.views} views ({r.meta.view_recipe}) but {first.path} keeps "
                                  f"{first.meta.views} ({first.meta.view_recipe}); label them alike to distill together")
         recipe = ViewRecipe.from_json(first.meta.view_recipe, first.path)
-        offsets = np.zeros((self.num_samples, first.meta.views, 8 if recipe.mixes else 3), np.int16)
+        offsets = np.zeros((self.num_samples, first.meta.views, recipe.columns), np.int16)
         side = first.meta.image_shape[-1]
         for g in range(len(self.owner)):
             meta = self.readers[self.owner[g]].meta
@@ -265,7 +265,7 @@ class StoreDataset(IterableDataset):
         partners = b.images[n:] if self._view_recipe.mixes else None
         idx = b.indices[:n].numpy()
         v = self._view_choice()[idx]
-        images = view_pixels(b.images[:n], self._view_offsets[idx, v], self._view_recipe.pad, partners)
+        images = view_pixels(b.images[:n], self._view_offsets[idx, v], self._view_recipe, partners)
         return Batch(images, b.logits[np.arange(n), v], b.labels[:n], b.indices[:n])
 
     def _iter_ram(self, plan: list[np.ndarray]) -> Iterator[Batch]:

@@ -15,14 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .toolbox.augment import VIEW_MODES, crop_flip, default_pad
+from .toolbox.augment import VIEW_MODES, crop_flip, default_pad, resized_crop
+
+MIN_SIDE = 0.7  # flip-resized-crop: the box's side is a uniform share of the image's side in [MIN_SIDE, 1]
 from .toolbox.errors import StoreError
 
 
 @dataclass(frozen=True)
 class ViewRecipe:
     """How views are drawn: a random crop after `pad` zeros each side, mirrored half of the time for flip-crop;
-    flip-crop-cutmix first pastes a random box (a uniform share of the area) of a partner image of the unit."""
+    flip-crop-cutmix first pastes a random box (a uniform share of the area) of a partner image of the unit;
+    flip-resized-crop takes a random square of MIN_SIDE-1 of the side, scaled back up (no padding)."""
 
     mode: str = "flip-crop"
     pad: int = 0  # 0: about 1/8 of the image side (default_pad)
@@ -38,8 +41,21 @@ class ViewRecipe:
         return ViewRecipe(self.mode, self.pad or default_pad(side))
 
     def to_json(self) -> dict[str, Any]:
+        if self.resizes:
+            return {**asdict(self), "min_side": MIN_SIDE,
+                    "seed": "numpy default_rng(SeedSequence([unit seed, view])): side, y0, x0, flip per sample"}
         drawn = "oy, ox, flip" + (", partner, box y0 y1 x0 x1" if self.mixes else "")
         return {**asdict(self), "seed": f"numpy default_rng(SeedSequence([unit seed, view])): {drawn} per sample"}
+
+    @property
+    def columns(self) -> int:
+        """How many numbers a view's plan row holds (view_offsets)."""
+        return 8 if self.mixes else 4 if self.resizes else 3
+
+    @property
+    def resizes(self) -> bool:
+        """Whether a view is a scaled square (plan rows y0, x0, flip, side) rather than a padded crop."""
+        return self.mode == "flip-resized-crop"
 
     @property
     def mixes(self) -> bool:
@@ -66,19 +82,27 @@ def view_seed(unit_seed: int, view: int) -> int:
 
 
 def view_offsets(recipe: ViewRecipe, unit_seed: int, views: int, n: int, side: int = 0) -> np.ndarray:
-    """How every view of a unit of n samples is drawn: int16 n×K×3 (oy, ox, flip), or for a mixing recipe
-    n×K×8 (oy, ox, flip, partner's position in the unit, box y0 y1 x0 x1 on images of this side)."""
+    """How every view of a unit of n samples is drawn: int16 n×K×3 (oy, ox, flip), for a mixing recipe
+    n×K×8 (oy, ox, flip, partner's position in the unit, box y0 y1 x0 x1 on images of this side), for a
+    resizing one n×K×4 (y0, x0, flip, side of the square)."""
     p = recipe.pad
-    out = np.zeros((n, views, 8 if recipe.mixes else 3), np.int16)
+    if (recipe.mixes or recipe.resizes) and side < 1:
+        raise ValueError(f"the {recipe.mode} view recipe needs the image side")
+    out = np.zeros((n, views, recipe.columns), np.int16)
     for v in range(views):
         rng = np.random.default_rng(view_seed(unit_seed, v))
+        if recipe.resizes:
+            s = rng.integers(max(1, round(MIN_SIDE * side)), side + 1, n)  # the whole image among them
+            out[:, v, 3] = s
+            out[:, v, 0] = np.floor(rng.random(n) * (side - s + 1))
+            out[:, v, 1] = np.floor(rng.random(n) * (side - s + 1))
+            out[:, v, 2] = rng.random(n) < 0.5
+            continue
         out[:, v, 0] = rng.integers(0, 2 * p + 1, n)
         out[:, v, 1] = rng.integers(0, 2 * p + 1, n)
         flips = rng.random(n) < 0.5
         out[:, v, 2] = flips if recipe.mode != "crop" else 0
         if recipe.mixes:  # drawn after the crop, so a mix's crop is flip-crop's crop
-            if side < 1:
-                raise ValueError("a mixing view recipe needs the image side")
             out[:, v, 3] = (np.arange(n) + rng.integers(1, max(2, n), n)) % n  # another sample (itself if alone)
             cut = np.floor(side * np.sqrt(rng.random(n))).astype(np.int64)  # CutMix: the box's share is uniform
             cy, cx = rng.integers(0, side, n), rng.integers(0, side, n)
@@ -87,12 +111,14 @@ def view_offsets(recipe: ViewRecipe, unit_seed: int, views: int, n: int, side: i
     return out
 
 
-def view_pixels(images: torch.Tensor, offsets: torch.Tensor | np.ndarray, pad: int,
+def view_pixels(images: torch.Tensor, offsets: torch.Tensor | np.ndarray, recipe: ViewRecipe,
                 partners: torch.Tensor | None = None) -> torch.Tensor:
-    """Each image's view given its plan row (offsets N×3, or N×8 with `partners`: each row's partner image,
-    whose box is pasted before the crop): images N×C×H×W; same dtype out."""
+    """Each image's view given its plan row (view_offsets' rows, N×3, N×4 or N×8; a mixing recipe needs
+    `partners`: each row's partner image, whose box is pasted before the crop): images N×C×H×W; same dtype out."""
     offsets = torch.as_tensor(np.asarray(offsets)).long()
-    if offsets.shape[1] > 3:
+    if recipe.resizes:
+        return resized_crop(images, offsets[:, 0], offsets[:, 1], offsets[:, 3], offsets[:, 2])
+    if recipe.mixes:
         if partners is None or partners.shape != images.shape:
             raise ValueError("mixed views need each image's partner image, of the images' shape")
         h, w = images.shape[2:]
@@ -100,11 +126,11 @@ def view_pixels(images: torch.Tensor, offsets: torch.Tensor | np.ndarray, pad: i
         inside = (((ys >= offsets[:, 4:5]) & (ys < offsets[:, 5:6]))[:, :, None]
                   & ((xs >= offsets[:, 6:7]) & (xs < offsets[:, 7:8]))[:, None, :])  # N×H×W
         images = torch.where(inside[:, None].to(images.device), partners, images)
-    return crop_flip(images, offsets[:, 0], offsets[:, 1], offsets[:, 2], pad)
+    return crop_flip(images, offsets[:, 0], offsets[:, 1], offsets[:, 2], recipe.pad)
 
 
 def unit_views(images: torch.Tensor, recipe: ViewRecipe, unit_seed: int, views: int) -> torch.Tensor:
     """Every view of one unit's images: K×N×C×H×W (view-major, so each view is one batch)."""
     off = view_offsets(recipe, unit_seed, views, len(images), images.shape[-1])
     mates = lambda v: images[torch.from_numpy(off[:, v, 3].astype(np.int64))] if recipe.mixes else None
-    return torch.stack([view_pixels(images, off[:, v], recipe.pad, mates(v)) for v in range(views)])
+    return torch.stack([view_pixels(images, off[:, v], recipe, mates(v)) for v in range(views)])

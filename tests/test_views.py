@@ -48,7 +48,7 @@ def stored_logits_of_views(reader, model, spec, unit, views):
     out = []
     for v in range(views):
         partners = images[off[:, v, 3].astype(np.int64)] if recipe.mixes else None
-        px = view_pixels(images, off[:, v], recipe.pad, partners)
+        px = view_pixels(images, off[:, v], recipe, partners)
         with torch.no_grad():
             out.append(model(normalize(px, spec.mean, spec.std)))
     return torch.stack(out, 1).numpy()
@@ -96,13 +96,31 @@ def test_cutmix_views_paste_a_box_of_another_image_of_the_unit_into_flip_crops_v
     assert 0.2 < area.mean() < 0.5 and area.min() == 0 and area.max() > 0.75  # CutMix: shares spread over [0, 1]
     images = torch.from_numpy(r.read_unit(0).images)
     partners = images[off[:, 0, 3].astype(np.int64)]
-    got = view_pixels(images, off[:, 0], 1, partners)
-    plain = view_pixels(images, off[:, 0, :3], 1)
-    mate = view_pixels(partners, off[:, 0, :3], 1)
+    crop = ViewRecipe("flip-crop", 1)
+    got = view_pixels(images, off[:, 0], mixed, partners)
+    plain = view_pixels(images, off[:, 0, :3], crop)
+    mate = view_pixels(partners, off[:, 0, :3], crop)
     assert ((got == plain) | (got == mate)).all()  # every pixel is the image's or its partner's, same crop
     assert (got != plain).any() and (got != mate).any()
     with pytest.raises(ValueError, match="partner image"):
-        view_pixels(images, off[:, 0], 1)
+        view_pixels(images, off[:, 0], mixed)
+
+
+def test_resized_crop_views_scale_a_square_of_the_image_back_up_exactly():
+    recipe = ViewRecipe("flip-resized-crop", 1)
+    off = view_offsets(recipe, 7, 4, 500, 8)
+    sides = off[..., 3]
+    assert set(np.unique(sides).tolist()) == {6, 7, 8}  # round(0.7 * 8) .. 8
+    assert (off[..., 0] + sides <= 8).all() and (off[..., 1] + sides <= 8).all() and 0.4 < off[..., 2].mean() < 0.6
+    images = torch.arange(500 * 64, dtype=torch.int32).view(500, 1, 8, 8)
+    got = view_pixels(images, off[:, 0], recipe)
+    for i in range(0, 500, 50):  # the box sampled at nearest pixels, mirrored where flipped
+        y0, x0, flip, side = off[i, 0].tolist()
+        pick = np.arange(8) * side // 8
+        want = images[i, 0, y0 + pick][:, x0 + pick]
+        assert torch.equal(got[i, 0], want.flip(1) if flip else want)
+    whole = np.array([[0, 0, 0, 8]])
+    assert torch.equal(view_pixels(images[:1], whole, recipe), images[:1])  # the whole image is itself
 
 
 def test_synth_with_views_equals_labelling_afterwards(tmp_path):
@@ -200,7 +218,7 @@ def test_convert_keeps_views_and_plain_tools_read_them(tmp_path, teacher):
 
 
 @pytest.mark.parametrize("in_ram", [True, False])
-@pytest.mark.parametrize("mode", ["flip-crop", "flip-crop-cutmix"])
+@pytest.mark.parametrize("mode", ["flip-crop", "flip-crop-cutmix", "flip-resized-crop"])
 def test_loader_gives_each_image_one_stored_view_per_epoch(tmp_path, teacher, in_ram, mode):
     path = str(tmp_path / "s.zarr")
     model, spec = make_store(path, teacher)
@@ -222,7 +240,7 @@ def test_loader_gives_each_image_one_stored_view_per_epoch(tmp_path, teacher, in
             lo, hi = r.meta.unit_range(u)
             off = view_offsets(recipe, unit_seed(r.meta.base_seed, u), 4, hi - lo, 8)[i - lo, v[j]]
             mate = torch.from_numpy(full.images[lo + off[3]:lo + off[3] + 1]) if recipe.mixes else None
-            px = view_pixels(torch.from_numpy(full.images[i:i + 1]), off[None], recipe.pad, mate)
+            px = view_pixels(torch.from_numpy(full.images[i:i + 1]), off[None], recipe, mate)
             assert torch.equal(b.images[j:j + 1], px)  # the view's exact pixels
         assert len(set(v.tolist())) > 1
     ds.set_epoch(0)

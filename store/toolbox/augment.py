@@ -13,10 +13,11 @@ if TYPE_CHECKING:
     import torch
 
 MODES = ("none", "crop", "flip-crop")  # the augmentations of training batches
-VIEW_MODES = ("crop", "flip-crop", "flip-crop-cutmix")  # how a stored view is drawn (store/views.py)
+VIEW_MODES = ("crop", "flip-crop", "flip-crop-cutmix", "flip-resized-crop")  # how a stored view is drawn (store/views.py)
 VIEW_MODE_HELP = ("How the views are drawn: a random crop after zero padding of 1/8 of the side (crop), also mirrored "
                   "half of the time (flip-crop), after pasting a random box of another image of the unit "
-                  "(flip-crop-cutmix).")
+                  "(flip-crop-cutmix); or a random square of 0.7-1 of the side scaled back up, mirrored half of the "
+                  "time (flip-resized-crop).")
 
 
 def default_pad(side: int) -> int:
@@ -40,6 +41,22 @@ def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: to
     # one gather over each padded image's flat pixels: 1.6x faster on the CPU than 4-D advanced indexing
     flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
     return padded.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
+
+
+def resized_crop(images: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, side: torch.Tensor,
+                 flip: torch.Tensor | None) -> torch.Tensor:
+    """Each image's square box (y0, x0, side) scaled back to the image's size by nearest-neighbour sampling,
+    mirrored where `flip`: integer arithmetic only, so exact on any device and dtype."""
+    import torch
+
+    b, c, h, w = images.shape
+    side = side.long()[:, None]
+    rows = (y0.long()[:, None] + torch.arange(h) * side // h).to(images.device)
+    cols = (x0.long()[:, None] + torch.arange(w) * side // w).to(images.device)
+    if flip is not None:
+        cols = torch.where(flip.bool()[:, None].to(images.device), cols.flip(1), cols)
+    flat = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return images.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
 
 
 def augment(images: torch.Tensor, mode: str, gen: torch.Generator, pad: int | None = None) -> torch.Tensor:
