@@ -18,7 +18,7 @@ VIEW_MODE_HELP = ("How the views are drawn: a random crop after zero padding of 
                   "half of the time (flip-crop), after pasting a random box of another image of the unit "
                   "(flip-crop-cutmix); or a random square of 0.7-1 of the side scaled back up, mirrored half of the "
                   "time (flip-resized-crop). Measured on Fashion-MNIST (BENCHMARKS.md): flip-crop for synthetic "
-                  "stores, flip-crop-cutmix for BN-free students, flip-resized-crop for real images.")
+                  "stores, flip-crop-cutmix for BN-free students, flip-resized-crop for real images with BN students.")
 
 
 def default_pad(side: int) -> int:
