@@ -113,8 +113,8 @@ class Union:
         return rec
 
     def view_plan(self) -> tuple[ViewRecipe, np.ndarray]:
-        """The stores' common view recipe and every sample's view plan rows (num_samples × V × 3, or × 8 for a
-        mixing recipe), refused with one line when a store lacks complete view labels or the stores' views differ."""
+        """The stores' common view recipe and every sample's view plan rows (num_samples × V ×
+        recipe.columns, view_offsets), refused with one line when a store lacks complete view labels or the stores' views differ."""
         first = self.readers[0]
         for r in self.readers:
             if not r.meta.views:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .toolbox.augment import VIEW_MODES, crop_flip, default_pad, resized_crop
-
-MIN_SIDE = 0.7  # flip-resized-crop: the box's side is a uniform share of the image's side in [MIN_SIDE, 1]
 from .toolbox.errors import StoreError
+
+MIN_SIDE = 0.7  # flip-resized-crop: the square's side is drawn from [MIN_SIDE, 1] of the image's side
 
 
 @dataclass(frozen=True)

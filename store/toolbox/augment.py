@@ -26,6 +26,20 @@ def default_pad(side: int) -> int:
     return max(1, side // 8)
 
 
+def _sample(source: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    """Output pixel (i, j) of image n is source[n, :, rows[n, i], cols[n, j]], columns mirrored where `flip`:
+    one gather over each image's flat pixels (1.6x faster on the CPU than 4-D advanced indexing)."""
+    import torch
+
+    b, c, _, width = source.shape
+    h, w = rows.shape[1], cols.shape[1]
+    rows, cols = rows.to(source.device), cols.to(source.device)
+    if flip is not None:
+        cols = torch.where(flip.bool()[:, None].to(source.device), cols.flip(1), cols)
+    flat = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return source.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
+
+
 def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor | None,
               pad: int) -> torch.Tensor:
     """Each image padded by `pad` zeros, cropped back to its size at offsets (oy, ox) in [0, 2*pad], mirrored
@@ -33,15 +47,9 @@ def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: to
     import torch
     import torch.nn.functional as F
 
-    b, c, h, w = images.shape
+    h, w = images.shape[2:]
     padded = F.pad(images, (pad, pad, pad, pad))
-    rows = (oy.long()[:, None] + torch.arange(h)).to(images.device)
-    cols = (ox.long()[:, None] + torch.arange(w)).to(images.device)
-    if flip is not None:
-        cols = torch.where(flip.bool()[:, None].to(images.device), cols.flip(1), cols)
-    # one gather over each padded image's flat pixels: 1.6x faster on the CPU than 4-D advanced indexing
-    flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-    return padded.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
+    return _sample(padded, oy.long()[:, None] + torch.arange(h), ox.long()[:, None] + torch.arange(w), flip)
 
 
 def resized_crop(images: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, side: torch.Tensor,
@@ -50,14 +58,10 @@ def resized_crop(images: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, side:
     mirrored where `flip`: integer arithmetic only, so exact on any device and dtype."""
     import torch
 
-    b, c, h, w = images.shape
+    h, w = images.shape[2:]
     side = side.long()[:, None]
-    rows = (y0.long()[:, None] + torch.arange(h) * side // h).to(images.device)
-    cols = (x0.long()[:, None] + torch.arange(w) * side // w).to(images.device)
-    if flip is not None:
-        cols = torch.where(flip.bool()[:, None].to(images.device), cols.flip(1), cols)
-    flat = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-    return images.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
+    return _sample(images, y0.long()[:, None] + torch.arange(h) * side // h,
+                   x0.long()[:, None] + torch.arange(w) * side // w, flip)
 
 
 def augment(images: torch.Tensor, mode: str, gen: torch.Generator, pad: int | None = None) -> torch.Tensor:
