@@ -266,7 +266,7 @@ class StoreDataset(IterableDataset):
         idx = b.indices[:n].numpy()
         v = self._view_choice()[idx]
         images = view_pixels(b.images[:n], self._view_offsets[idx, v], self._view_recipe, partners)
-        return Batch(images, b.logits[np.arange(n), v], b.labels[:n], b.indices[:n])
+        return Batch(images, b.logits[torch.arange(n), torch.from_numpy(v)], b.labels[:n], b.indices[:n])
 
     def _iter_ram(self, plan: list[np.ndarray]) -> Iterator[Batch]:
         # torch's index_select gathers rows ~2x faster than numpy fancy indexing
