@@ -179,6 +179,24 @@ def test_cli_distill_with_eval_reports_accuracy(tmp_path, digits_store, digits_t
     assert again.exit_code == 2 and "--resume" in again.output
 
 
+def test_eval_every_scores_only_those_epochs_and_trains_the_same(tmp_path, digits_store):
+    runs = {}
+    for every in ("0", "2", "1"):
+        out = tmp_path / f"every{every}"
+        res = invoke("distill", "--store", digits_store, "--student", "mlp", "--epochs", "5", "--eval", "digits",
+                     "--eval-every", every, "--out", str(out), "--quiet")
+        assert res.exit_code == 0, res.output
+        history = json.loads((out / "metrics.json").read_text())["students"]["mlp"]["history"]
+        runs[every] = ([r["epoch"] for r in history if "test_top1" in r], history[-1]["test_top1"],
+                       torch.load(out / "mlp.pt", weights_only=True))
+    assert runs["0"][0] == [5] and runs["2"][0] == [2, 4, 5] and runs["1"][0] == [1, 2, 3, 4, 5]
+    assert runs["0"][1] == runs["2"][1] == runs["1"][1]  # scoring never changes what the student learns
+    weights = [r[2]["state_dict"] for r in runs.values()]
+    assert weights[0] and all(w.keys() == weights[0].keys() for w in weights)
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]) and torch.equal(value, weights[2][name])
+
+
 def test_cli_classical_kd_and_train_teacher(tmp_path, digits_teacher):
     t = str(tmp_path / "t.pt")
     res = invoke("train-teacher", "--model", "mlp", "--data", "digits", "--epochs", "10", "--out", t)

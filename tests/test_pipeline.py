@@ -194,7 +194,7 @@ def _family(family):
 
     if family == "distill":  # a pipeline's stores, [data], [run] and `dfkd run` flags hold the rest
         return (distill_cmd, DistillSection, DistillSettings, DistillJob("s.zarr", ["mlp"], "out"),
-                {"store_path", "kd_data", "students", "eval_data", "data_root", "device", "out", "resume",
+                {"store_path", "kd_data", "students", "eval_data", "eval_every", "data_root", "device", "out", "resume",
                  "model_code", "quiet"}, {"name", "students", "stores"})
     if family == "synth":  # the method and its --set keys are the method's config (`dfkd methods`)
         return (synth_cmd, SynthSection, SynthSettings, SynthJob("noise", 8, "s.zarr"),

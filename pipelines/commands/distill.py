@@ -32,6 +32,9 @@ def _check_teacher(spec: Any, num_classes: int, shape: tuple[int, ...], what: st
               help="Student model, repeat for several: a zoo name (" + ", ".join(zoo_names()) + "), torchvision:NAME, "
                    "timm:NAME or package.module:factory.")
 @click.option("--eval", "eval_data", default=None, help="Real dataset whose test split scores the students: " + DATA_HELP)
+@click.option("--eval-every", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Epochs between scorings with --eval (each scores the whole test split, shown in the progress "
+                   "line and metrics.json); 0: the last epoch only. Training is the same either way.")
 @data_root_option
 @click_options(DistillSettings)
 @device_option
@@ -40,7 +43,7 @@ def _check_teacher(spec: Any, num_classes: int, shape: tuple[int, ...], what: st
 @model_code_option
 @quiet_option
 def distill_cmd(store_path: tuple[str, ...], kd_data: str | None, students: tuple[str, ...], eval_data: str | None,
-                data_root: str | None, device: str, out: str, resume: bool, model_code: tuple[str, ...],
+                eval_every: int, data_root: str | None, device: str, out: str, resume: bool, model_code: tuple[str, ...],
                 **recipe: Any) -> None:
     """Train one or more students at once from a store (or, with --kd-data, from real data and a teacher)."""
     if bool(store_path) == (kd_data is not None):
@@ -53,12 +56,12 @@ def distill_cmd(store_path: tuple[str, ...], kd_data: str | None, students: tupl
     for name in students:
         check_model_name(name)  # unknown names fail here, before any data is loaded
     with distributed(resolve_device(device)) as rank_device:  # under torchrun: DDP per student, equal batches per rank
-        _distill(list(store_path), kd_data, students, eval_data, data_root, rank_device, out, resume, model_code,
-                 settings)
+        _distill(list(store_path), kd_data, students, eval_data, eval_every, data_root, rank_device, out, resume,
+                 model_code, settings)
 
 
 def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ...], eval_data: str | None,
-             data_root: str | None, device: str, out: str, resume: bool, model_code: tuple[str, ...],
+             eval_every: int, data_root: str | None, device: str, out: str, resume: bool, model_code: tuple[str, ...],
              recipe: DistillSettings) -> None:
     from ...distill.checkpoint import load_model
     from ...distill.evaluate import accuracy
@@ -70,7 +73,7 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     t_model, t_spec = None, None
     if recipe.teacher is not None:
         t_model, t_spec, _ = load_model(recipe.teacher, "teacher", model_code)
-    job = DistillJob(store_path, list(students), out, device=device, resume=resume, eval_every=1,
+    job = DistillJob(store_path, list(students), out, device=device, resume=resume, eval_every=eval_every,
                      model_code=model_code, **dataclasses.asdict(recipe))
     batch_size, seed, epochs, augment = recipe.batch_size, recipe.seed, recipe.epochs, recipe.augment
     if kd_data is not None:
