@@ -32,9 +32,11 @@ def _check_teacher(spec: Any, num_classes: int, shape: tuple[int, ...], what: st
               help="Student model, repeat for several: a zoo name (" + ", ".join(zoo_names()) + "), torchvision:NAME, "
                    "timm:NAME or package.module:factory.")
 @click.option("--eval", "eval_data", default=None, help="Real dataset whose test split scores the students: " + DATA_HELP)
-@click.option("--eval-every", type=click.IntRange(min=0), default=1, show_default=True,
+@click.option("--eval-every", type=click.IntRange(min=0), default=10, show_default=True,
               help="Epochs between scorings with --eval (each scores the whole test split, shown in the progress "
-                   "line and metrics.json); 0: the last epoch only. Training is the same either way.")
+                   "line and metrics.json; the last epoch is always scored); 1: every epoch, 0: the last only. "
+                   "Training is the same either way; scoring Fashion-MNIST's 10k test images every epoch took 63% "
+                   "of a 367-epoch run on 6,144 images.")
 @data_root_option
 @click_options(DistillSettings)
 @device_option
