@@ -27,33 +27,33 @@ def default_pad(side: int) -> int:
     return max(1, side // 8)
 
 
-def _sample(source: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
-    """Output pixel (i, j) of image n is source[n, :, rows[n, i], cols[n, j]], columns mirrored where `flip`:
-    one gather over each image's flat pixels (1.6x faster on the CPU than 4-D advanced indexing)."""
+def _flat_index(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Where output pixel (i, j) of image n reads in its source's flat pixels: rows[n, i], cols[n, j], the
+    columns mirrored where `flip`; B×(h*w), for one gather (1.6x faster on the CPU than 4-D advanced indexing)."""
     import torch
 
-    b, c, _, width = source.shape
-    h, w = rows.shape[1], cols.shape[1]
-    rows, cols = rows.to(source.device), cols.to(source.device)
     if flip is not None:
-        cols = torch.where(flip.bool()[:, None].to(source.device), cols.flip(1), cols)
-    flat = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-    return source.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
+        cols = torch.where(flip.bool()[:, None].to(cols.device), cols.flip(1), cols)
+    return (rows[:, :, None] * width + cols[:, None, :]).reshape(len(rows), -1)
+
+
+def _gather(source: torch.Tensor, flat: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Each image's pixels at its flat indices (_flat_index), every channel alike: B×C×h×w."""
+    b, c = source.shape[:2]
+    index = flat.to(source.device).view(b, 1, h * w).expand(b, c, h * w)
+    return source.reshape(b, c, -1).gather(2, index).view(b, c, h, w)
 
 
 def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor | None,
               pad: int) -> torch.Tensor:
     """Each image padded by `pad` zeros, cropped back to its size at offsets (oy, ox) in [0, 2*pad], mirrored
     where `flip`; exact on any dtype (uint8 pixels stay the same uint8 pixels)."""
-    import torch
     import torch.nn.functional as F
 
-    b, c, h, w = images.shape
-    k = 2 * pad + 1
-    combo = (oy.long() * k + ox.long()) * 2 + (0 if flip is None else flip.long())
+    h, w = images.shape[2:]
+    combo = (oy.long() * (2 * pad + 1) + ox.long()) * 2 + (0 if flip is None else flip.long())
     flat = _crop_table(h, w, pad, str(images.device)).index_select(0, combo.to(images.device))
-    padded = F.pad(images, (pad, pad, pad, pad)).reshape(b, c, -1)
-    return padded.gather(2, flat.view(b, 1, h * w).expand(b, c, h * w)).view(b, c, h, w)
+    return _gather(F.pad(images, (pad, pad, pad, pad)), flat, h, w)
 
 
 @functools.lru_cache(maxsize=16)
@@ -66,9 +66,7 @@ def _crop_table(h: int, w: int, pad: int, device: str) -> torch.Tensor:
     k = 2 * pad + 1
     oy, ox, flip = (g.reshape(-1) for g in torch.meshgrid(torch.arange(k), torch.arange(k), torch.arange(2),
                                                            indexing="ij"))
-    rows, cols = oy[:, None] + torch.arange(h), ox[:, None] + torch.arange(w)
-    cols = torch.where(flip.bool()[:, None], cols.flip(1), cols)
-    return (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).reshape(k * k * 2, h * w).to(device)
+    return _flat_index(oy[:, None] + torch.arange(h), ox[:, None] + torch.arange(w), flip, w + 2 * pad).to(device)
 
 
 def resized_crop(images: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, side: torch.Tensor,
@@ -79,8 +77,8 @@ def resized_crop(images: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, side:
 
     h, w = images.shape[2:]
     side = side.long()[:, None]
-    return _sample(images, y0.long()[:, None] + torch.arange(h) * side // h,
-                   x0.long()[:, None] + torch.arange(w) * side // w, flip)
+    rows, cols = y0.long()[:, None] + torch.arange(h) * side // h, x0.long()[:, None] + torch.arange(w) * side // w
+    return _gather(images, _flat_index(rows, cols, flip, w), h, w)
 
 
 def augment(images: torch.Tensor, mode: str, gen: torch.Generator, pad: int | None = None) -> torch.Tensor:
