@@ -7,7 +7,10 @@ the steps): one bare step of the same generator (width 64, latent 256, pixels) w
 student forward and backward to the generator and z, and an Adam step (`bank_floor`).
 
     python -m benchmarks.synth_overhead [--cases resnet34:64,resnet34:256,lenet5_bn:256] [--iterations 5]
-        [--methods floor,student_floor,stat,deepinversion,adi,round_floor,adversarial]
+        [--methods floor,student_floor,stat,deepinversion,adi,round_floor,adversarial] [--ops]
+
+--ops adds the ATen ops one iteration dispatches (benchmarks.op_count) and their ratio to the floor's, for the
+floors and the inversion methods (stat, deepinversion, adi): exact counts, the host work a GPU waits on.
 
 Each (model, batch, method) runs in its own subprocess so its peak memory is its own: peak RSS on CPU
 (ru_maxrss minus the RSS after building the model), torch.cuda.max_memory_allocated on CUDA. Random
@@ -108,6 +111,32 @@ def _round_floor(teacher, student, generator, batch: int, iterations: int, dev: 
     for p in student.parameters():
         p.requires_grad_(True)
     return 5 * (ms["g_fwd"] + ms["t_fwd"] + ms["s_train"]) + ms["g_train"] + ms["t_input"] + ms["s_input"]
+
+
+def count(model_name: str, batch: int, method: str, device: str) -> float | None:
+    """ATen ops per iteration (inversion methods) or per pass (their floors); None for the other methods."""
+    from benchmarks.op_count import floor_ops, inversion_ops
+    from dfkd.distill.models import create_model
+    from dfkd.synth.engine import frozen
+    from dfkd.synth.methods import SynthContext, create_method
+
+    if method not in ("floor", "student_floor", "stat", "deepinversion", "adi"):
+        return None
+    torch.manual_seed(0)
+    shape = (3, 32, 32) if "resnet" in model_name or "wrn" in model_name else (1, 28, 28)
+    dev = torch.device(device)
+    teacher = create_model(model_name, 10, shape[0], shape[1]).to(dev).eval()
+    student = create_model("resnet18" if "resnet" in model_name else "lenet5_half", 10, shape[0], shape[1]).to(dev).eval()
+    targets = torch.arange(batch, device=dev) % 10
+    with frozen(teacher, student):
+        if method in ("floor", "student_floor"):
+            return floor_ops(teacher if method == "floor" else student, torch.randn(batch, *shape, device=dev), targets)
+        ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student)
+        m = create_method(method, ctx, {"jitter": 2, "flip": True})
+        try:
+            return inversion_ops(m, targets)
+        finally:
+            m.close()
 
 
 def measure(model_name: str, batch: int, method: str, iterations: int, device: str, amp: str = "off") -> dict:
@@ -212,18 +241,23 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="processes per method; medians are reported")
     p.add_argument("--amp", default="off", help="off, auto, bf16 or fp16 (CUDA only): autocast for floors and methods")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ops", action="store_true", help="also count the ATen ops per iteration (exact, any machine)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model:batch:method, internal
     args = p.parse_args()
     if args.one:
         model, batch, method = args.one.split(":")
-        print(json.dumps(measure(model, int(batch), method, args.iterations, args.device, args.amp)))
+        out = measure(model, int(batch), method, args.iterations, args.device, args.amp)
+        if args.ops:
+            out["ops"] = count(model, int(batch), method, args.device)
+        print(json.dumps(out))
         return
     print(f"synth overhead on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
           f"torch {torch.__version__}, amp {args.amp}, {args.iterations} timed iterations after one warm-up, median of {args.repeats} "
           "processes per method")
     print()
-    print("| teacher | batch | method | ms/iter | x its floor | peak extra MiB | x floor memory |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    ops_head = (" ops/iter | x floor ops |", "---:|---:|") if args.ops else ("", "")
+    print("| teacher | batch | method | ms/iter | x its floor | peak extra MiB | x floor memory |" + ops_head[0])
+    print("|---|---:|---|---:|---:|---:|---:|" + ops_head[1])
     methods = args.methods.split(",")
     for case in args.cases.split(","):
         model, batch = case.split(":")
@@ -232,21 +266,29 @@ def main() -> None:
             for method in (methods if r % 2 == 0 else methods[::-1]):
                 out = subprocess.run([sys.executable, "-m", "benchmarks.synth_overhead", "--one",
                                       f"{model}:{batch}:{method}", "--iterations", str(args.iterations),
-                                      "--device", args.device, "--amp", args.amp], capture_output=True, text=True,
-                                     check=True)
+                                      "--device", args.device, "--amp", args.amp, *(["--ops"] if args.ops else [])],
+                                     capture_output=True, text=True, check=True)
                 runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
         res = {m: {k: statistics.median(v[k] for v in vs) for k in ("ms", "peak_mb")} for m, vs in runs.items()}
+        for m, vs in runs.items():
+            res[m]["ops"] = vs[0].get("ops")  # exact: the same in every process
         for method in methods:
             r = res[method]
             floor = FLOORS.get(method, ("floor",))
             if not floor or not all(f in res for f in floor):  # a floor itself, or its floor was not run
-                print(f"| {model} | {batch} | {method} | {r['ms']:.1f} | | {r['peak_mb']:.0f} | |", flush=True)
+                ops = f" {r['ops']:.0f} | |" if args.ops and r["ops"] is not None else (" | |" if args.ops else "")
+                print(f"| {model} | {batch} | {method} | {r['ms']:.1f} | | {r['peak_mb']:.0f} | |" + ops, flush=True)
                 continue
             f_ms = sum(res[f]["ms"] for f in floor)
             f_mb = sum(res[f]["peak_mb"] for f in floor)
             name = method + (f" (vs {' + '.join(floor)})" if floor != ("floor",) else "")
+            ops = ""
+            if args.ops:
+                f_ops = [res[f]["ops"] for f in floor]
+                ops = (f" {r['ops']:.0f} | {r['ops'] / sum(f_ops):.2f} |" if r["ops"] is not None
+                       and None not in f_ops else " | |")
             print(f"| {model} | {batch} | {name} | {r['ms']:.1f} | {r['ms'] / f_ms:.2f} | {r['peak_mb']:.0f} | "
-                  f"{r['peak_mb'] / max(f_mb, 1e-9):.2f} |", flush=True)
+                  f"{r['peak_mb'] / max(f_mb, 1e-9):.2f} |" + ops, flush=True)
 
 if __name__ == "__main__":
     main()

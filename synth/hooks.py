@@ -29,7 +29,7 @@ class FeatureHooks:
 
     `captured[path]` holds the latest tensor, still attached to the graph so losses can flow through it.
     With `transform(path, tensor)`, the layer sees (and `captured` holds) the transformed tensor instead:
-    a pre-hook replaces the input, a forward hook the output (synth.moment_taps' taps use this).
+    a pre-hook replaces the input, a forward hook the output (synth.moment_match's taps use this).
     """
 
     def __init__(self, model: nn.Module, paths: list[str], capture: str = "input",

@@ -247,7 +247,7 @@ class BankMethod(Method):
         view = ctx.normalize(augment(x01, "flip-crop", gen, self.pad))
         with ctx.autocast():
             t = ctx.teacher(view)
-            parts = {"bn": c.w_bn * self.stats.loss(1.0), "oh": c.w_oh * F.cross_entropy(t.float(), targets)}
+            parts = {"bn": self.stats.loss(1.0, c.w_bn), "oh": c.w_oh * F.cross_entropy(t.float(), targets)}
             if self.adversarial:
                 parts["adv"] = -c.w_adv * agreement_kl(ctx.student(view), t)
         return sum(parts.values()), parts

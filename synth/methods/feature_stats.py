@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..moment_taps import MomentSlot, tap, tapped_channel_stats
+from ..moment_match import MomentMatch, MomentSlot, tap
 from ..hooks import FeatureHooks, bn_layers
-from ..losses import channel_stats, competition, l2_prior, moment_distance, tv_l1, tv_l2
+from ..losses import competition, l2_prior, tv_l1, tv_l2
 from .base import MethodError, SynthContext, layer_list, register_method
 from .inversion import InversionConfig, InversionMethod
 
@@ -21,8 +21,9 @@ from .inversion import InversionConfig, InversionMethod
 class StatTerms:
     """Hooks on the matched layers and their reference (mean, var); removed by `close`.
 
-    Each BN input passes a tap (synth.moment_taps), so its statistics' gradient is formed when the backward
-    pass reaches the layer instead of all at once at the loss: same gradient, less memory.
+    Each BN input passes a tap (synth.moment_match), so its statistics' gradient is formed when the backward
+    pass reaches the layer instead of all at once at the loss: same gradient, less memory. Every layer's
+    distance is computed in one stacked pass (`MomentMatch`), a fixed number of ops whatever the layer count.
     """
 
     def __init__(self, ctx: SynthContext, layers: str, method: str, momentum: float = 0.0) -> None:
@@ -30,7 +31,7 @@ class StatTerms:
             raise MethodError(f"{method}.bn_momentum must lie in [0, 1), got {momentum}")
         # momentum > 0 (Fast, NAYER): each batch is matched blended with the earlier batches' moments, so the
         # store as a whole, not every batch alone, has to fit the reference statistics.
-        self.momentum, self.running, self.last = momentum, {}, {}
+        self.momentum, self._running = momentum, None
         if ctx.record is not None:
             paths = layer_list(layers, ctx.record.layers)
             missing = [p for p in paths if p not in ctx.record.mean]
@@ -51,6 +52,7 @@ class StatTerms:
             self.refs = {p: (mods[p].running_mean, mods[p].running_var) for p in paths}
             capture = "input"
         self.paths = paths
+        self.match = MomentMatch([self.refs[p] for p in paths], ctx.device)
         self.slots: dict[str, MomentSlot | None] = {}
         # Taps on BN inputs only: a recorded layer's output is often changed in place by the activation after
         # it (the record reads it after the forward, as the loss does here), which a tap's output cannot allow.
@@ -61,27 +63,29 @@ class StatTerms:
         out, self.slots[path] = tap(x)
         return out
 
-    def loss(self, first_multiplier: float) -> torch.Tensor:
-        """Sum over matched layers of the stat loss; the first layer weighted by `first_multiplier`."""
-        total = 0.0
-        for i, p in enumerate(self.paths):
-            x, slot = self.hooks.captured[p], self.slots.get(p)
-            mu, v = channel_stats(x) if slot is None else tapped_channel_stats(x, slot)
-            if self.momentum:
-                self.last[p] = (mu.detach(), v.detach())
-                if p in self.running:
-                    m, (run_mu, run_v) = self.momentum, self.running[p]
-                    mu, v = (1 - m) * mu + m * run_mu, (1 - m) * v + m * run_v
-            total = total + (first_multiplier if i == 0 else 1.0) * moment_distance(mu, v, *self.refs[p])
-        return total
+    def loss(self, first_multiplier: float, weight: float = 1.0) -> torch.Tensor:
+        """weight x the sum over matched layers of the stat loss; the first layer weighted by `first_multiplier`."""
+        weights = [weight * (first_multiplier if i == 0 else 1.0) for i in range(len(self.paths))]
+        xs = [self.hooks.captured[p] for p in self.paths]
+        return self.match.loss(xs, [self.slots.get(p) for p in self.paths], weights,
+                               self._running if self.momentum else None, self.momentum)
+
+    @property
+    def running(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The running (mean, var) of each matched layer (momentum > 0), as a chain's checkpoint keeps them."""
+        if self._running is None:
+            return {}
+        return {p: (m.clone(), v.clone()) for p, (m, v) in zip(self.paths, self.match.split(self._running))}
+
+    @running.setter
+    def running(self, value: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._running = self.match.join([value[p] for p in self.paths]).to(self.match.device) if value else None
 
     def update_momentum(self) -> None:
         """Fold the last scored batch's moments into the running ones (call once per finished batch)."""
-        for p, (mu, v) in self.last.items():
-            old = self.running.get(p)
-            self.running[p] = (mu, v) if old is None else tuple(self.momentum * o + (1 - self.momentum) * n
-                                                                for o, n in zip(old, (mu, v)))
-        self.last = {}
+        last, self.match.last = self.match.last, None
+        if last is not None and self.momentum:
+            self._running = last if self._running is None else torch.lerp(last, self._running, self.momentum)
 
     def close(self) -> None:
         self.hooks.remove()
@@ -111,7 +115,7 @@ class Stat(InversionMethod):
         self.stats = StatTerms(ctx, config.layers, self.name)
 
     def terms(self, x, logits, targets):
-        return {"stat": self.config.w_stat * self.stats.loss(self.config.first_multiplier)}
+        return {"stat": self.stats.loss(self.config.first_multiplier, self.config.w_stat)}
 
     def close(self) -> None:
         self.stats.close()
@@ -144,9 +148,9 @@ class DeepInversion(InversionMethod):
 
     def terms(self, x, logits, targets):
         c = self.config
-        out = {"bn": c.w_bn * self.stats.loss(c.first_multiplier)}
+        out = {"bn": self.stats.loss(c.first_multiplier, c.w_bn)}
         if c.w_tv_l2:
-            out["tv_l2"] = c.w_tv_l2 * tv_l2(x)
+            out["tv_l2"] = tv_l2(x, c.w_tv_l2)
         if c.w_tv_l1:
             out["tv_l1"] = c.w_tv_l1 * tv_l1(x)
         if c.w_l2:

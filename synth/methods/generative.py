@@ -113,7 +113,7 @@ class GenerativeMethod(Method):
         """w_stat x the feature-statistics loss of the teacher's last forward (0 when the prior is off)."""
         if self.stats is None:
             return 0.0
-        return self.config.w_stat * self.stats.loss(self.config.first_multiplier)
+        return self.stats.loss(self.config.first_multiplier, self.config.w_stat)
 
     def close(self) -> None:
         """Remove the prior's hooks from the teacher (training's end, or the engine's close)."""

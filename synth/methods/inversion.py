@@ -8,7 +8,9 @@ only add loss terms.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -49,27 +51,31 @@ class InversionMethod(Method):
         lo = ctx.normalize(torch.zeros(1, ctx.image_shape[0], 1, 1, device=dev))
         hi = ctx.normalize(torch.ones(1, ctx.image_shape[0], 1, 1, device=dev))
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # one kernel per step
-        best = x.detach().clone()
-        best_score = torch.full((b,), math.inf, device=dev)
+        track = bool(cfg.w_ce and cfg.keep_best)  # each image keeps its best iterate: scored by its target log-prob
+        best, best_score, tgt = x.detach().clone(), torch.full((b, 1), -math.inf, device=dev), targets.view(-1, 1)
         last: dict[str, float] = {}
         scaler = torch.amp.GradScaler(dev.type, enabled=ctx.amp == torch.float16)  # fp16 needs loss scaling
         for it in range(cfg.iterations):
             for g in opt.param_groups:  # cosine schedule to 0
                 g["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations))
-            dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen)) if cfg.jitter else (0, 0)
+            dx, dy = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen).tolist() if cfg.jitter else (0, 0)
             view = torch.roll(x, shifts=(dx, dy), dims=(2, 3)) if (dx or dy) else x
-            if cfg.flip and bool(torch.rand((), generator=gen) < 0.5):
+            if cfg.flip and torch.rand((), generator=gen).tolist() < 0.5:
                 view = view.flip(3)
             with ctx.autocast():
                 logits = self.forward_teacher(view)
-                ce_each = F.cross_entropy(logits.float(), targets, reduction="none")
-                parts = {"ce": cfg.w_ce * ce_each.mean()} if cfg.w_ce else {}
+                parts = {}
+                if cfg.w_ce:  # cross-entropy as log-softmax + NLL, so the best-iterate score reuses the log-probs
+                    log_p = F.log_softmax(logits.float(), 1)
+                    ce = F.nll_loss(log_p, targets)
+                    parts["ce"] = ce if cfg.w_ce == 1 else cfg.w_ce * ce
                 parts.update(self.terms(view, logits, targets))
-                loss = sum(parts.values())
-            with torch.no_grad():  # keep each image's best iterate (the one scored by this forward)
-                better = ce_each.detach() < best_score
-                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x.detach(), best)  # no mask index: no sync
-                best_score = torch.where(better, ce_each.detach(), best_score)
+                loss = functools.reduce(operator.add, parts.values())
+            if track:
+                with torch.no_grad():  # keep each image's best iterate (the one scored by this forward)
+                    score = log_p.gather(1, tgt)  # minus its cross-entropy
+                    best = torch.where((score > best_score).view(-1, *([1] * (x.dim() - 1))), x, best)  # no sync
+                    best_score = torch.fmax(score, best_score)  # the higher of the two; a NaN score never wins
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -79,5 +85,5 @@ class InversionMethod(Method):
             if it == cfg.iterations - 1:  # reading values syncs the device: only once per batch
                 last = {k: float(v.detach()) for k, v in parts.items()}
                 last["total"] = float(loss.detach())
-        out = best if (cfg.w_ce and cfg.keep_best) else x.detach()
+        out = best if track else x.detach()
         return ctx.denormalize(out).clamp(0, 1), last
