@@ -9,6 +9,9 @@ student forward and backward to the generator and z, and an Adam step (`bank_flo
     python -m benchmarks.synth_overhead [--cases resnet34:64,resnet34:256,lenet5_bn:256] [--iterations 5]
         [--methods floor,student_floor,stat,deepinversion,adi,round_floor,adversarial] [--ops]
 
+graph_floor, graph_student_floor (CUDA): the floors captured as one CUDA graph each, the compute floor with no host in the way; where it ran,
+a column gives each method's ms against it. --cuda-graphs replays the inversion methods' iterations as CUDA graphs.
+
 --ops adds the ATen ops one iteration dispatches (benchmarks.op_count) and their ratio to the floor's, for the
 floors and the inversion methods (stat, deepinversion, adi): exact counts, the host work a GPU waits on.
 
@@ -30,9 +33,9 @@ import time
 
 import torch
 
-METHODS = ["floor", "student_floor", "stat", "deepinversion", "adi", "round_floor", "adversarial", "bank_floor", "fast",
+METHODS = ["floor", "graph_floor", "student_floor", "graph_student_floor", "stat", "deepinversion", "adi", "round_floor", "adversarial", "bank_floor", "fast",
            "nayer"]
-FLOORS = {"floor": (), "student_floor": (), "round_floor": (), "adi": ("floor", "student_floor"),
+FLOORS = {"floor": (), "graph_floor": (), "student_floor": (), "graph_student_floor": (), "round_floor": (), "adi": ("floor", "student_floor"),
           "adversarial": ("round_floor",), "bank_floor": (), "fast": ("bank_floor",),
           "nayer": ("bank_floor",)}  # what each row is measured against
 
@@ -139,7 +142,8 @@ def count(model_name: str, batch: int, method: str, device: str) -> float | None
             m.close()
 
 
-def measure(model_name: str, batch: int, method: str, iterations: int, device: str, amp: str = "off") -> dict:
+def measure(model_name: str, batch: int, method: str, iterations: int, device: str, amp: str = "off",
+            cuda_graphs: bool = False) -> dict:
     """Run in a fresh process: ms per iteration (or per adversarial round) and peak extra memory (MiB)."""
     from dfkd.distill.models import create_model
     from dfkd.synth.engine import frozen
@@ -154,7 +158,7 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
     from dfkd.store.toolbox.compute import amp_dtype
 
     ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student,
-                       amp=amp_dtype(amp, dev))
+                       amp=amp_dtype(amp, dev), cuda_graphs=cuda_graphs)
     if dev.type == "cuda":
         teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
     targets = torch.arange(batch, device=dev) % 10
@@ -175,6 +179,20 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
                 x.grad = None
                 loss.backward()
             ms = _timed(step, iterations, dev)
+        elif method in ("graph_floor", "graph_student_floor"):
+            from dfkd.synth.cuda_graph import GraphedStep
+
+            x = torch.randn(batch, *shape, device=dev, requires_grad=True)
+            model = teacher if method == "graph_floor" else student
+            ctx.cuda_graphs = True  # autocast without its weight cache, which a graph cannot capture
+
+            def step() -> torch.Tensor:
+                with ctx.autocast():
+                    loss = torch.nn.functional.cross_entropy(model(x).float(), targets)
+                x.grad = None
+                loss.backward()
+                return loss
+            ms = _timed(GraphedStep(step, ()), iterations, dev)
         elif method == "round_floor":
             student.train()
             g = create_generator("dcgan", 100, shape).to(dev, memory_format=torch.channels_last).train()  # as the method's
@@ -242,22 +260,25 @@ def main() -> None:
     p.add_argument("--amp", default="off", help="off, auto, bf16 or fp16 (CUDA only): autocast for floors and methods")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ops", action="store_true", help="also count the ATen ops per iteration (exact, any machine)")
+    p.add_argument("--cuda-graphs", action="store_true", help="inversion iterations replayed as CUDA graphs")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model:batch:method, internal
     args = p.parse_args()
     if args.one:
         model, batch, method = args.one.split(":")
-        out = measure(model, int(batch), method, args.iterations, args.device, args.amp)
+        out = measure(model, int(batch), method, args.iterations, args.device, args.amp, args.cuda_graphs)
         if args.ops:
             out["ops"] = count(model, int(batch), method, args.device)
         print(json.dumps(out))
         return
     print(f"synth overhead on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
-          f"torch {torch.__version__}, amp {args.amp}, {args.iterations} timed iterations after one warm-up, median of {args.repeats} "
+          f"torch {torch.__version__}, amp {args.amp}, cuda graphs {'on' if args.cuda_graphs else 'off'}, {args.iterations} timed iterations after one warm-up, median of {args.repeats} "
           "processes per method")
     print()
+    graph_col = "graph_floor" in args.methods.split(",")
     ops_head = (" ops/iter | x floor ops |", "---:|---:|") if args.ops else ("", "")
-    print("| teacher | batch | method | ms/iter | x its floor | peak extra MiB | x floor memory |" + ops_head[0])
-    print("|---|---:|---|---:|---:|---:|---:|" + ops_head[1])
+    print("| teacher | batch | method | ms/iter | x its floor |" + (" x graphed floor |" if graph_col else "")
+          + " peak extra MiB | x floor memory |" + ops_head[0])
+    print("|---|---:|---|---:|---:|" + ("---:|" if graph_col else "") + "---:|---:|" + ops_head[1])
     methods = args.methods.split(",")
     for case in args.cases.split(","):
         model, batch = case.split(":")
@@ -266,7 +287,8 @@ def main() -> None:
             for method in (methods if r % 2 == 0 else methods[::-1]):
                 out = subprocess.run([sys.executable, "-m", "benchmarks.synth_overhead", "--one",
                                       f"{model}:{batch}:{method}", "--iterations", str(args.iterations),
-                                      "--device", args.device, "--amp", args.amp, *(["--ops"] if args.ops else [])],
+                                      "--device", args.device, "--amp", args.amp, *(["--ops"] if args.ops else []),
+                                      *(["--cuda-graphs"] if args.cuda_graphs else [])],
                                      capture_output=True, text=True, check=True)
                 runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
         res = {m: {k: statistics.median(v[k] for v in vs) for k in ("ms", "peak_mb")} for m, vs in runs.items()}
@@ -277,7 +299,8 @@ def main() -> None:
             floor = FLOORS.get(method, ("floor",))
             if not floor or not all(f in res for f in floor):  # a floor itself, or its floor was not run
                 ops = f" {r['ops']:.0f} | |" if args.ops and r["ops"] is not None else (" | |" if args.ops else "")
-                print(f"| {model} | {batch} | {method} | {r['ms']:.1f} | | {r['peak_mb']:.0f} | |" + ops, flush=True)
+                print(f"| {model} | {batch} | {method} | {r['ms']:.1f} | |" + (" |" if graph_col else "")
+                      + f" {r['peak_mb']:.0f} | |" + ops, flush=True)
                 continue
             f_ms = sum(res[f]["ms"] for f in floor)
             f_mb = sum(res[f]["peak_mb"] for f in floor)
@@ -287,8 +310,13 @@ def main() -> None:
                 f_ops = [res[f]["ops"] for f in floor]
                 ops = (f" {r['ops']:.0f} | {r['ops'] / sum(f_ops):.2f} |" if r["ops"] is not None
                        and None not in f_ops else " | |")
-            print(f"| {model} | {batch} | {name} | {r['ms']:.1f} | {r['ms'] / f_ms:.2f} | {r['peak_mb']:.0f} | "
-                  f"{r['peak_mb'] / max(f_mb, 1e-9):.2f} |" + ops, flush=True)
+            graphed = ""
+            if graph_col:  # against the floors captured as graphs: the compute floor
+                g_floor = ["graph_" + f for f in floor]
+                graphed = (f" {r['ms'] / sum(res[g]['ms'] for g in g_floor):.2f} |" if all(g in res for g in g_floor)
+                           else " |")
+            print(f"| {model} | {batch} | {name} | {r['ms']:.1f} | {r['ms'] / f_ms:.2f} |" + graphed
+                  + f" {r['peak_mb']:.0f} | {r['peak_mb'] / max(f_mb, 1e-9):.2f} |" + ops, flush=True)
 
 if __name__ == "__main__":
     main()

@@ -169,6 +169,9 @@ class SynthSettings:
     amp: str = setting("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU.",
                        choices=AMP_MODES)
     compile: bool = setting(False, "torch.compile the teacher (CUDA; slow first batch).")
+    cuda_graphs: bool = setting(
+        False, "Replay each inversion iteration (stat, deepinversion, adi, spectral) as one CUDA graph, captured once "
+        "per batch shape: the host issues one launch per iteration instead of hundreds (CUDA; not with fp16).")
 
     def __post_init__(self) -> None:
         check_settings(self)

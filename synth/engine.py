@@ -44,6 +44,7 @@ class SynthConfig:
     progress: bool | None = None
     amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16), off, bf16, fp16
     compile: bool = False  # torch.compile the teacher's forward (in place: layer paths stay those of the model)
+    cuda_graphs: bool = False  # inversion iterations replayed as CUDA graphs (synth.cuda_graph)
     views: int = 0  # also store the teacher's logits of this many seeded augmented views of every image
     view_mode: str = "flip-crop"  # how those views are drawn (store.views.VIEW_MODES)
     bank: tuple[str, ...] = ()  # fast/nayer: stores of this teacher the memory bank starts from (a top-up)
@@ -127,7 +128,8 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
             stu = None if stu is None else stu.to(memory_format=torch.channels_last)
         if cfg.compile:  # Module.compile, not torch.compile(net): no `_orig_mod.` wrapper, so every layer path
             net.compile()  # (records, layers=, at_layers, feature_layer) and every hook addresses the model itself
-        ctx = SynthContext(net, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record, stu, amp)
+        ctx = SynthContext(net, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record, stu, amp,
+                           cuda_graphs=cfg.cuda_graphs and device.type == "cuda")
         m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
         show = show if rank == 0 else False
         try:

@@ -51,12 +51,19 @@ def _exact_fp32(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    conv = torch.backends.cudnn.conv
-    saved, conv.fp32_precision = conv.fp32_precision, "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9's per-operator setting
+        saved, conv.fp32_precision = conv.fp32_precision, "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = saved
+        return
+    saved, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
     try:
         yield
     finally:
-        conv.fp32_precision = saved
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def tv_by_convolution(device: torch.device) -> bool:

@@ -562,3 +562,25 @@ def test_an_iteration_dispatches_a_few_ops_per_bn_layer_over_its_floor(method, m
     big, big_floor, big_layers = _extra_ops("resnet20", (3, 8, 8), method)
     per_layer = ((big - big_floor) - (small - small_floor)) / (big_layers - small_layers)
     assert per_layer <= 7
+
+
+def test_the_graph_safe_loop_is_reused_across_batches_with_its_rate_as_a_tensor(monkeypatch):
+    """What CUDA graphs run, stepped eagerly here: one loop per batch shape (tensor learning rate, capturable Adam),
+    reset for each new batch, makes the images of a fresh loop per batch."""
+    from dfkd.synth.methods.inversion import InversionLoop
+
+    teacher, _ = tiny_teacher()
+    ctx = SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"))
+    batches = [(torch.arange(8) % 10, 11), (torch.arange(8) % 10, 12), (torch.arange(8) % 10, 11)]
+    with frozen(teacher):
+        m = create_method("deepinversion", ctx, {"iterations": 5})
+        fresh = [m.synthesize(t, torch.Generator().manual_seed(s))[0] for t, s in batches]
+        monkeypatch.setattr(InversionLoop, "can_graph", staticmethod(lambda ctx: True))
+        monkeypatch.setattr(InversionLoop, "graphed", lambda self, rows, cols: self.step)
+        reused = [m.synthesize(t, torch.Generator().manual_seed(s))[0] for t, s in batches]
+        loops = list(m._graphed_loops.values())
+        m.close()
+    assert len(loops) == 1 and torch.is_tensor(loops[0].lr)
+    for a, b in zip(fresh, reused):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(fresh[0], fresh[1]) and torch.equal(reused[0], reused[2])

@@ -35,10 +35,13 @@ class SynthContext:
     record: Any = None          # a synth.record.TeacherStats (dfkd record), for stat/spectral matching of recorded layers
     student: nn.Module | None = None  # for ADI's competition term
     amp: torch.dtype | None = None  # autocast dtype on CUDA (bf16/fp16); None: full fp32
+    cuda_graphs: bool = False  # inversion iterations replayed as CUDA graphs (CUDA, not with fp16)
 
     def autocast(self) -> Any:
-        """Mixed precision for forward passes when enabled (loss statistics are still taken in fp32)."""
-        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        """Mixed precision for forward passes when enabled (loss statistics are still taken in fp32); its cache of
+        cast weights is off under CUDA graphs, which cannot capture it."""
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                              cache_enabled=False if self.cuda_graphs else None)
 
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """Pixel space [0, 1] -> teacher input."""

@@ -36,6 +36,10 @@ class InversionConfig:
 class InversionMethod(Method):
     """Optimizes a batch of inputs; `terms` returns the method's weighted losses for one forward pass."""
 
+    def __init__(self, ctx, config) -> None:
+        super().__init__(ctx, config)
+        self._graphed_loops: dict[tuple, InversionLoop] = {}  # with CUDA graphs: one captured loop per batch shape
+
     def terms(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted loss terms besides cross-entropy, for inputs x (jittered view) and teacher logits."""
         return {}
@@ -45,45 +49,133 @@ class InversionMethod(Method):
 
     def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, ctx = self.config, self.ctx
-        dev = ctx.device
-        b = len(targets)
-        x = torch.randn((b, *ctx.image_shape), generator=gen, device="cpu").to(dev).requires_grad_(True)
-        lo = ctx.normalize(torch.zeros(1, ctx.image_shape[0], 1, 1, device=dev))
-        hi = ctx.normalize(torch.ones(1, ctx.image_shape[0], 1, 1, device=dev))
-        opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # one kernel per step
-        track = bool(cfg.w_ce and cfg.keep_best)  # each image keeps its best iterate: scored by its target log-prob
-        best, best_score, tgt = x.detach().clone(), torch.full((b, 1), -math.inf, device=dev), targets.view(-1, 1)
-        last: dict[str, float] = {}
-        scaler = torch.amp.GradScaler(dev.type, enabled=ctx.amp == torch.float16)  # fp16 needs loss scaling
+        x0 = torch.randn((len(targets), *ctx.image_shape), generator=gen, device="cpu").to(ctx.device)
+        rows, cols = jitter_indices(cfg, ctx.image_shape, gen, ctx.device)  # every iteration's, drawn now
+        loop = self._loop(x0, targets)
+        loop.reset(x0, targets)
+        step = loop.graphed(rows[0], cols[0]) if loop.graphs and cfg.iterations else loop.step
+        parts, loss = {}, None
         for it in range(cfg.iterations):
-            for g in opt.param_groups:  # cosine schedule to 0
-                g["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations))
-            dx, dy = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen).tolist() if cfg.jitter else (0, 0)
-            view = torch.roll(x, shifts=(dx, dy), dims=(2, 3)) if (dx or dy) else x
-            if cfg.flip and torch.rand((), generator=gen).tolist() < 0.5:
-                view = view.flip(3)
-            with ctx.autocast():
-                logits = self.forward_teacher(view)
-                parts = {}
-                if cfg.w_ce:  # cross-entropy as log-softmax + NLL, so the best-iterate score reuses the log-probs
-                    log_p = F.log_softmax(logits.float(), 1)
-                    ce = F.nll_loss(log_p, targets)
-                    parts["ce"] = ce if cfg.w_ce == 1 else cfg.w_ce * ce
-                parts.update(self.terms(view, logits, targets))
-                loss = functools.reduce(operator.add, parts.values())
-            if track:
-                with torch.no_grad():  # keep each image's best iterate (the one scored by this forward)
-                    score = log_p.gather(1, tgt)  # minus its cross-entropy
-                    best = torch.where((score > best_score).view(-1, *([1] * (x.dim() - 1))), x, best)  # no sync
-                    best_score = torch.fmax(score, best_score)  # the higher of the two; a NaN score never wins
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            with torch.no_grad():
-                x.clamp_(min=lo, max=hi)
-            if it == cfg.iterations - 1:  # reading values syncs the device: only once per batch
-                last = {k: float(v.detach()) for k, v in parts.items()}
-                last["total"] = float(loss.detach())
-        out = best if track else x.detach()
-        return ctx.denormalize(out).clamp(0, 1), last
+            loop.set_lr(0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations)))  # cosine to 0
+            parts, loss = step(rows[it], cols[it])
+        last = {k: float(v.detach()) for k, v in parts.items()}  # reading values syncs the device: once per batch
+        if loss is not None:
+            last["total"] = float(loss.detach())
+        return ctx.denormalize(loop.result()).clamp(0, 1), last
+
+    def _loop(self, x0: torch.Tensor, targets: torch.Tensor) -> "InversionLoop":
+        """A loop for this batch shape: a new one per batch, or with CUDA graphs the one captured for the shape."""
+        if not InversionLoop.can_graph(self.ctx):
+            return InversionLoop(self, x0, targets, graphs=False)
+        key = (tuple(x0.shape), x0.dtype)
+        if key not in self._graphed_loops:
+            self._graphed_loops[key] = InversionLoop(self, x0, targets, graphs=True)
+        return self._graphed_loops[key]
+
+
+def jitter_indices(cfg: InversionConfig, image_shape: tuple[int, int, int], gen: torch.Generator,
+                   device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each iteration's row and column gather indices: the random roll by (dy, dx) <= jitter and the random
+    horizontal flip, drawn from `gen` in the order the loop always drew them, as index tensors so a graph can
+    replay any of them (view[..., i, j] = x[..., rows[i], cols[j]])."""
+    _, h, w = image_shape
+    shifts, flips = [], []
+    for _ in range(cfg.iterations):
+        shifts.append(torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen).tolist() if cfg.jitter
+                      else [0, 0])
+        flips.append(bool(cfg.flip) and torch.rand((), generator=gen).tolist() < 0.5)
+    down, right = torch.tensor(shifts, dtype=torch.long).reshape(-1, 2).unbind(1)  # torch.roll's (dims 2, 3)
+    flip = torch.tensor(flips, dtype=torch.bool).view(-1, 1)
+    rows = (torch.arange(h).view(1, -1) - down.view(-1, 1)) % h  # torch.roll: out[i] = x[(i - shift) % n]
+    j = torch.arange(w).view(1, -1)
+    cols = (torch.where(flip, w - 1 - j, j) - right.view(-1, 1)) % w  # the flip reads the rolled row backwards
+    return list(rows.to(device).unbind(0)), list(cols.to(device).unbind(0))
+
+
+class InversionLoop:
+    """One batch's optimization, written graph-safe: the pixels, their best iterate and Adam's state are tensors
+    updated in place, the jitter and flip come in as index tensors and the learning rate as a tensor, and nothing
+    reads a device value on the host. The same `step` runs eagerly (CPU, and CUDA without graphs) and captured as
+    a CUDA graph (`SynthContext.cuda_graphs`, one capture per batch shape, reused for every batch of that shape)."""
+
+    def __init__(self, method: InversionMethod, x0: torch.Tensor, targets: torch.Tensor, graphs: bool) -> None:
+        cfg, ctx = method.config, method.ctx
+        self.method, self.graphs = method, graphs
+        self.x = x0.clone().requires_grad_(True)
+        self.targets, self.tgt = targets.clone(), targets.view(-1, 1).clone()
+        self.lo = ctx.normalize(torch.zeros(1, ctx.image_shape[0], 1, 1, device=ctx.device))
+        self.hi = ctx.normalize(torch.ones(1, ctx.image_shape[0], 1, 1, device=ctx.device))
+        self.track = bool(cfg.w_ce and cfg.keep_best)  # each image keeps its best iterate, scored by its log-prob
+        self.best = x0.clone()
+        self.best_score = torch.full((len(targets), 1), -math.inf, device=ctx.device)
+        self.shifted = bool(cfg.jitter or cfg.flip)
+        # a graph replays the learning rate it was captured with unless it is a tensor the host writes before
+        self.lr = torch.tensor(cfg.lr, device=ctx.device) if graphs else cfg.lr
+        self.opt = torch.optim.Adam([self.x], lr=self.lr, betas=(cfg.beta1, cfg.beta2), fused=True,
+                                    capturable=graphs)  # fused: one kernel per step
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp == torch.float16)  # fp16 scales
+        self._graph = None
+
+    @staticmethod
+    def can_graph(ctx) -> bool:
+        """CUDA graphs were asked for, on CUDA, without fp16 loss scaling (its inf check reads the device)."""
+        return bool(getattr(ctx, "cuda_graphs", False)) and ctx.device.type == "cuda" and ctx.amp != torch.float16
+
+    def reset(self, x0: torch.Tensor, targets: torch.Tensor) -> None:
+        """Start a batch: these pixels and targets, no best iterate yet, Adam as new."""
+        with torch.no_grad():
+            self.x.copy_(x0)
+            self.best.copy_(x0)
+            self.best_score.fill_(-math.inf)
+            self.targets.copy_(targets)
+            self.tgt.copy_(targets.view(-1, 1))
+            for state in self.opt.state.values():
+                for v in state.values():
+                    if torch.is_tensor(v):
+                        v.zero_()
+
+    def set_lr(self, lr: float) -> None:
+        if torch.is_tensor(self.lr):
+            self.lr.fill_(lr)
+        else:
+            self.opt.param_groups[0]["lr"] = lr
+
+    def graphed(self, rows: torch.Tensor, cols: torch.Tensor):
+        """`step` as a CUDA graph (captured on first use; the capture's warm-up steps are undone by `reset`)."""
+        if self._graph is None:
+            from ..cuda_graph import GraphedStep
+
+            x0, targets = self.x.detach().clone(), self.targets.clone()
+            self._graph = GraphedStep(self.step, (rows, cols))
+            self.reset(x0, targets)
+        return self._graph
+
+    def step(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One iteration: the jittered, flipped view, the losses, the best iterate, Adam, the clamp."""
+        cfg, ctx, x = self.method.config, self.method.ctx, self.x
+        view = x.index_select(2, rows).index_select(3, cols) if self.shifted else x
+        with ctx.autocast():
+            logits = self.method.forward_teacher(view)
+            parts = {}
+            if cfg.w_ce:  # cross-entropy as log-softmax + NLL, so the best-iterate score reuses the log-probs
+                log_p = F.log_softmax(logits.float(), 1)
+                ce = F.nll_loss(log_p, self.targets)
+                parts["ce"] = ce if cfg.w_ce == 1 else cfg.w_ce * ce
+            parts.update(self.method.terms(view, logits, self.targets))
+            loss = functools.reduce(operator.add, parts.values())
+        if self.track:
+            with torch.no_grad():  # keep each image's best iterate (the one scored by this forward)
+                score = log_p.gather(1, self.tgt)  # minus its cross-entropy
+                torch.where((score > self.best_score).view(-1, *([1] * (x.dim() - 1))), x, self.best, out=self.best)
+                torch.fmax(score, self.best_score, out=self.best_score)  # a NaN score never wins
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        with torch.no_grad():
+            x.clamp_(min=self.lo, max=self.hi)
+        return parts, loss
+
+    def result(self) -> torch.Tensor:
+        """The batch's images in the teacher's input space: each one's best iterate, or the last."""
+        return (self.best if self.track else self.x.detach()).clone()
