@@ -9,11 +9,13 @@ with one line, for the API and for pipeline files alike (the CLI's click types r
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..store.schema import MAX_VIEWS
 from ..store.toolbox.augment import MODES as AUGMENTATIONS
 from ..store.toolbox.augment import VIEW_MODE_HELP, VIEW_MODES
 from ..store.toolbox.compute import AMP_MODES, OPTIMIZERS
@@ -34,10 +36,10 @@ class SettingError(DfkdError):
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, low: float | None = None,
-            low_open: bool = False, cli_help: str | None = None) -> Any:
+            low_open: bool = False, high: float | None = None, cli_help: str | None = None) -> Any:
     """A dataclass field with what a user reads about it; `cli_help` where the command line says it otherwise."""
     return field(default=default, metadata={"help": help, "choices": choices, "low": low, "low_open": low_open,
-                                            "cli_help": cli_help})
+                                            "high": high, "cli_help": cli_help})
 
 
 def base_type(hint: Any) -> tuple[Any, bool]:
@@ -55,8 +57,10 @@ def setting_fields(cls: type) -> list[tuple[dataclasses.Field, Any, bool]]:
 
 
 def _bounds(f: dataclasses.Field) -> str:
-    low = f.metadata["low"]
-    return "" if low is None else f" ({'>' if f.metadata['low_open'] else '>='} {low:g})"
+    low, high = f.metadata["low"], f.metadata.get("high")
+    parts = ([] if low is None else [f"{'>' if f.metadata['low_open'] else '>='} {low:g}"]) + \
+        ([] if high is None else [f"<= {high:g}"])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def click_options(cls: type) -> Callable[[Callable], Callable]:
@@ -70,8 +74,9 @@ def click_options(cls: type) -> Callable[[Callable], Callable]:
             return click.option(f"{flag}/--no-{flag[2:]}", default=f.default, show_default=True, help=text)
         if m["choices"]:
             typ: Any = click.Choice(m["choices"])
-        elif kind in (int, float) and m["low"] is not None:
-            typ = (click.IntRange if kind is int else click.FloatRange)(min=m["low"], min_open=m["low_open"])
+        elif kind in (int, float) and (m["low"] is not None or m.get("high") is not None):
+            typ = (click.IntRange if kind is int else click.FloatRange)(min=m["low"], min_open=m["low_open"],
+                                                                        max=m.get("high"))
         else:
             typ = kind
         return click.option(flag, type=typ, default=f.default, show_default=f.default is not None, help=text)
@@ -101,8 +106,10 @@ def check_settings(obj: Any) -> None:
             raise SettingError(f.name, f"must be {kind.__name__}{' or unset' if optional else ''}, got {v!r}")
         if m["choices"] and v not in m["choices"]:
             raise SettingError(f.name, f"must be one of {', '.join(m['choices'])}, got {v!r}")
-        low = m["low"]
-        if low is not None and (v < low or (m["low_open"] and v == low)):
+        if kind is float and not math.isfinite(v):  # NaN passes every bound: a NaN rate trained a NaN student
+            raise SettingError(f.name, f"must be a finite number, got {v!r}")
+        low, high = m["low"], m.get("high")
+        if (low is not None and (v < low or (m["low_open"] and v == low))) or (high is not None and v > high):
             raise SettingError(f.name, f"must be{_bounds(f)}, got {v!r}")
 
 
@@ -164,7 +171,8 @@ class SynthSettings:
     seed: int = setting(0, "Base seed: each unit's seed derives from it and the unit's index.")
     views: int = setting(
         0, "Also store the teacher's logits of this many seeded augmented views of every image (view labels: "
-        "students then learn from augmented views with no teacher; `dfkd store label` adds them later).", low=0)
+        "students then learn from augmented views with no teacher; `dfkd store label` adds them later).", low=0,
+        high=MAX_VIEWS)
     view_mode: str = setting("flip-crop", VIEW_MODE_HELP, choices=VIEW_MODES)
     amp: str = setting("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU.",
                        choices=AMP_MODES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -184,8 +185,7 @@ def _validate(p: Pipeline) -> None:
         raise PipelineError(f"{p.path} [[synth]]: names must be unique, got {names}")
     for i, s in enumerate(p.synth):
         where = f"{p.path} [[synth]] #{i + 1} ({s.name})"
-        if not s.name or "/" in s.name:
-            raise PipelineError(f"{where} key 'name' must be a plain word")
+        _check_name(s.name, where)
         if s.teacher and s.teacher not in tnames:
             raise PipelineError(f"{where} key 'teacher': no teacher named {s.teacher!r}; teachers are {', '.join(tnames)}")
         teacher = next(t for t in p.teachers if t.name == (s.teacher or tnames[0]))
@@ -222,6 +222,7 @@ def _validate(p: Pipeline) -> None:
         raise PipelineError(f"{p.path} [[distill]]: names must be unique, got {dnames}")
     for i, d in enumerate(p.distill):
         where = f"{p.path} [[distill]] #{i + 1} ({d.name})"
+        _check_name(d.name, where)
         if not d.students:
             raise PipelineError(f"{where} key 'students' must name at least one student")
         for s in d.students:
@@ -237,9 +238,19 @@ def _validate(p: Pipeline) -> None:
             raise PipelineError(f"{where} key 'teacher': no teacher named {d.teacher!r}; teachers are {', '.join(tnames)}")
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_name(name: str, where: str) -> None:
+    """A section's name becomes a folder under [run].out: letters, digits, '_', '.', '-', not starting with a dot,
+    so no name ('..', 'a/b', 'C:x') can reach outside it."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise PipelineError(f"{where} key 'name' must be a plain word (letters, digits, '_', '.', '-', not starting "
+                            f"with '.'), got {name!r}")
+
+
 def _validate_teacher(t: TeacherSection, where: str) -> None:
-    if not t.name or "/" in t.name or ":" in t.name:
-        raise PipelineError(f"{where} key 'name' must be a plain word")
+    _check_name(t.name, where)
     if bool(t.checkpoint) == bool(t.model):
         raise PipelineError(f"{where} needs exactly one of 'checkpoint' (a teacher file) or 'model' (train one)")
     if t.checkpoint and not os.path.isfile(t.checkpoint):

@@ -14,6 +14,7 @@ from .toolbox.errors import StoreError
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dfkd-store"
 LOGITS_DTYPES = ("float16", "float32")
+MAX_VIEWS = 256  # view labels per image: 32 is the most measured (BENCHMARKS.md); 256 x K logits an image is plenty
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ class StoreMeta:
             raise StoreError(f"unit_size must be >= 1, got {self.unit_size}")
         if self.logits_dtype not in LOGITS_DTYPES:
             raise StoreError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
-        if self.views < 0:
-            raise StoreError(f"views must be >= 0, got {self.views}")
+        if not 0 <= self.views <= MAX_VIEWS:
+            raise StoreError(f"views must lie in [0, {MAX_VIEWS}], got {self.views}")
         if self.views and self.view_recipe is None:
             raise StoreError("a store with views must record their view_recipe")
         for name in ("mean", "std"):

@@ -121,6 +121,8 @@ def test_an_interrupted_stage_resumes_and_only_selects_stages(tmp_path):
     (lambda t: t.replace("iterations = 2", "iteration = 2"), ["[[synth]] #2", "no hyper-parameter 'iteration'"]),
     (lambda t: t.replace('students = ["mlp"]', 'students = ["nope"]'), ["[[distill]] #1 (s)", "key 'students'"]),
     (lambda t: t + "\n[extra]\n", ["unknown section [extra]"]),
+    (lambda t: t.replace('name = "s"', 'name = "../../escaped"'), ["[[distill]] #1", "key 'name' must be a plain word"]),
+    (lambda t: t.replace('name = "stat"', 'name = ".."'), ["[[synth]] #2", "key 'name' must be a plain word"]),
 ])
 def test_invalid_files_name_file_section_key_and_fix(tmp_path, edit, expected):
     path = tmp_path / "bad.toml"

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ...store.schema import MAX_VIEWS
 from ...store.toolbox.augment import VIEW_MODE_HELP, VIEW_MODES
 
 from .group import DfkdGroup, UserError
@@ -103,7 +104,7 @@ def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None
 @store_group.command("label")
 @click.argument("path")
 @click.option("--teacher", required=True, help="The checkpoint of the teacher that made the store (checked by fingerprint).")
-@click.option("--views", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--views", type=click.IntRange(min=1, max=MAX_VIEWS), default=8, show_default=True,
               help="Seeded augmented views per image whose teacher logits are stored (K teacher forwards per image, once).")
 @click.option("--view-mode", type=click.Choice(VIEW_MODES), default="flip-crop", show_default=True,
               help=VIEW_MODE_HELP)

@@ -39,6 +39,14 @@ def pack(members: list[tuple[str, bytes]]) -> bytes:
     return b"".join(parts)
 
 
+def _octal(field: bytes) -> int:
+    """A ustar number field: octal digits padded with NULs or spaces (empty: 0); ValueError for anything else."""
+    digits = field.strip(b"\0 ")
+    if digits and (not digits.isdigit() or b"8" in digits or b"9" in digits):
+        raise ValueError(field)
+    return int(digits or b"0", 8)
+
+
 def members(buf: bytes, where: str) -> Iterator[tuple[str, memoryview]]:
     """(name, data) of each regular file in a tar archive; pax headers are skipped, checksums verified."""
     view = memoryview(buf)
@@ -47,9 +55,9 @@ def members(buf: bytes, where: str) -> Iterator[tuple[str, memoryview]]:
         head = buf[off:off + BLOCK]
         if head == _PAD:
             return
-        try:
-            size = int(head[124:136].rstrip(b"\0 ").decode() or "0", 8)
-            stored = int(head[148:156].rstrip(b"\0 ").decode(), 8)
+        try:  # octal digits only: int() would also take a sign, spaces and underscores (a negative size loops)
+            size = _octal(head[124:136])
+            stored = _octal(head[148:156])
         except ValueError:
             raise StoreError(f"{where}: bad tar header at byte {off}; the shard is corrupt, delete it and "
                              "finish the store with --resume") from None

@@ -26,6 +26,15 @@ IMAGE_EXTS = {"png", "npy"}
 KNOWN_EXTS = IMAGE_EXTS | {"logits.npy", "views.npy", "cls", "json"}
 
 
+def _read(where: str) -> bytes:
+    """One of the store's files, which must be a regular file inside it (never a link, FIFO or device)."""
+    try:
+        return fs.read_bytes(where, regular=True)
+    except fs.NotRegularFile as exc:
+        raise StoreError(f"{where} is {exc.strerror}; a store holds only regular files: remove it (and finish the "
+                         "store with --resume if it was a shard)") from None
+
+
 def shard_name(unit: int) -> str:
     """File name of the shard that holds one write unit."""
     return f"{PREFIX}-{unit:06d}.tar"
@@ -122,7 +131,7 @@ class WebDatasetBackend(Backend):
         their checksum. Reads the shard but decodes no image; a damaged shard counts as without."""
         where = fs.join(self.path, shard_name(unit))
         try:
-            for name, data in tar.members(fs.read_bytes(where), where):
+            for name, data in tar.members(_read(where), where):
                 if name.endswith(".json"):
                     doc = json.loads(bytes(data))
                     return isinstance(doc, dict) and "view_checksum" in doc
@@ -145,7 +154,9 @@ class WebDatasetBackend(Backend):
     @classmethod
     def open(cls, path: str, writable: bool = False) -> "WebDatasetBackend":
         try:
-            doc = json.loads(fs.read_bytes(fs.join(path, META_FILE)))
+            doc = json.loads(_read(fs.join(path, META_FILE)))
+        except StoreError:
+            raise
         except (OSError, ValueError) as exc:
             raise StoreError(f"{path}/{META_FILE} cannot be read ({exc}); the store is corrupt, re-create it") from None
         if not isinstance(doc, dict):
@@ -196,7 +207,7 @@ class WebDatasetBackend(Backend):
         lo, hi = self.meta.unit_range(unit)
         where = fs.join(self.path, shard_name(unit))
         try:
-            buf = fs.read_bytes(where)
+            buf = _read(where)
         except FileNotFoundError:
             raise StoreError(f"{where} is missing: unit {unit} is not written; finish the store with --resume") from None
         n, (c, h, w), k = hi - lo, self.meta.image_shape, self.meta.num_classes
@@ -277,7 +288,7 @@ class WebDatasetBackend(Backend):
     def audit(self) -> list[tuple[bool, str]]:
         found = []
         for name in sorted(fs.listdir(self.path)):
-            if name.endswith(".partial"):
+            if fs.is_partial(name):
                 found.append((False, f"leftover {name} from an interrupted write (harmless; removed on resume)"))
             elif name != META_FILE and not _SHARD_RE.match(name):
                 found.append((True, f"foreign file {name} in the store folder"))
@@ -288,5 +299,5 @@ class WebDatasetBackend(Backend):
 
     def clear_partials(self) -> None:
         for name in fs.listdir(self.path):
-            if name.endswith(".partial") and name != META_FILE + ".partial":
+            if fs.is_partial(name) and name != META_FILE + ".partial":
                 fs.remove(fs.join(self.path, name))

@@ -5,8 +5,11 @@ usual environment variables of each file system, e.g. AWS_ACCESS_KEY_ID / AWS_EN
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
+import stat
 from typing import Any
 
 
@@ -71,13 +74,39 @@ def makedirs(path: str) -> None:
     fs.makedirs(p, exist_ok=True)
 
 
-def read_bytes(path: str) -> bytes:
-    """A whole file; FileNotFoundError when it is absent, as for local files."""
+class NotRegularFile(OSError):
+    """A path read with `regular=True` is a link, FIFO, device or folder, not a regular file."""
+
+
+def read_bytes(path: str, regular: bool = False) -> bytes:
+    """A whole file; FileNotFoundError when it is absent, as for local files.
+
+    With `regular` (a store's own files, which anyone may have made): a local path must itself be a regular file,
+    never followed through a link nor opened as a FIFO or device (NotRegularFile), and is read up to the size it
+    had when opened, so such a file can neither point a reader out of the store nor make it read forever."""
     if not is_url(path):
-        with open(path, "rb") as f:
-            return f.read()
+        if not regular:
+            with open(path, "rb") as f:
+                return f.read()
+        try:  # no O_NOFOLLOW (Windows): the fstat below still refuses what is not a regular file
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotRegularFile(exc.errno, "a symbolic link, not a regular file", path) from None
+            raise
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise NotRegularFile(errno.EINVAL, "not a regular file (a FIFO, device or folder)", path)
+            return f.read(st.st_size)
     fs, p = _fs(path)
     return fs.cat_file(p)
+
+
+def is_partial(name: str) -> bool:
+    """Whether a file name is a temporary of an interrupted write_atomic (`.NAME.partial-PID`, or `NAME.partial`
+    as earlier versions named them)."""
+    return name.endswith(".partial") or re.search(r"\.partial-\d+$", name) is not None
 
 
 def write_atomic(path: str, data: bytes) -> None:

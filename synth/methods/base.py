@@ -7,6 +7,7 @@ engine's. Hyper-parameters are dataclass fields, so every weight is exposed and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -115,6 +116,8 @@ def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
                 typed[k] = v
         except (TypeError, ValueError):
             raise MethodError(f"{name}.{k} must be {type(default).__name__}, got {v!r}") from None
+        if isinstance(typed[k], float) and not math.isfinite(typed[k]):
+            raise MethodError(f"{name}.{k} must be a finite number, got {v!r}")
     return cls(**typed)
 
 
