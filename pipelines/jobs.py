@@ -118,7 +118,8 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
                      else (None, None))
     cfg = SynthConfig(num_images=job.num_images, out=job.out, batch_size=job.batch_size, seed=job.seed,
                       resume=job.resume, overwrite=job.overwrite, device=job.device, progress=job.progress,
-                      amp=job.amp, compile=job.compile, cuda_graphs=job.cuda_graphs, views=job.views,
+                      amp=job.amp, compile=job.compile, cuda_graphs=job.cuda_graphs,
+                      units_in_flight=job.units_in_flight, views=job.views,
                       view_mode=job.view_mode,
                       bank=tuple(job.bank))
     student_file = side_file(job.out, "student")

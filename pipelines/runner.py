@@ -135,7 +135,8 @@ class Runner:
                 d, _, rest = s.student[len("distill:"):].partition("/")
                 deps.append(f"distill:{d}/{rest.rpartition('/')[0]}")
             deps += [f"synth:{b}" for b in s.bank]
-            conf = {**_fields(s, added=("views", "view_mode", "bank", "amp", "compile", "cuda_graphs")), "seed": self.section_seed(s),
+            conf = {**_fields(s, added=("views", "view_mode", "bank", "amp", "compile", "cuda_graphs",
+                                        "units_in_flight")), "seed": self.section_seed(s),
                     # resolved defaults too: a new library default re-runs the store
                     "method_config": None if s.method == "real" else
                     dataclasses.asdict(method_config(s.method, s.params))}

@@ -180,6 +180,10 @@ class SynthSettings:
     cuda_graphs: bool = setting(
         False, "Replay each inversion iteration (stat, deepinversion, adi, spectral) as one CUDA graph, captured once "
         "per batch shape: the host issues one launch per iteration instead of hundreds (CUDA; not with fp16).")
+    units_in_flight: int = setting(
+        1, "Inversion methods (stat, deepinversion, adi): optimize this many units side by side in one batch, each "
+        "from its own seed and matched on its own statistics, so each gets the images it gets alone (to float "
+        "rounding): fills a GPU that one unit leaves idle.", low=1, high=64)
 
     def __post_init__(self) -> None:
         check_settings(self)

@@ -22,7 +22,7 @@ from ..store.toolbox.progress import progress
 from ..store.toolbox.compute import amp_dtype, rank_and_world
 from ..store.toolbox.version import __version__ as VERSION
 
-from .methods import MethodError, SynthContext, create_method, method_class, method_config
+from .methods import MethodError, SynthContext, create_method, list_methods, method_class, method_config
 from .side_files import side_file
 from .teacher import fingerprint
 from .views import label_views, with_views
@@ -45,6 +45,7 @@ class SynthConfig:
     amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16), off, bf16, fp16
     compile: bool = False  # torch.compile the teacher's forward (in place: layer paths stay those of the model)
     cuda_graphs: bool = False  # inversion iterations replayed as CUDA graphs (synth.cuda_graph)
+    units_in_flight: int = 1  # inversion methods: this many units optimized side by side in one batch
     views: int = 0  # also store the teacher's logits of this many seeded augmented views of every image
     view_mode: str = "flip-crop"  # how those views are drawn (store.views.VIEW_MODES)
     bank: tuple[str, ...] = ()  # fast/nayer: stores of this teacher the memory bank starts from (a top-up)
@@ -104,7 +105,8 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     provenance = {"method": method, "hparams": asdict(config), "teacher_fingerprint": fp,
                   "teacher": teacher_spec or {}, "record": None if record is None else
                   {"layers": record.layers, "num_images": record.num_images, "data": record.data},
-                  "compute": {"device": device.type, "amp": None if amp is None else str(amp).replace("torch.", "")},
+                  "compute": {"device": device.type, "amp": None if amp is None else str(amp).replace("torch.", ""),
+                              **({"units_in_flight": cfg.units_in_flight} if cfg.units_in_flight > 1 else {})},
                   "dfkd_version": VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     if method_class(method).sequential:  # the content depends on the chains, so a resume must keep their number
         provenance["sequential"] = {"chains": world, "order": "one chain per rank over a contiguous range of units; "
@@ -131,6 +133,9 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
         ctx = SynthContext(net, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record, stu, amp,
                            cuda_graphs=cfg.cuda_graphs and device.type == "cuda")
         m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
+        if cfg.units_in_flight > 1 and not m.units_in_flight:
+            raise MethodError(f"{method} makes one unit at a time; --units-in-flight is for "
+                              f"{', '.join(n for n in list_methods() if method_class(n).units_in_flight)}")
         show = show if rank == 0 else False
         try:
             writer, snapshot = _open_store(cfg, meta, rank, world)
@@ -143,6 +148,8 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
                     _fill_chain(m, writer, snapshot, cfg, teacher, rank, world, show, method)
                 if rank == 0 and on_trained is not None:
                     on_trained(made)  # the proxy student as the chain left it
+            elif cfg.units_in_flight > 1:
+                _fill_in_flight(m, writer, snapshot, cfg, teacher, ctx, rank, world, show, method)
             else:
                 bar = progress(pending, desc=f"{method} -> {cfg.out}", unit="batch", show=show)
                 done, t0 = 0, time.perf_counter()
@@ -163,15 +170,54 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
 def _make_unit(m: Any, writer: store.StoreWriter, u: int, teacher: nn.Module,
                ctx: SynthContext) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, dict[str, float]]:
     """One unit: its seeded class-balanced targets, the method's images, uint8, the teacher's logits of them."""
-    lo, hi = writer.unit_range(u)
-    gen = torch.Generator().manual_seed(writer.unit_seed(u))
-    targets = unit_targets(lo, hi, ctx.num_classes, gen)
+    return _make_units(m, writer, [u], ctx)[0]
+
+
+def _make_units(m: Any, writer: store.StoreWriter, units: list[int],
+                ctx: SynthContext) -> list[tuple[torch.Tensor, torch.Tensor, np.ndarray, dict[str, float]]]:
+    """Units made together (`synthesize_units`), each from its own seed: targets, images, uint8, logits."""
+    gens = [torch.Generator().manual_seed(writer.unit_seed(u)) for u in units]
+    targets = [unit_targets(*writer.unit_range(u), ctx.num_classes, g) for u, g in zip(units, gens)]
     with torch.enable_grad():
-        x01, losses = m.synthesize(targets.to(ctx.device), gen)
-    images = quantize(x01.detach()).cpu()
-    logits = teacher_logits(ctx.teacher, images, ctx)
-    labels = logits.argmax(1) if getattr(m, "labels_from_teacher", False) else targets
-    return images, logits, labels.cpu().numpy().astype(np.int64), losses
+        made = m.synthesize_units([t.to(ctx.device) for t in targets], gens) if len(units) > 1 else \
+            [m.synthesize(targets[0].to(ctx.device), gens[0])]
+    out = []
+    for t, (x01, losses) in zip(targets, made):
+        images = quantize(x01.detach()).cpu()
+        logits = teacher_logits(ctx.teacher, images, ctx)
+        labels = logits.argmax(1) if getattr(m, "labels_from_teacher", False) else t
+        out.append((images, logits, labels.cpu().numpy().astype(np.int64), losses))
+    return out
+
+
+def flight_groups(meta: store.StoreMeta, size: int) -> list[list[int]]:
+    """The store's units in fixed groups of `size` consecutive indices (a shorter last unit alone), made together:
+    fixed by index, so a resume re-makes a group exactly as the uninterrupted run did."""
+    groups = []
+    for start in range(0, meta.num_units, size):
+        units = list(range(start, min(start + size, meta.num_units)))
+        full = [u for u in units if meta.unit_range(u)[1] - meta.unit_range(u)[0] == meta.unit_size]
+        groups += [g for g in (full, [u for u in units if u not in full]) if g]
+    return groups
+
+
+def _fill_in_flight(m: Any, writer: store.StoreWriter, snapshot: np.ndarray, cfg: SynthConfig, teacher: nn.Module,
+                    ctx: SynthContext, rank: int, world: int, show: bool, method: str) -> None:
+    """Fill with `units_in_flight` units a batch: this rank's share of the groups with a unit still missing; a
+    group's finished units are made again with it (so the others come out as in one run) but not rewritten."""
+    from ..store.units import share
+
+    pending = share([g for g in flight_groups(writer.meta, cfg.units_in_flight) if not all(snapshot[g])], rank, world)
+    bar = progress(total=sum(len(g) for g in pending), desc=f"{method} -> {cfg.out}", unit="batch", show=show)
+    done, t0 = 0, time.perf_counter()
+    for group in pending:
+        for u, (images, logits, labels, losses) in zip(group, _make_units(m, writer, group, ctx)):
+            if not snapshot[u]:
+                writer.write_unit(u, images.numpy(), logits.numpy(), labels, _views(writer, u, images, ctx))
+            done += len(images)
+        bar.update(len(group))
+        bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}", **{k: f"{v:.3g}" for k, v in losses.items()})
+    bar.close()
 
 
 def _views(writer: store.StoreWriter, u: int, images: torch.Tensor, ctx: SynthContext) -> np.ndarray | None:

@@ -83,46 +83,56 @@ class _TotalVariationL2(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: float, groups: int) -> torch.Tensor:
         n, c, h, w = x.shape
-        ctx.shape, ctx.conv = x.shape, tv_by_convolution(x.device)
+        ctx.shape, ctx.conv, ctx.groups = x.shape, tv_by_convolution(x.device), groups
         if ctx.conv:
             kernel, mask = _tv_operator(h, w, weight, x.dtype, x.device)  # the weight scales the kernel
             with torch.autocast(x.device.type, enabled=False), _exact_fp32(x.device):
                 diffs = F.conv2d(x.reshape(n * c, 1, h, w), kernel, padding=1) * mask
             # map by map, then over the batch: one norm over (0, 2, 3) at once loses ~1e-4 of it on CPU
-            norms = torch.linalg.vector_norm(torch.linalg.vector_norm(diffs, dim=(2, 3), keepdim=True), dim=0,
-                                             keepdim=True)
+            per_map = torch.linalg.vector_norm(diffs, dim=(2, 3), keepdim=True)
+            norms = (torch.linalg.vector_norm(per_map, dim=0, keepdim=True) if groups == 1 else  # each group's own
+                     torch.linalg.vector_norm(per_map.view(groups, -1, 4, 1, 1), dim=1, keepdim=True))
             ctx.save_for_backward(norms, diffs, kernel)
             return norms.sum()
         diffs = _diffs(x)
-        norms = torch.stack([torch.linalg.vector_norm(d) for d in diffs])
+        norms = torch.stack([torch.linalg.vector_norm(d) if groups == 1 else
+                             torch.linalg.vector_norm(d.reshape(groups, -1), dim=1) for d in diffs])
         ctx.weight = weight
         ctx.save_for_backward(norms, *diffs)
         return norms.sum() * weight
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         norms, *saved = ctx.saved_tensors
+        groups = ctx.groups
         if ctx.conv:
             diffs, kernel = saved
             scales = g / norms.clamp_min(torch.finfo(norms.dtype).tiny)  # a zero map has zero differences: no NaN
+            scaled = diffs * scales if groups == 1 else (diffs.view(groups, -1, *diffs.shape[1:]) * scales).flatten(0, 1)
             with _exact_fp32(diffs.device):
-                grad = F.conv_transpose2d(diffs * scales, kernel, padding=1)
-            return grad.view(ctx.shape), None
+                grad = F.conv_transpose2d(scaled, kernel, padding=1)
+            return grad.view(ctx.shape), None, None
         scales = (g * ctx.weight / norms.clamp_min(torch.finfo(norms.dtype).tiny)).unbind()
         grad = saved[0].new_zeros(ctx.shape)
         for (a, b), d, s in zip(_PAIRS, saved, scales):
-            grad[(..., *a)].addcmul_(d, s)
-            grad[(..., *b)].addcmul_(d, s, value=-1)
-        return grad, None
+            if groups > 1:  # each group's differences by its own scale
+                d = (d.view(groups, -1) * s.view(groups, 1)).view(d.shape)
+                grad[(..., *a)].add_(d)
+                grad[(..., *b)].sub_(d)
+            else:
+                grad[(..., *a)].addcmul_(d, s)
+                grad[(..., *b)].addcmul_(d, s, value=-1)
+        return grad, None, None
 
 
-def tv_l2(x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """Total variation, L2 form: weight (>= 0) x the sum of the norms of the four neighbour-difference maps."""
+def tv_l2(x: torch.Tensor, weight: float = 1.0, groups: int = 1) -> torch.Tensor:
+    """Total variation, L2 form: weight (>= 0) x the sum of the norms of the four neighbour-difference maps; with
+    `groups` G, the sum over G equal groups of images of each group's own."""
     if weight < 0:
         raise ValueError(f"tv_l2's weight must be >= 0, got {weight}")
-    return _TotalVariationL2.apply(x, float(weight))
+    return _TotalVariationL2.apply(x, float(weight), int(groups))
 
 
 def tv_l1(x: torch.Tensor) -> torch.Tensor:
@@ -140,37 +150,44 @@ class _Competition(torch.autograd.Function):
     taken in the forward; 26 dispatched ops forward and backward where autograd's graph of the formula was ~90."""
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, temperature: float, groups: int) -> torch.Tensor:
         probs = torch.softmax(torch.stack([at_least_fp32(s), at_least_fp32(t)]) / temperature, dim=-1)  # student, teacher
         clamped = probs.clamp(0.01, 0.99)
         mix = probs.mean(0)
         mix_c = mix.clamp(0.01, 0.99)
         log_mix = mix_c.log()
         d = log_mix.mul(2).sub_(clamped.log().sum(0))  # sum over both of log m - log p
-        scale = 0.5 / s.shape[0]  # the mean of the two KLs, each averaged over the batch
-        js = (mix_c * d).sum() * scale
+        scale = 0.5 * groups / s.shape[0]  # the mean of the two KLs, each averaged over the (group's) batch
+        terms = mix_c * d
+        js = terms.sum() * scale if groups == 1 else terms.view(groups, -1).sum(1) * scale  # each group its own
         js_c = js.clamp(0.0, 1.0)
         # d loss / d (stacked logits / T) = -scale * [js in range] * (0.5 [m in range] (d + 2) - [p in range] m / p)
         ctx.save_for_backward(probs, clamped, clamped == probs, mix_c, (mix_c == mix).float().mul_(0.5), d,
                               (js_c == js).float().mul_(-scale / temperature))
-        ctx.dtypes = (s.dtype, t.dtype)
-        return 1.0 - js_c
+        ctx.dtypes, ctx.groups = (s.dtype, t.dtype), groups
+        return 1.0 - js_c if groups == 1 else (1.0 - js_c).sum()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple:
         probs, clamped, in_p, mix_c, half_in_m, d, outer = ctx.saved_tensors
         g_probs = (d + 2).mul_(half_in_m) - torch.div(mix_c, clamped).mul_(in_p)
-        g_z = torch._softmax_backward_data(g_probs.mul_(outer * g), probs, -1, probs.dtype)
+        if ctx.groups == 1:
+            g_probs.mul_(outer * g)
+        else:
+            g_probs.view(2, ctx.groups, -1).mul_((outer * g).view(1, -1, 1))
+        g_z = torch._softmax_backward_data(g_probs, probs, -1, probs.dtype)
         g_s, g_t = g_z.unbind(0)
-        return g_s.to(ctx.dtypes[0]), g_t.to(ctx.dtypes[1]), None
+        return g_s.to(ctx.dtypes[0]), g_t.to(ctx.dtypes[1]), None, None
 
 
-def competition(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
-    """ADI's term: 1 - Jensen-Shannon(teacher, student) at T, probabilities clamped to [0.01, 0.99] as published.
+def competition(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0,
+                groups: int = 1) -> torch.Tensor:
+    """ADI's term: 1 - Jensen-Shannon(teacher, student) at T, probabilities clamped to [0.01, 0.99] as published;
+    with `groups` G, the sum over G equal groups of samples of each group's own.
 
     Minimizing it pushes images toward where the student disagrees with the teacher.
     """
-    return _Competition.apply(student_logits, teacher_logits, float(temperature))
+    return _Competition.apply(student_logits, teacher_logits, float(temperature), int(groups))
 
 
 def amplitudes(x: torch.Tensor) -> torch.Tensor:

@@ -50,19 +50,28 @@ class MomentSlot:
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """A (1, C, 1, 1) per-channel tensor shaped to broadcast over an N x C x ... tensor of `ndim` dims."""
-    return t if ndim == 4 else t.view(1, -1, *([1] * (ndim - 2)))
+    """A (G, C, 1, 1) per-channel tensor shaped to broadcast over a G x N x C x ... tensor of 1 + `ndim` dims
+    (G = 1: over the N x C x ... tensor itself)."""
+    if t.shape[0] == 1:
+        return t if ndim == 4 else t.view(1, -1, *([1] * (ndim - 2)))
+    return t.view(t.shape[0], 1, t.shape[1], *([1] * (ndim - 2)))
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
     """scale * x + shift per channel, plus `into` when given (fp32: added in place; half: summed in fp32 first,
-    since 2 g_var / n underflows in fp16)."""
-    scale, shift = _channel_view(scale, x.dim()), _channel_view(shift, x.dim())
+    since 2 g_var / n underflows in fp16). With G > 1 rows of (scale, shift), x holds G groups of samples."""
+    groups = scale.shape[0]
+    if groups > 1:
+        x = x.unflatten(0, (groups, -1))
+        into = None if into is None else into.unflatten(0, (groups, -1))
+    scale, shift = _channel_view(scale, x.dim() - (groups > 1)), _channel_view(shift, x.dim() - (groups > 1))
     if into is None:
-        return torch.addcmul(shift, x, scale).to(x.dtype)
-    if into.dtype == scale.dtype:
-        return torch.addcmul(into, x, scale).add_(shift)
-    return (torch.addcmul(shift, x, scale) + into).to(into.dtype)
+        out = torch.addcmul(shift, x, scale).to(x.dtype)
+    elif into.dtype == scale.dtype:
+        out = torch.addcmul(into, x, scale).add_(shift)
+    else:
+        out = (torch.addcmul(shift, x, scale) + into).to(into.dtype)
+    return out.flatten(0, 1) if groups > 1 else out
 
 
 class _Tap(torch.autograd.Function):
@@ -123,44 +132,54 @@ class MomentMatch:
         return torch.cat([m.reshape(-1) for m, _ in pairs] + [v.reshape(-1) for _, v in pairs]).view(1, -1, 1, 1)
 
     def coefficients(self, counts: tuple[int, ...], weights: tuple[float, ...], blend: float,
-                     dtype: torch.dtype = torch.float32) -> tuple:
-        """(to moments, loss weights, backward weights, reference, floor) for these per-layer element counts and
-        weights, in this dtype; made once."""
-        key = (counts, weights, blend, dtype)
+                     dtype: torch.dtype = torch.float32, groups: int = 1) -> tuple:
+        """(to moments, loss weights, backward weights, reference, floor) for these per-layer element counts (per
+        group) and weights, in this dtype, for `groups` groups of samples each matched on its own; made once."""
+        key = (counts, weights, blend, dtype, groups)
         if key not in self._cache:
             dev, rep = self.device, lambda v: [a for a, c in zip(v, self.sizes) for _ in range(c)]
             to_moments = rep([1 / n for n in counts]) + rep([n ** -0.5 for n in counts])  # sums -> E[x], sqrt(E[x^2])
             back = [w * k / n * (1 - blend) for k in (1, 2) for w, n in zip(weights, counts)]  # d mean, d var / dx
             self._cache[key] = tuple(torch.tensor(v, dtype=dtype, device=dev).view(1, -1, 1, 1)
                                      for v in (to_moments, list(weights) * 2, back)) + (
-                self.ref.to(dtype).to(dev), self.floor.to(dtype).to(dev))
+                self.ref.to(dtype).to(dev), self.floor.to(dtype).expand(groups, -1, -1, -1).contiguous().to(dev))
         return self._cache[key]
 
     def loss(self, xs: Sequence[torch.Tensor], slots: Sequence[MomentSlot | None], weights: Sequence[float],
-             running: torch.Tensor | None = None, momentum: float = 0.0) -> torch.Tensor:
-        """The weighted loss of these layer inputs (channels on dim 1); sets `last` to their batch moments."""
-        return _MomentLoss.apply(self, list(slots), tuple(float(w) for w in weights), running, momentum, *xs)
+             running: torch.Tensor | None = None, momentum: float = 0.0, groups: int = 1) -> torch.Tensor:
+        """The weighted loss of these layer inputs (channels on dim 1); sets `last` to their batch moments.
+
+        With `groups` G, each input holds G equal groups of samples (units made side by side), each matched on its
+        own moments: the loss is the sum of the G losses, so each group's gradient is the one it gets alone."""
+        if groups > 1 and running is not None:
+            raise ValueError("running moments are blended for one group of samples at a time")
+        return _MomentLoss.apply(self, list(slots), tuple(float(w) for w in weights), running, momentum, groups, *xs)
 
 
 class _MomentLoss(torch.autograd.Function):
     """MomentMatch's loss with a hand-written backward over the stacked moments."""
 
     @staticmethod
-    def forward(ctx, mm: MomentMatch, slots, weights, running, momentum, *xs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, mm: MomentMatch, slots, weights, running, momentum, groups, *xs: torch.Tensor) -> torch.Tensor:
         dtype = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
         sums, norms = [], []
         for x in xs:  # accumulated in fp32 (or fp64) whatever x's precision (autocast), without a converted copy
-            dims, acc = [0, *range(2, x.dim())], torch.float64 if x.dtype == torch.float64 else torch.float32
-            s = x.sum(dims, keepdim=True, dtype=acc)
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            g = x if groups == 1 else x.unflatten(0, (groups, -1))  # G x N x C x ...: the batch dim is 1, not 0
+            batch = int(groups > 1)
+            dims = [batch, *range(batch + 2, g.dim())]
+            keep = groups == 1
+            s = g.sum(dims, keepdim=keep, dtype=acc)
             # space, then batch: one norm over (0, 2, 3) at once loses ~4e-5 of E[x^2] on CPU and is 7x slower
-            q = torch.linalg.vector_norm(torch.linalg.vector_norm(x, dim=dims[1:], keepdim=True, dtype=acc), dim=0,
-                                         keepdim=True) if x.dim() > 2 else torch.linalg.vector_norm(
-                                             x, dim=0, keepdim=True, dtype=acc)
-            sums.append(s if x.dim() == 4 else s.view(1, -1, 1, 1))
-            norms.append(q if x.dim() == 4 else q.view(1, -1, 1, 1))
-        counts = tuple(x.numel() // x.shape[1] for x in xs)
+            q = torch.linalg.vector_norm(torch.linalg.vector_norm(g, dim=dims[1:], keepdim=keep, dtype=acc), dim=batch,
+                                         keepdim=keep) if len(dims) > 1 else torch.linalg.vector_norm(
+                                             g, dim=batch, keepdim=keep, dtype=acc)
+            four = keep and x.dim() == 4  # already G x C x 1 x 1
+            sums.append(s if four else s.view(groups, -1, 1, 1))
+            norms.append(q if four else q.view(groups, -1, 1, 1))
+        counts = tuple(x.numel() // (x.shape[1] * groups) for x in xs)
         blend = momentum if running is not None else 0.0
-        to_moments, w, back, ref, floor = mm.coefficients(counts, weights, blend, dtype)
+        to_moments, w, back, ref, floor = mm.coefficients(counts, weights, blend, dtype, groups)
         mean, rms = (torch.cat(sums + norms, dim=1) * to_moments).split(mm.total, dim=1)  # E[x], sqrt(E[x^2])
         var = torch.addcmul(rms * rms, mean, mean, value=-1)  # E[x^2] - E[x]^2
         stats = torch.cat([mean, var], dim=1)
@@ -187,4 +206,4 @@ class _MomentLoss(torch.autograd.Function):
                 grads.append(None)
             else:
                 grads.append(_affine(x, a, b, None))
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)

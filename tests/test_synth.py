@@ -1,5 +1,6 @@
 """Synthesis stage: exact loss values, clean hooks, methods that lower their loss, engine, resume, errors."""
 
+import contextlib
 import math
 import os
 import signal
@@ -82,6 +83,27 @@ def test_moment_loss_gradcheck():
           torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True))
     match = MomentMatch([(torch.zeros(2), torch.ones(2)), (torch.ones(3), torch.ones(3) * 2)], torch.device("cpu"))
     assert torch.autograd.gradcheck(lambda a, b: match.loss([a, b], [None, None], [3.0, 1.0]), xs)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_grouped_moments_are_each_groups_own_loss_and_gradient(groups):
+    """Units side by side: each group of samples is matched on its own moments, as if it were alone."""
+    torch.manual_seed(4)
+    xs = [torch.randn(groups * 4, 3, 5, 5, dtype=torch.float64, requires_grad=True),
+          torch.randn(groups * 4, 6, dtype=torch.float64, requires_grad=True)]
+    refs = [(torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)),
+            (torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64))]
+    match = MomentMatch(refs, torch.device("cpu"))
+    alone = sum(match.loss([x[g * 4:(g + 1) * 4] for x in xs], [None, None], [10.0, 1.0]) for g in range(groups))
+    want = torch.autograd.grad(alone, xs)
+    got = match.loss(xs, [None, None], [10.0, 1.0], groups=groups)
+    assert got.item() == pytest.approx(alone.item(), rel=1e-12)
+    for g, w in zip(torch.autograd.grad(got, xs), want):
+        torch.testing.assert_close(g, w)
+    taps = [tap(x) for x in xs]  # and through taps, as the methods use it
+    loss = match.loss([t for t, _ in taps], [s for _, s in taps], [10.0, 1.0], groups=groups)
+    for g, w in zip(torch.autograd.grad(loss + sum((t * 0.0).sum() for t, _ in taps), xs), want):
+        torch.testing.assert_close(g, w)
 
 
 def test_moments_blend_with_running_ones():
@@ -472,26 +494,32 @@ def reference_inversion(ctx: SynthContext, targets: torch.Tensor, gen: torch.Gen
     return ctx.denormalize(best).clamp(0, 1)
 
 
-@pytest.mark.parametrize("method", ["deepinversion", "adi"])
-def test_inversion_images_equal_the_plain_autograd_loop(method):
-    """The fused terms change how many ops an iteration dispatches, not the images: float64, to 1e-6 (Adam scales
-    a pixel's step by its gradient's size, so near-zero gradients carry their last-bit differences to ~1e-9)."""
+@contextlib.contextmanager
+def float64_context():
+    """A frozen tiny BN teacher and BN-free student in float64, float64 the default dtype, for the duration."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         teacher, _ = tiny_teacher()
         student, _ = tiny_teacher(bn=False, seed=1)
         teacher.double(), student.double()
-        ctx = SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"), student=student)
-        targets = torch.arange(12) % 10
         with frozen(teacher, student):
-            m = create_method(method, ctx, {"iterations": 8, "w_tv_l2": 1e-3, "w_competition": 1.0} if method == "adi"
-                              else {"iterations": 8, "w_tv_l2": 1e-3})
-            got, _ = m.synthesize(targets, torch.Generator().manual_seed(5))
-            m.close()
-            want = reference_inversion(ctx, targets, torch.Generator().manual_seed(5), m.config)
+            yield SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"), student=student)
     finally:
         torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("method", ["deepinversion", "adi"])
+def test_inversion_images_equal_the_plain_autograd_loop(method):
+    """The fused terms change how many ops an iteration dispatches, not the images: float64, to 1e-6 (Adam scales
+    a pixel's step by its gradient's size, so near-zero gradients carry their last-bit differences to ~1e-9)."""
+    with float64_context() as ctx:
+        targets = torch.arange(12) % 10
+        m = create_method(method, ctx, {"iterations": 8, "w_tv_l2": 1e-3, "w_competition": 1.0} if method == "adi"
+                          else {"iterations": 8, "w_tv_l2": 1e-3})
+        got, _ = m.synthesize(targets, torch.Generator().manual_seed(5))
+        m.close()
+        want = reference_inversion(ctx, targets, torch.Generator().manual_seed(5), m.config)
     assert got.dtype == torch.float64 and not torch.equal(got, torch.zeros_like(got))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
@@ -584,3 +612,57 @@ def test_the_graph_safe_loop_is_reused_across_batches_with_its_rate_as_a_tensor(
     for a, b in zip(fresh, reused):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert not torch.equal(fresh[0], fresh[1]) and torch.equal(reused[0], reused[2])
+
+
+@pytest.mark.parametrize("method", ["stat", "deepinversion", "adi"])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_units_in_flight_each_get_the_images_they_get_alone(method, groups):
+    """G units in one batch, each from its own generator and matched on its own statistics (float64: to 1e-6, as
+    Adam carries last-bit differences of near-zero gradients)."""
+    with float64_context() as ctx:
+        targets = [torch.randperm(10, generator=torch.Generator().manual_seed(g))[:6] for g in range(groups)]
+        m = create_method(method, ctx, {"iterations": 6, "jitter": 2})
+        alone = [m.synthesize(t, torch.Generator().manual_seed(40 + g)) for g, t in enumerate(targets)]
+        together = m.synthesize_units(targets, [torch.Generator().manual_seed(40 + g) for g in range(groups)])
+        m.close()
+    assert len(together) == groups
+    for (a, la), (b, lb) in zip(alone, together):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    if groups > 1:
+        assert not torch.equal(alone[0][0], alone[1][0])
+        mean_total = sum(la["total"] for _, la in alone) / groups
+        assert together[0][1]["total"] == pytest.approx(mean_total, rel=1e-6)
+
+
+def test_a_store_made_with_units_in_flight_resumes_to_the_same_bytes(tmp_path):
+    """--units-in-flight 2: the images of one unit at a time to float rounding (uint8 within 1), groups fixed by
+    index so a resume re-makes a group as the uninterrupted run did (bytes), a shorter last unit alone."""
+    teacher, _ = tiny_teacher()
+    kw = {"image_shape": SHAPE, "num_classes": 10, "mean": MEAN, "std": STD, "hparams": {"iterations": 3}}
+    cfg = lambda name, g, **k: SynthConfig(num_images=72, out=str(tmp_path / name), batch_size=16, seed=3,
+                                           units_in_flight=g, **k)  # 5 units, the last of 8 images
+    synthesize(teacher, "deepinversion", cfg("one.zarr", 1), **kw)
+    synthesize(teacher, "deepinversion", cfg("two.zarr", 2), **kw)
+    one, two = (store.open(str(tmp_path / n)).read(0, 72) for n in ("one.zarr", "two.zarr"))
+    diff = np.abs(one.images.astype(int) - two.images.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    np.testing.assert_array_equal(one.labels, two.labels)
+    assert store.open(str(tmp_path / "two.zarr")).meta.provenance["compute"]["units_in_flight"] == 2
+    w = store.open_writer(str(tmp_path / "two.zarr"))
+    for u in (1, 4):  # lost: one unit of the group (0, 1), and the short last unit
+        w.backend.mark_pending(u)
+    synthesize(teacher, "deepinversion", cfg("two.zarr", 2, resume=True), **kw)
+    again = store.open(str(tmp_path / "two.zarr")).read(0, 72)
+    np.testing.assert_array_equal(again.images, two.images)
+    np.testing.assert_array_equal(again.logits, two.logits)
+    with pytest.raises(Exception, match="units_in_flight"):  # another grouping would give other float rounding
+        synthesize(teacher, "deepinversion", cfg("two.zarr", 3, resume=True), **kw)
+
+
+def test_units_in_flight_is_refused_for_a_method_that_makes_one_unit_at_a_time(tmp_path):
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    res = CliRunner().invoke(cli, ["synth", "--teacher", t, "--method", "noise", "--num-images", "32",
+                                   "--units-in-flight", "2", "--out", str(tmp_path / "n.zarr")])
+    assert res.exit_code == 2 and "noise makes one unit at a time" in res.output and "deepinversion" in res.output
+    assert not os.path.exists(tmp_path / "n.zarr")

@@ -64,6 +64,7 @@ class Method:
     Config: ClassVar[type]
     trains_student: ClassVar[bool] = False  # a proxy student learns beside the method (--student names it)
     sequential: ClassVar[bool] = False  # a unit depends on every earlier unit of its chain, not on its seed alone
+    units_in_flight: ClassVar[bool] = False  # `synthesize_units` makes several units in one batch, each as alone
 
     def __init__(self, ctx: SynthContext, config: Any) -> None:
         self.ctx, self.config = ctx, config
@@ -71,6 +72,12 @@ class Method:
     def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """Images in pixel space [0, 1], B×C×H×W, for these target labels; plus final loss values."""
         raise NotImplementedError
+
+    def synthesize_units(self, targets: list[torch.Tensor], gens: list[torch.Generator]
+                         ) -> list[tuple[torch.Tensor, dict[str, float]]]:
+        """Several units' `synthesize` (each its targets and generator); one at a time unless the method makes
+        them side by side (`units_in_flight`), each then getting the images it gets alone (to float rounding)."""
+        return [self.synthesize(t, g) for t, g in zip(targets, gens)]
 
     def close(self) -> None:
         """Release hooks and anything else attached to the teacher."""

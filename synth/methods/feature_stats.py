@@ -15,7 +15,7 @@ from ..moment_match import MomentMatch, MomentSlot, tap
 from ..hooks import FeatureHooks, bn_layers
 from ..losses import competition, l2_prior, tv_l1, tv_l2
 from .base import MethodError, SynthContext, layer_list, register_method
-from .inversion import InversionConfig, InversionMethod
+from .inversion import InversionConfig, InversionMethod, per_group
 
 
 class StatTerms:
@@ -63,12 +63,13 @@ class StatTerms:
         out, self.slots[path] = tap(x)
         return out
 
-    def loss(self, first_multiplier: float, weight: float = 1.0) -> torch.Tensor:
-        """weight x the sum over matched layers of the stat loss; the first layer weighted by `first_multiplier`."""
+    def loss(self, first_multiplier: float, weight: float = 1.0, groups: int = 1) -> torch.Tensor:
+        """weight x the sum over matched layers of the stat loss; the first layer weighted by `first_multiplier`;
+        with `groups` G (units side by side), the sum of each group's own."""
         weights = [weight * (first_multiplier if i == 0 else 1.0) for i in range(len(self.paths))]
         xs = [self.hooks.captured[p] for p in self.paths]
         return self.match.loss(xs, [self.slots.get(p) for p in self.paths], weights,
-                               self._running if self.momentum else None, self.momentum)
+                               self._running if self.momentum else None, self.momentum, groups)
 
     @property
     def running(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -114,8 +115,8 @@ class Stat(InversionMethod):
         super().__init__(ctx, config)
         self.stats = StatTerms(ctx, config.layers, self.name)
 
-    def terms(self, x, logits, targets):
-        return {"stat": self.stats.loss(self.config.first_multiplier, self.config.w_stat)}
+    def terms(self, x, logits, targets, groups=1):
+        return {"stat": self.stats.loss(self.config.first_multiplier, self.config.w_stat, groups)}
 
     def close(self) -> None:
         self.stats.close()
@@ -146,15 +147,15 @@ class DeepInversion(InversionMethod):
         super().__init__(ctx, config)
         self.stats = StatTerms(ctx, config.layers, self.name)
 
-    def terms(self, x, logits, targets):
+    def terms(self, x, logits, targets, groups=1):
         c = self.config
-        out = {"bn": self.stats.loss(c.first_multiplier, c.w_bn)}
+        out = {"bn": self.stats.loss(c.first_multiplier, c.w_bn, groups)}
         if c.w_tv_l2:
-            out["tv_l2"] = tv_l2(x, c.w_tv_l2)
+            out["tv_l2"] = tv_l2(x, c.w_tv_l2, groups)
         if c.w_tv_l1:
-            out["tv_l1"] = c.w_tv_l1 * tv_l1(x)
+            out["tv_l1"] = c.w_tv_l1 * per_group(tv_l1, x, groups)
         if c.w_l2:
-            out["l2"] = c.w_l2 * l2_prior(x)
+            out["l2"] = c.w_l2 * per_group(l2_prior, x, groups)
         return out
 
     def close(self) -> None:
@@ -179,8 +180,8 @@ class ADI(DeepInversion):
             raise MethodError("adi needs a student to compete with; pass --student STUDENT.pt")
         super().__init__(ctx, config)
 
-    def terms(self, x, logits, targets):
-        out = super().terms(x, logits, targets)
+    def terms(self, x, logits, targets, groups=1):
+        out = super().terms(x, logits, targets, groups)
         out["competition"] = self.config.w_competition * competition(self.ctx.student(x), logits,
-                                                                      self.config.temperature)
+                                                                      self.config.temperature, groups)
         return out

@@ -40,37 +40,71 @@ class InversionMethod(Method):
         super().__init__(ctx, config)
         self._graphed_loops: dict[tuple, InversionLoop] = {}  # with CUDA graphs: one captured loop per batch shape
 
-    def terms(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weighted loss terms besides cross-entropy, for inputs x (jittered view) and teacher logits."""
+    def terms(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+              groups: int = 1) -> dict[str, torch.Tensor]:
+        """Weighted loss terms besides cross-entropy, for inputs x (jittered view) and teacher logits; with `groups`
+        G (units in flight), x holds G units' images and each term is the sum of each unit's own."""
         return {}
 
     def forward_teacher(self, x: torch.Tensor) -> torch.Tensor:
         return self.ctx.teacher(x)
 
+    units_in_flight = True
+
     def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._make([targets], [gen])[0]
+
+    def synthesize_units(self, targets: list[torch.Tensor], gens: list[torch.Generator]
+                         ) -> list[tuple[torch.Tensor, dict[str, float]]]:
+        if not self.units_in_flight or len(targets) == 1:
+            return super().synthesize_units(targets, gens)
+        return self._make(targets, gens)
+
+    def _make(self, targets: list[torch.Tensor], gens: list[torch.Generator]) -> list[tuple[torch.Tensor, dict]]:
+        """G units optimized side by side in one batch, each from its own generator (noise, then every iteration's
+        jitter and flip, in the order one unit alone draws them) and matched on its own statistics."""
         cfg, ctx = self.config, self.ctx
-        x0 = torch.randn((len(targets), *ctx.image_shape), generator=gen, device="cpu").to(ctx.device)
-        rows, cols = jitter_indices(cfg, ctx.image_shape, gen, ctx.device)  # every iteration's, drawn now
-        loop = self._loop(x0, targets)
-        loop.reset(x0, targets)
+        groups = len(targets)
+        if len({len(t) for t in targets}) != 1:
+            raise ValueError("units in flight must have the same size")
+        x0s, rows, cols = [], [], []
+        for t, gen in zip(targets, gens):
+            x0s.append(torch.randn((len(t), *ctx.image_shape), generator=gen, device="cpu"))
+            r, c = jitter_indices(cfg, ctx.image_shape, gen, ctx.device)  # every iteration's, drawn now
+            rows.append(r)
+            cols.append(c)
+        x0, target = torch.cat(x0s).to(ctx.device), torch.cat(targets)
+        if groups == 1:
+            rows, cols = rows[0], cols[0]
+        else:  # iteration by iteration, each unit's indices: G x H and G x W
+            rows, cols = [torch.stack(r) for r in zip(*rows)], [torch.stack(c) for c in zip(*cols)]
+        loop = self._loop(x0, target, groups)
+        loop.reset(x0, target)
         step = loop.graphed(rows[0], cols[0]) if loop.graphs and cfg.iterations else loop.step
         parts, loss = {}, None
         for it in range(cfg.iterations):
             loop.set_lr(0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations)))  # cosine to 0
             parts, loss = step(rows[it], cols[it])
-        last = {k: float(v.detach()) for k, v in parts.items()}  # reading values syncs the device: once per batch
+        # reading values syncs the device: once per batch; with several units, the mean of their losses
+        last = {k: float(v.detach()) / groups for k, v in parts.items()}
         if loss is not None:
-            last["total"] = float(loss.detach())
-        return ctx.denormalize(loop.result()).clamp(0, 1), last
+            last["total"] = float(loss.detach()) / groups
+        images = ctx.denormalize(loop.result()).clamp(0, 1)
+        return [(x, dict(last)) for x in images.chunk(groups)]
 
-    def _loop(self, x0: torch.Tensor, targets: torch.Tensor) -> "InversionLoop":
+    def _loop(self, x0: torch.Tensor, targets: torch.Tensor, groups: int) -> "InversionLoop":
         """A loop for this batch shape: a new one per batch, or with CUDA graphs the one captured for the shape."""
         if not InversionLoop.can_graph(self.ctx):
-            return InversionLoop(self, x0, targets, graphs=False)
-        key = (tuple(x0.shape), x0.dtype)
+            return InversionLoop(self, x0, targets, graphs=False, groups=groups)
+        key = (tuple(x0.shape), x0.dtype, groups)
         if key not in self._graphed_loops:
-            self._graphed_loops[key] = InversionLoop(self, x0, targets, graphs=True)
+            self._graphed_loops[key] = InversionLoop(self, x0, targets, graphs=True, groups=groups)
         return self._graphed_loops[key]
+
+
+def per_group(term, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """A batch-level term summed over `groups` equal groups of images, each group's own."""
+    return term(x) if groups == 1 else functools.reduce(operator.add, (term(c) for c in x.chunk(groups)))
 
 
 def jitter_indices(cfg: InversionConfig, image_shape: tuple[int, int, int], gen: torch.Generator,
@@ -98,9 +132,10 @@ class InversionLoop:
     reads a device value on the host. The same `step` runs eagerly (CPU, and CUDA without graphs) and captured as
     a CUDA graph (`SynthContext.cuda_graphs`, one capture per batch shape, reused for every batch of that shape)."""
 
-    def __init__(self, method: InversionMethod, x0: torch.Tensor, targets: torch.Tensor, graphs: bool) -> None:
+    def __init__(self, method: InversionMethod, x0: torch.Tensor, targets: torch.Tensor, graphs: bool,
+                 groups: int = 1) -> None:
         cfg, ctx = method.config, method.ctx
-        self.method, self.graphs = method, graphs
+        self.method, self.graphs, self.groups = method, graphs, groups
         self.x = x0.clone().requires_grad_(True)
         self.targets, self.tgt = targets.clone(), targets.view(-1, 1).clone()
         self.lo = ctx.normalize(torch.zeros(1, ctx.image_shape[0], 1, 1, device=ctx.device))
@@ -153,15 +188,17 @@ class InversionLoop:
     def step(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One iteration: the jittered, flipped view, the losses, the best iterate, Adam, the clamp."""
         cfg, ctx, x = self.method.config, self.method.ctx, self.x
-        view = x.index_select(2, rows).index_select(3, cols) if self.shifted else x
+        groups = self.groups
+        view = self._view(rows, cols) if self.shifted else x
         with ctx.autocast():
             logits = self.method.forward_teacher(view)
             parts = {}
             if cfg.w_ce:  # cross-entropy as log-softmax + NLL, so the best-iterate score reuses the log-probs
                 log_p = F.log_softmax(logits.float(), 1)
                 ce = F.nll_loss(log_p, self.targets)
-                parts["ce"] = ce if cfg.w_ce == 1 else cfg.w_ce * ce
-            parts.update(self.method.terms(view, logits, self.targets))
+                w = cfg.w_ce * groups  # G units: the sum of each unit's mean
+                parts["ce"] = ce if w == 1 else w * ce
+            parts.update(self.method.terms(view, logits, self.targets, groups))
             loss = functools.reduce(operator.add, parts.values())
         if self.track:
             with torch.no_grad():  # keep each image's best iterate (the one scored by this forward)
@@ -175,6 +212,16 @@ class InversionLoop:
         with torch.no_grad():
             x.clamp_(min=self.lo, max=self.hi)
         return parts, loss
+
+    def _view(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The jittered, flipped view: rows then columns gathered by index (G units: each by its own)."""
+        x = self.x
+        if self.groups == 1:
+            return x.index_select(2, rows).index_select(3, cols)
+        g = x.unflatten(0, (self.groups, -1))  # G x B x C x H x W
+        n, b, c, h, w = g.shape
+        g = g.gather(3, rows.view(n, 1, 1, h, 1).expand(n, b, c, h, w))
+        return g.gather(4, cols.view(n, 1, 1, 1, w).expand(n, b, c, h, w)).flatten(0, 1)
 
     def result(self) -> torch.Tensor:
         """The batch's images in the teacher's input space: each one's best iterate, or the last."""

@@ -30,6 +30,7 @@ class SpectralConfig(InversionConfig):
 class Spectral(InversionMethod):
     name = "spectral"
     Config = SpectralConfig
+    units_in_flight = False  # its spectra are batch means; not yet taken per unit
 
     def __init__(self, ctx: SynthContext, config: SpectralConfig) -> None:
         super().__init__(ctx, config)
@@ -50,7 +51,7 @@ class Spectral(InversionMethod):
             self.refs = {p: ctx.record.amplitude[p].to(ctx.device) for p in paths}
         self.hooks = FeatureHooks(ctx.teacher, paths, capture="output").__enter__()
 
-    def terms(self, x, logits, targets):
+    def terms(self, x, logits, targets, groups=1):
         first, per_class = self.config.first_multiplier, self.config.per_class
         total = sum((first if i == 0 else 1.0) * (class_spectral_loss(self.hooks.captured[p], targets, ref) if per_class
                                                   else spectral_loss(self.hooks.captured[p], ref))
