@@ -3,6 +3,10 @@ forward+backward+step (the floor) measured in the same run, stored logits beside
 a store's view labels (one of 8 stored flip-crop views per image, pixels re-created in the loader).
 
     python -m benchmarks.distill_throughput [--num-samples 20000] [--batch-size 256] [--epochs 1] [--rounds 3]
+        [--cuda-graphs]
+
+--cuda-graphs (CUDA): the trainer replays each student's step as a CUDA graph, and the floors are captured as
+graphs too (the compute floor, no host in the way).
 
 Teacher LeNet-5-BN and students LeNet-5-half (DAFL), LeNet-5-half (ZSKD), LeNet-5 at 1×28×28, random
 weights and random pixels (speed does not depend on them). Times are medians over epochs after a
@@ -31,7 +35,7 @@ from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
 SHAPE, K = (1, 28, 28), 10
 MEAN, STD = (0.286,), (0.353,)
 STUDENTS = ["lenet5_half", "lenet5_half_zskd", "lenet5"]
-RUN = {"device": "cpu", "amp": "off"}  # set from the command line
+RUN = {"device": "cpu", "amp": "off", "cuda_graphs": False}  # set from the command line
 
 
 def make_store(path: str, images: np.ndarray, logits: np.ndarray, views: int = 0) -> None:
@@ -69,18 +73,32 @@ def floor_ms(students: list[str], images: torch.Tensor, logits: torch.Tensor, ba
     obj = Objective()
     x = normalize(images[:batch].to(dev), MEAN, STD)
     t = logits[:batch].float().to(dev)
+    graphs = RUN["cuda_graphs"] and dev.type == "cuda" and amp != torch.float16
+    if graphs:
+        opts = [torch.optim.SGD(m.parameters(), lr=torch.tensor(0.01, device=dev), momentum=0.9, fused=True)
+                for m in models]
+
+    def one(m, o) -> None:
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None,
+                            cache_enabled=False if graphs else None):
+            loss = obj(m(x).float(), t, None)
+        o.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(o)
+        scaler.update()
+    if graphs:
+        from dfkd.synth.cuda_graph import GraphedStep
+
+        steps_of = [GraphedStep(lambda m=m, o=o: one(m, o), ()) for m, o in zip(models, opts)]
+    else:
+        steps_of = [lambda m=m, o=o: one(m, o) for m, o in zip(models, opts)]
     times = []
     for i in range(steps + 5):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for m, o in zip(models, opts):
-            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = obj(m(x).float(), t, None)
-            o.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(o)
-            scaler.update()
+        for step in steps_of:
+            step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i >= 5:
@@ -116,10 +134,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="off", help="off, auto, bf16 or fp16 (CUDA only)")
+    p.add_argument("--cuda-graphs", action="store_true", help="students' steps (and the floors) as CUDA graphs")
     p.add_argument("--only", action="append", default=None,
                    help="run only the cases whose name contains this (repeatable; the floors always run)")
     args = p.parse_args()
-    RUN.update(device=args.device, amp=args.amp)
+    RUN.update(device=args.device, amp=args.amp, cuda_graphs=args.cuda_graphs)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.num_samples, *SHAPE), dtype=np.uint8)
@@ -161,7 +180,8 @@ def main() -> None:
     ratio = lambda a, c: statistics.median(x / y for x, y in zip(runs[a], runs[c]))
     print(f"distill throughput: {args.num_samples} samples 1x28x28, batch {b}, teacher lenet5_bn, students "
           f"{', '.join(STUDENTS)}; {os.cpu_count()} cores {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}, amp {args.amp}; medians of {args.rounds} interleaved rounds")
+          f"{torch.get_num_threads()} threads, device {args.device}, amp {args.amp}, cuda graphs "
+          f"{'on' if args.cuda_graphs else 'off'}; medians of {args.rounds} interleaved rounds")
     print()
     print("| run | ms/step | floor ms/step | vs floor | one pass / separate runs |")
     print("|---|---:|---:|---:|---:|")

@@ -64,6 +64,7 @@ class TrainConfig:
     progress: bool | None = None  # None: show bars only on a terminal
     amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16 + grad scaler), off, bf16, fp16
     compile: bool = False  # torch.compile each student's training forward
+    cuda_graphs: bool = False  # each student's step replayed as a CUDA graph (CUDA, one process, not fp16/compile)
     label: str = "distill"  # what its progress lines call the run (train-teacher for supervised training)
 
 
@@ -80,6 +81,9 @@ class Student:
     train_model: nn.Module | None = None  # the model as trained: DDP-wrapped under torch.distributed
     scaler: Any = None  # a GradScaler (active with fp16 autocast only)
     history: list[dict[str, Any]] = field(default_factory=list)
+    sums: list[torch.Tensor] = field(default_factory=list)  # the epoch's loss sum and agreement, on the device
+    graph: Any = None  # the step captured as a CUDA graph (synth.cuda_graph.GraphedStep) for `graph_shape`
+    graph_shape: tuple | None = None
 
 
 def _parallel(model: nn.Module, device: torch.device, world: int) -> nn.Module:
@@ -154,6 +158,7 @@ class Trainer:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         steps = config.epochs * len(source)
+        self.graphs = graphs_on(config, self.device, self.world, self.amp)
         self.students: list[Student] = []
         for i, (name, s) in enumerate(zip(_names(students), students)):
             torch.manual_seed(_init_seed(config.seed, name))  # (seed, name) only: as in a run of its own
@@ -161,7 +166,7 @@ class Trainer:
             model = spec.build().to(self.device)  # the same initial weights on every rank (same seed)
             if self.device.type == "cuda":
                 model = model.to(memory_format=torch.channels_last)
-            opt = _optimizer(model, s)
+            opt = _optimizer(model, s, self.device if self.graphs else None)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(1, steps))))
             train_model = _parallel(model, self.device, self.world)
             if config.compile:
@@ -184,7 +189,8 @@ class Trainer:
         c = self.cfg
         return plain({"source": self.source.identity(), "students": [asdict(s.student) for s in self.students],
                       "epochs": c.epochs, "seed": c.seed, "augment": c.augment, "objective": asdict(c.objective),
-                      "compute": {"device": self.device.type, "amp": str(self.amp), "world_size": self.world},
+                      "compute": {"device": self.device.type, "amp": str(self.amp), "world_size": self.world,
+                                  **({"cuda_graphs": True} if self.graphs else {})},  # fused optimizers: other rounding
                       "teacher": None if self.teacher is None else weights_fingerprint(self.teacher.state_dict())})
 
     def _save(self, epoch: int) -> None:
@@ -232,10 +238,13 @@ class Trainer:
             t0 = time.perf_counter()
             self.source.set_epoch(epoch)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            zero = lambda: torch.zeros((), device=self.device)
-            sums = {s.name: [zero(), zero(), 0] for s in self.students}  # loss sum, agreeing (on device), seen
+            seen = 0
             for s in self.students:
                 s.model.train()
+                if not s.sums:  # the same tensors every epoch: a captured step adds into them
+                    s.sums = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]
+                for t in s.sums:
+                    t.zero_()
             bar = progress(self.source, total=len(self.source), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            show=tty and self.rank == 0, leave=False)
             for images, stored, labels in bar:
@@ -249,28 +258,16 @@ class Trainer:
                 if obj.needs_teacher and teacher is None:
                     raise TrainError(f"{self.source.name} gives no teacher logits; pass a teacher for online targets")
                 y = None if labels is None else labels.to(self.device, non_blocking=True)
-                ref = teacher.argmax(1) if teacher is not None else y
                 for s in self.students:
-                    with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                        out = (s.train_model or s.model)(x)
-                        loss = obj(out.float(), teacher, y)
-                    s.optimizer.zero_grad(set_to_none=True)
-                    s.scaler.scale(loss).backward()
-                    s.scaler.step(s.optimizer)
-                    s.scaler.update()
+                    self._step(s, x, teacher, y)
                     s.scheduler.step()
-                    acc = sums[s.name]  # summed on the device: no host sync per step
-                    acc[0] += loss.detach() * len(x)
-                    if ref is not None:
-                        acc[1] += (out.argmax(1) == ref).sum()
-                    acc[2] += len(x)
+                seen += len(x)
                 if tty and bar.n % 20 == 0:  # reading the sums syncs the device, so only now and then
-                    bar.set_postfix({s.name: f"{float(sums[s.name][0]) / max(1, sums[s.name][2]):.3f}"
-                                     for s in self.students})
+                    bar.set_postfix({s.name: f"{float(s.sums[0]) / max(1, seen):.3f}" for s in self.students})
             seconds = time.perf_counter() - t0
             evaluate = self.eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
             for s in self.students:
-                loss_sum, agree, seen = _reduce_sums(sums[s.name], self.world, self.device)
+                loss_sum, agree, seen = _reduce_sums([*s.sums, seen], self.world, self.device)
                 if not math.isfinite(loss_sum):  # every rank sees the same sum: all stop, nothing is saved
                     raise TrainError(f"student {s.name}'s loss became {loss_sum} in epoch {epoch + 1}; its weights are "
                                      "no longer finite and were not saved: lower --lr, or check the store with "
@@ -300,6 +297,57 @@ class Trainer:
         epochs.close()
         return self.metrics()
 
+    def _step(self, s: Student, x: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        """One optimizer step of one student on a batch, its loss and agreement added into `s.sums` on the device
+        (no host sync per step); replayed as a CUDA graph where `self.graphs` and the batch has the captured shape."""
+        inputs = tuple(t for t in (x, teacher, y) if t is not None)
+        if not self.graphs:
+            return self._eager_step(s, x, teacher, y)
+        shape = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if s.graph is None:
+            self._capture(s, inputs, shape, teacher is not None, y is not None)
+        if shape != s.graph_shape:  # another batch size (an epoch's last batch): the same step, eagerly
+            return self._eager_step(s, x, teacher, y)
+        s.graph(*inputs)
+
+    def _eager_step(self, s: Student, x: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                            cache_enabled=False if self.graphs else None):  # a graph cannot capture the cache
+            out = (s.train_model or s.model)(x)
+            loss = self.cfg.objective(out.float(), teacher, y)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        ref = teacher.argmax(1) if teacher is not None else y
+        with torch.no_grad():
+            s.sums[0].add_(loss.detach() * len(x))
+            if ref is not None:
+                s.sums[1].add_((out.argmax(1) == ref).sum())
+
+    def _capture(self, s: Student, inputs: tuple, shape: tuple, has_teacher: bool, has_labels: bool) -> None:
+        """Capture s's step for this batch shape; the capture's warm-up steps are undone (weights, BN statistics,
+        the optimizer's state back to new, the sums), so the run is the one it would be without graphs."""
+        from ..synth.cuda_graph import GraphedStep
+
+        def step(*t: torch.Tensor) -> None:
+            it = iter(t)
+            x, teacher, y = next(it), next(it) if has_teacher else None, next(it) if has_labels else None
+            self._eager_step(s, x, teacher, y)
+
+        saved = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+        sums = [t.detach().clone() for t in s.sums]
+        s.graph, s.graph_shape = GraphedStep(step, inputs), shape
+        with torch.no_grad():
+            for k, v in s.model.state_dict().items():
+                v.copy_(saved[k])
+            for state in s.optimizer.state.values():  # zeros: a first step from here is a first step
+                for v in state.values():
+                    if torch.is_tensor(v):
+                        v.zero_()
+            for t, v in zip(s.sums, sums):
+                t.copy_(v)
+
     def at_chance(self) -> list[str]:
         """Students whose last epoch agreed with their targets no more than chance allows: they learned nothing
         (B's BN-free LeNet under SGD at T 20 ended so, 10.00%). Said after the run, never used to stop one: slow
@@ -320,10 +368,21 @@ class Trainer:
         return out
 
 
-def _optimizer(model: nn.Module, s: StudentSpec) -> torch.optim.Optimizer:
+def graphs_on(config: TrainConfig, device: torch.device, world: int, amp: torch.dtype | None) -> bool:
+    """Whether the students' steps are replayed as CUDA graphs: asked for, on CUDA, in one process (no DDP hooks),
+    without fp16 loss scaling (its inf check reads the device) or torch.compile."""
+    return config.cuda_graphs and device.type == "cuda" and world == 1 and amp != torch.float16 and not config.compile
+
+
+def _optimizer(model: nn.Module, s: StudentSpec, graph_device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The student's optimizer; for CUDA graphs (`graph_device`) fused, capturable, its rate a tensor the scheduler
+    writes in place (a graph replays the rate it was captured with otherwise)."""
+    graphs = {} if graph_device is None else {"fused": True}
+    rate = lambda lr: lr if graph_device is None else torch.tensor(lr, device=graph_device)
     if s.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=s.lr or 0.05, momentum=s.momentum, weight_decay=s.weight_decay,
-                               nesterov=s.momentum > 0)
+        return torch.optim.SGD(model.parameters(), lr=rate(s.lr or 0.05), momentum=s.momentum,
+                               weight_decay=s.weight_decay, nesterov=s.momentum > 0, **graphs)
     if s.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=s.lr or 1e-3, weight_decay=s.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=rate(s.lr or 1e-3), weight_decay=s.weight_decay, **graphs,
+                                **({"capturable": True} if graphs else {}))
     raise TrainError(f"unknown optimizer {s.optimizer!r}; choose sgd or adam")

@@ -145,7 +145,7 @@ class Runner:
         for d in p.distill:
             for name in d.stores or [s.name for s in p.synth]:
                 key = f"distill:{d.name}/{name}"
-                conf = {**_fields(d, added=("max_images", "teacher", "kd", "workers", "amp", "compile")),
+                conf = {**_fields(d, added=("max_images", "teacher", "kd", "workers", "amp", "compile", "cuda_graphs")),
                         "stores": None, "seed": self.section_seed(d), "eval": p.data.name,
                         "lr": 0.0 if d.lr is None else d.lr}  # unset was written 0.0: earlier files keep their stages
                 if d.teacher is not None:

@@ -149,6 +149,9 @@ class DistillSettings:
     amp: str = setting("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16 + grad scaler); off "
                        "on CPU.", choices=AMP_MODES)
     compile: bool = setting(False, "torch.compile the students (CUDA; slow first steps).")
+    cuda_graphs: bool = setting(
+        False, "Replay each student's step (forward, loss, backward, optimizer) as one CUDA graph, so small students "
+        "are not bound by the host's launches (CUDA, one process; not with fp16 or --compile).")
 
     @property
     def peak_lr(self) -> float:

@@ -129,6 +129,46 @@ def test_three_students_one_read_per_batch(digits_store):
     assert not torch.equal(next(trainer.students[0].model.parameters()), next(trainer.students[2].model.parameters()))
 
 
+class EagerGraph:
+    """synth.cuda_graph.GraphedStep's contract on the CPU: its warm-up steps run, then each call runs the step."""
+
+    def __init__(self, step, inputs):
+        self.step = step
+        for _ in range(3):  # what a capture's warm-up does to the weights, BN statistics and optimizer state
+            step(*inputs)
+
+    def __call__(self, *inputs):
+        self.step(*inputs)
+
+
+def test_students_stepped_as_graphs_train_as_without(monkeypatch, digits_store):
+    """What CUDA graphs run, on the CPU: a rate tensor the scheduler writes, fused optimizers, sums on the device,
+    the capture's warm-up undone, other batch sizes eager: the weights and metrics of a run without graphs."""
+    import dfkd.distill.trainer as trainer_module
+    import dfkd.synth.cuda_graph as cuda_graph
+
+    def run(graphs: bool) -> Trainer:
+        tr = Trainer(StoreSource(digits_store, batch_size=96, seed=2), [StudentSpec("lenet5_half"),
+                     StudentSpec("mlp", "adam")], TrainConfig(epochs=2, augment="flip-crop", seed=2, cuda_graphs=graphs))
+        tr.fit()
+        return tr
+
+    plain = run(False)
+    monkeypatch.setattr(trainer_module, "graphs_on", lambda config, *a: config.cuda_graphs)
+    monkeypatch.setattr(cuda_graph, "GraphedStep", EagerGraph)
+    graphed = run(True)
+    from dfkd import store
+
+    assert store.open(digits_store).meta.num_samples % 96  # a last batch of another size: eager in both
+    for a, b in zip(plain.students, graphed.students):
+        assert b.graph is not None and torch.is_tensor(b.optimizer.param_groups[0]["lr"])
+        for (k, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+            torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6, msg=f"{a.name}.{k}")
+        for ra, rb in zip(a.history, b.history):
+            assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+            assert rb["train_agreement"] == pytest.approx(ra["train_agreement"], abs=1e-3)
+
+
 class Stop(Exception):
     pass
 
