@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Collection
 
+import torch
 from torch import nn
 
 from ..store.toolbox import fs
@@ -82,6 +83,23 @@ def spec_from_file(d: Any, path: str, model_code: Collection[str] = ()) -> Model
     return spec
 
 
+def _check_weights_fit(state: Any, shapes: dict[str, tuple[int, ...]], spec: ModelSpec, path: str) -> None:
+    """The file's weights have the names and shapes the spec's model has: checked before the model is built for
+    real, so a spec edited to huge sizes is one line, not gigabytes allocated first."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} has no weights dictionary; it is corrupt or not a dfkd file")
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which {spec.arch} has not"
+        raise CheckpointError(f"{path}: weights do not fit {spec.arch} (the file {what}); it is corrupt or its spec "
+                              "was changed")
+    for k, shape in shapes.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(f"{path}: weights do not fit {spec.arch} ({k} is {tuple(state[k].shape)} in the file, "
+                                  f"{shape} for its spec of {spec.num_classes} classes, {spec.image_shape} images); it "
+                                  "is corrupt or its spec was changed")
+
+
 def load_model(path: str, what: str = "model", model_code: Collection[str] = ()
                ) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     """Rebuild a model from its checkpoint alone: (model in eval mode, spec, metrics).
@@ -94,12 +112,19 @@ def load_model(path: str, what: str = "model", model_code: Collection[str] = ()
         raise CheckpointError(f"{path} is not a dfkd model checkpoint (no '{FORMAT}' header); "
                               "bring your own weights in with `dfkd import-teacher`")
     spec = spec_from_file(ckpt.get("spec"), path, model_code)
+    state = ckpt.get("state_dict")
+    try:
+        with torch.device("meta"):  # shapes only, no memory: a spec of 10^9 classes costs nothing to refuse
+            shapes = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: {spec.arch} cannot be built from the file's arguments ({exc})") from None
+    _check_weights_fit(state, shapes, spec, path)
     try:
         model = spec.build()
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {spec.arch} cannot be built from the file's arguments ({exc})") from None
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit {spec.arch} ({str(exc).splitlines()[0]})") from None
     return model.eval(), spec, ckpt.get("metrics", {})

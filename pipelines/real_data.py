@@ -161,7 +161,11 @@ def image_folder(path: str) -> RealData:
         raise DataError(f"{path} needs train/ and test/ (or val/) subfolders, each with one folder per class")
 
     def listing(d: str) -> tuple[list[str], np.ndarray, list[str]]:
-        ds = torchvision.datasets.ImageFolder(d)  # the class folders and the files in them; nothing decoded
+        try:
+            ds = torchvision.datasets.ImageFolder(d)  # the class folders and the files in them; nothing decoded
+        except (FileNotFoundError, RuntimeError):  # torchvision's words for no class folders or no image files
+            raise DataError(f"{d} holds no images in class folders; put each class's images in a folder of its "
+                            "own (train/cat/1.png, train/dog/2.png, ...)") from None
         return [p for p, _ in ds.samples], np.array([y for _, y in ds.samples]), ds.classes
 
     tr, ytr, classes = listing(tr_dir)

@@ -153,6 +153,8 @@ def load_pipeline(path: str) -> Pipeline:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise PipelineError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not valid TOML (not UTF-8 text: byte {e.object[e.start]:#04x} at {e.start})") from None
     allowed = {"run", "data", "teacher", "synth", "distill"}
     unknown = sorted(set(raw) - allowed)
     if unknown:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from .toolbox import fs
 from .backends import backend_for_existing, backend_for_new, get_backend, list_backends
 from .toolbox.errors import StoreError
 from .toolbox.identity import check_same_run
+from .lock import acquire
 from .reader import StoreReader
 from .schema import StoreMeta, plan_key
 from .writer import StoreWriter
@@ -20,11 +21,24 @@ def open(path: str | os.PathLike) -> StoreReader:  # noqa: A001 - the store's ow
     return StoreReader(backend_for_existing(path).open(path, writable=False))
 
 
-def open_writer(path: str | os.PathLike) -> StoreWriter:
-    """Open an existing store to write its pending units (resume, or another rank of the same run)."""
+def open_writer(path: str | os.PathLike, *, lock: bool = True) -> StoreWriter:
+    """Open an existing store to write its pending units (resume, or, with `lock=False`, another rank of the same
+    run, which shares rank 0's lock); a store another process writes is refused (store.lock)."""
     path = os.fspath(path)
-    backend = backend_for_existing(path).open(path, writable=True)
-    return StoreWriter(backend)
+    return _locked(path, lock, lambda: StoreWriter(backend_for_existing(path).open(path, writable=True)))
+
+
+def _locked(path: str, lock: bool, make: Callable[[], StoreWriter]) -> StoreWriter:
+    """make() under the store's writer lock, which the writer then keeps (let go again if make fails)."""
+    held = acquire(path) if lock else None
+    try:
+        writer = make()
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    writer.lock = held
+    return writer
 
 
 def _is_store(path: str) -> bool:
@@ -59,15 +73,19 @@ def check_target(path: str, overwrite: bool) -> bool:
 
 
 def create(path: str | os.PathLike, meta: StoreMeta, *, backend: str | None = None, overwrite: bool = False,
-           **options: Any) -> StoreWriter:
+           lock: bool = True, **options: Any) -> StoreWriter:
     """Create a store at its final size, every unit pending; never clobbers data that is not a dfkd store."""
     path = os.fspath(path)
-    cls = backend_for_new(path, backend)
+    cls = backend_for_new(path, backend)  # locked before looking: a store another process writes is not replaced
+    return _locked(path, lock, lambda: _create(path, cls, meta, overwrite, **options))
+
+
+def _create(path: str, cls: Any, meta: StoreMeta, overwrite: bool, **options: Any) -> StoreWriter:
     replace = check_target(path, overwrite)
     if fs.is_url(path):  # object stores cannot rename a prefix: the few metadata objects are written in place
         if replace:
             fs.rmtree(path)
-        return StoreWriter(cls.create(path, meta, **options))
+        return StoreWriter(cls.create(path, meta, **options))  # no lock on object stores (store.lock)
     # Laid out beside the target and renamed into place: a kill at any point leaves either nothing at `path`
     # (or the old store) or a complete empty store, which --resume and --overwrite both accept.
     tmp = fs.sibling(path, f"creating-{os.getpid()}")

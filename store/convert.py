@@ -14,6 +14,7 @@ from typing import Any
 
 from .toolbox import fs
 from .access import check_target, create, open_writer
+from .lock import acquire
 from .access import open as open_store
 from .backends import backend_for_new
 from .toolbox.errors import StoreError
@@ -37,6 +38,17 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
     if meta.views and not reader.views_complete:
         raise StoreError(f"{src} has view labels for only some of its finished units; finish them with "
                          "`dfkd store label --resume` before converting (the copy keeps every unit's views)")
+    held = acquire(dst)  # one writer of dst; the writer returned holds its own lease
+    try:
+        return _convert_into(reader, meta, dst, backend, overwrite, **options)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _convert_into(reader: Any, meta: Any, dst: str, backend: str | None, overwrite: bool,
+                  **options: Any) -> StoreWriter:
+    """convert's work once dst is locked: check it, copy into a temporary, publish."""
     replace = check_target(dst, overwrite)  # refused now, before any work, if dst may not be replaced
     backend = backend or backend_for_new(dst, None).name
     remote = fs.is_url(dst)  # object stores cannot rename: the copy is written in place (after the checks)
@@ -47,7 +59,7 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
     if not remote and fs.exists(tmp):  # the leftover of a killed convert to this same destination
         fs.rmtree(tmp)
     try:
-        writer = create(tmp, meta, backend=backend, **options)
+        writer = create(tmp, meta, backend=backend, lock=False, **options)  # a private name, under dst's lock
         same_units = meta.unit_size == reader.meta.unit_size
         units = reader.done_units() if same_units else range(meta.num_units)
         for u in progress(units, desc=f"converting to {writer.backend.name}", unit="unit"):

@@ -40,7 +40,8 @@ def preview(path: str, out: str, per_class: int = 8, min_cell: int = 32) -> tupl
     _, h, w = m.image_shape
     scale = max(1, -(-min_cell // max(h, w)))
     ch, cw, gap, margin = h * scale, w * scale, 2, 28
-    canvas = Image.new("RGB", (margin + per_class * (cw + gap), m.num_classes * (ch + gap)), (255, 255, 255))
+    cols = max(len(r) for r in rows)  # as many columns as a class has images, not as many as were asked for
+    canvas = Image.new("RGB", (margin + cols * (cw + gap), m.num_classes * (ch + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for k, imgs in enumerate(rows):
         y = k * (ch + gap)
@@ -51,4 +52,4 @@ def preview(path: str, out: str, per_class: int = 8, min_cell: int = 32) -> tupl
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     fs.write_atomic(out, buf.getvalue())
-    return m.num_classes, per_class
+    return m.num_classes, cols

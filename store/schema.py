@@ -14,6 +14,7 @@ from .toolbox.errors import StoreError
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dfkd-store"
 LOGITS_DTYPES = ("float16", "float32")
+MAX_UNITS = 10**7  # write units a store may declare: 2.56e9 images at the default 256; a done mask of 10 MB
 MAX_VIEWS = 256  # view labels per image: 32 is the most measured (BENCHMARKS.md); 256 x K logits an image is plenty
 
 
@@ -48,6 +49,9 @@ class StoreMeta:
             raise StoreError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.unit_size < 1:
             raise StoreError(f"unit_size must be >= 1, got {self.unit_size}")
+        if -(-self.num_samples // self.unit_size) > MAX_UNITS:  # every reader loops over the units' done flags
+            raise StoreError(f"{self.num_samples} samples in units of {self.unit_size} make more than {MAX_UNITS} "
+                             "units; use larger units (--batch-size)")
         if self.logits_dtype not in LOGITS_DTYPES:
             raise StoreError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
         if not 0 <= self.views <= MAX_VIEWS:
@@ -97,10 +101,43 @@ class StoreMeta:
             by = (d.get("provenance") or {}).get("dfkd_version") if isinstance(d.get("provenance"), dict) else None
             raise StoreError(f"{where} was written by a newer dfkd{f' ({by})' if by else ''} with metadata this "
                              f"release does not know ({', '.join(unknown)}); upgrade dfkd to read it")
+        bad = _malformed(keys)
+        if bad:
+            raise StoreError(f"{where} has malformed dfkd metadata ({bad}); the store is corrupt, re-create it")
         try:
             return cls(**keys)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise StoreError(f"{where} has malformed dfkd metadata ({exc}); the store is corrupt, re-create it") from None
+        except StoreError as exc:
+            raise StoreError(f"{where} has malformed dfkd metadata ({exc}); the store is corrupt, re-create it") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_JSON_TYPES: dict[str, tuple[str, Any]] = {  # what each stored field must be, checked before anything is built
+    "num_samples": ("an integer", _is_int), "num_classes": ("an integer", _is_int), "unit_size": ("an integer", _is_int),
+    "base_seed": ("an integer", _is_int), "schema_version": ("an integer", _is_int), "views": ("an integer", _is_int),
+    "logits_dtype": ("a string", lambda v: isinstance(v, str)),
+    "image_shape": ("three integers", lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_int, v))),
+    "mean": ("a list of numbers", lambda v: v is None or isinstance(v, (list, tuple)) and all(map(_is_number, v))),
+    "std": ("a list of numbers", lambda v: v is None or isinstance(v, (list, tuple)) and all(map(_is_number, v))),
+    "provenance": ("an object", lambda v: isinstance(v, dict)),
+    "view_recipe": ("an object", lambda v: v is None or isinstance(v, dict)),
+}
+
+
+def _malformed(d: dict[str, Any]) -> str | None:
+    """The first stored field of the wrong JSON type (a float sample count, a list for provenance), or None."""
+    for key, (what, ok) in _JSON_TYPES.items():
+        if key in d and not ok(d[key]):
+            return f"{key} must be {what}, got {d[key]!r:.60}"
+    return None
 
 
 @dataclass

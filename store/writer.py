@@ -18,6 +18,7 @@ class StoreWriter:
             raise StoreError(f"{backend.path} was opened read-only; open it with store.open_writer to write")
         self.backend = backend
         self.reopened: list[int] = []  # units a resume found damaged and will write again
+        self.lock = None  # the store's writer lock while this writer lives (store.lock), set by store.access
 
     @property
     def meta(self) -> StoreMeta:
@@ -84,8 +85,11 @@ class StoreWriter:
         return bad
 
     def finalize(self) -> None:
-        """Finish the run: consolidate metadata (once, after the last unit of every writer)."""
+        """Finish the run: consolidate metadata (once, after the last unit of every writer), and let go of the
+        store's writer lock."""
         self.backend.finalize()
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def complete(self) -> bool:

@@ -321,4 +321,4 @@ def _open_store(cfg: SynthConfig, meta: store.StoreMeta, rank: int, world: int) 
         payload = box[0]
     if isinstance(payload, str):
         raise store.StoreError(payload)
-    return (writer if rank == 0 else store.open_writer(cfg.out)), np.asarray(payload, dtype=bool)
+    return (writer if rank == 0 else store.open_writer(cfg.out, lock=False)), np.asarray(payload, dtype=bool)

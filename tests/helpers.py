@@ -47,8 +47,9 @@ def expected(meta: StoreMeta) -> Samples:
 
 
 def write_share(path: str, rank: int, world_size: int) -> int:
-    """One of several concurrent writer processes: writes its disjoint share of the pending units."""
-    writer = store.open_writer(path)
+    """One of several concurrent writer processes (ranks of one job: lock=False, they share its one lock): writes its
+    disjoint share of the pending units."""
+    writer = store.open_writer(path, lock=False)
     units = writer.pending_units(rank, world_size)
     fill(writer, units)
     return len(units)

@@ -135,3 +135,218 @@ def test_a_huge_view_count_is_refused_before_anything_is_written(tmp_path, wds_s
     open(os.path.join(wds_store, "meta.json"), "w").write(json.dumps(doc))
     with pytest.raises(store.StoreError, match=r"views must lie in \[0, 256\]"):
         store.open(wds_store)
+
+
+@pytest.mark.parametrize("field,value", [("num_classes", 4_000_000), ("num_classes", 10**9), ("image_size", 10**6)])
+def test_a_checkpoint_spec_edited_to_huge_sizes_is_refused_before_building(tmp_path, field, value):
+    """A 99 KB teacher edited to 4,000,000 classes took 1.86 GB before 'weights do not fit'; 10^9 a traceback."""
+    import resource
+
+    import torch
+
+    from dfkd.distill.checkpoint import CheckpointError, load_model
+    from tests.synth_helpers import save_tiny_teacher
+
+    path = str(tmp_path / "t.pt")
+    save_tiny_teacher(path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["spec"][field] = value
+    torch.save(ckpt, path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match="weights do not fit lenet5_bn") as e:
+        load_model(path, "teacher")
+    assert "\n" not in str(e.value) and "its spec was changed" in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing of the huge model
+    res = invoke("synth", "--teacher", path, "--method", "noise", "--num-images", "8", "--out", str(tmp_path / "s.zarr"))
+    assert res.exit_code == 2 and "weights do not fit" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num_samples", 255.5, "num_samples must be an integer"), ("provenance", [1, 2], "provenance must be an object"),
+    ("mean", "abc", "mean must be a list of numbers"), ("num_samples", True, "num_samples must be an integer"),
+    ("image_shape", [3, 8], "image_shape must be three integers"),
+    ("num_samples", 64 * 10**9, "more than 10000000 units"),
+])
+@pytest.mark.parametrize("kind", ["zarr", "wds"])
+def test_metadata_of_the_wrong_type_or_size_is_one_line_for_info_and_verify(tmp_path, kind, key, value, match):
+    """A float sample count passed, a list of provenance made `info` raise AttributeError, 64e9 declared samples
+    made info and verify run for minutes at gigabytes."""
+    path = str(tmp_path / f"s.{kind}")
+    fill(store.create(path, small_meta()))
+    meta = os.path.join(path, "zarr.json" if kind == "zarr" else "meta.json")
+    doc = json.loads(open(meta).read())
+    (doc["attributes"] if kind == "zarr" else doc)["dfkd"][key] = value
+    open(meta, "w").write(json.dumps(doc))
+    for cmd in ("info", "verify"):
+        res = invoke("store", cmd, path)
+        assert res.exit_code in (1, 2), res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)  # no traceback
+        assert match in res.output and "malformed dfkd metadata" in res.output, res.output
+
+
+def test_odd_requests_and_files_get_one_line(tmp_path):
+    """Tracebacks before: a pipeline file that is not UTF-8, a factory of another signature named in it, and a
+    preview asking for 10^9 images a class (the canvas was sized by the request, not by the images)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe[run]\n")
+    res = invoke("run", str(bad))
+    assert res.exit_code == 2 and "not UTF-8 text: byte 0xff at 0" in res.output
+    odd = tmp_path / "odd.toml"
+    odd.write_text(f'[run]\nname = "x"\nout = "{tmp_path / "o"}"\n[data]\nname = "digits"\n'
+                   '[teacher]\nmodel = "os:getcwd"\nepochs = 1\n')
+    res = invoke("run", str(odd))
+    assert res.exit_code == 2 and "model factory 'os:getcwd' cannot be called" in res.output, res.output
+    assert isinstance(res.exception, SystemExit)
+    path = str(tmp_path / "s.zarr")
+    fill(store.create(path, small_meta()))
+    res = invoke("store", "preview", path, "--per-class", "1000000000", "--out", str(tmp_path / "p.png"))
+    assert res.exit_code == 0 and os.path.getsize(tmp_path / "p.png") > 0, res.output
+
+
+def _image_folder(root, classes: int, size: int = 8) -> str:
+    """An ImageFolder of train/ and test/ with `classes` classes of two RGB images each."""
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for k in range(classes):
+            d = os.path.join(root, split, f"c{k}")
+            os.makedirs(d)
+            for i in range(2):
+                Image.fromarray(np.full((size, size, 3), 20 * k + i, np.uint8)).save(os.path.join(d, f"{i}.png"))
+    return str(root)
+
+
+def test_distill_refuses_an_eval_set_of_other_classes_and_max_images_with_kd_data(tmp_path, wds_store):
+    """--eval with 3 classes against a 10-class store scored 0% without a word; --kd-data --max-images 2048
+    trained on the whole folder."""
+    folder = _image_folder(tmp_path / "three", 3)
+    res = invoke("distill", "--store", wds_store, "--student", "mlp", "--epochs", "1", "--eval", folder,
+                 "--out", str(tmp_path / "o1"))
+    assert res.exit_code == 2 and "has 3 classes but the students learn 10" in res.output, res.output
+    from tests.synth_helpers import save_tiny_teacher
+
+    teacher = str(tmp_path / "t.pt")
+    save_tiny_teacher(teacher)
+    res = invoke("distill", "--kd-data", folder, "--teacher", teacher, "--student", "mlp", "--epochs", "1",
+                 "--max-images", "2048", "--out", str(tmp_path / "o2"))
+    assert res.exit_code == 2 and "--max-images takes whole units of a store" in res.output, res.output
+    assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o2")
+
+
+def test_deleting_the_checksums_does_not_hide_tampering(tmp_path):
+    """Logits rewritten and checksums/ deleted (Zarr) or unit_checksums stripped from a shard (WebDataset): verify
+    said OK, distill trained, and convert wrote a fresh, verifying store (the tampering laundered)."""
+    import shutil
+
+    import numpy as np
+
+    zpath = str(tmp_path / "s.zarr")
+    fill(store.create(zpath, small_meta()))
+    w = store.open_writer(zpath)
+    w.backend.logits[16:32] = np.ones((16, 10), np.float16)  # unit 1's logits, behind the checksums' back
+    shutil.rmtree(os.path.join(zpath, "checksums"))
+    wpath = str(tmp_path / "s.wds")
+    fill(store.create(wpath, small_meta()))
+    shard = os.path.join(wpath, "shard-000001.tar")
+    members = []
+    for name, data in tar.members(open(shard, "rb").read(), shard):
+        data = bytes(data)
+        if name == "0000000016.json":
+            doc = json.loads(data)
+            del doc["unit_checksums"]
+            data = json.dumps(doc).encode()
+        members.append((name, data))
+    open(shard, "wb").write(tar.pack(members))
+    for path, match in ((zpath, "lacks the 'checksums' array"), (wpath, "carries no checksums")):
+        res = invoke("store", "verify", path)
+        assert res.exit_code == 1 and match in res.output, res.output
+        res = invoke("store", "convert", path, str(tmp_path / f"laundered{os.path.splitext(path)[1]}"))
+        assert res.exit_code == 2 and match in res.output, res.output
+        assert not os.path.exists(tmp_path / f"laundered{os.path.splitext(path)[1]}")
+
+
+def test_one_writer_per_store_and_a_killed_writer_leaves_no_stale_lock(tmp_path, wds_store):
+    """Two `store label` runs at once left a store that reported itself corrupt; now the second gets one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dfkd import store; "
+                               f"w = store.open_writer({wds_store!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(store.StoreError, match=f"is being written by process {holder.pid}"):
+            store.open_writer(wds_store)
+        from tests.synth_helpers import save_tiny_teacher
+
+        save_tiny_teacher(str(tmp_path / "t.pt"))
+        res = invoke("store", "label", wds_store, "--teacher", str(tmp_path / "t.pt"), "--views", "2")
+        assert res.exit_code == 2 and f"process {holder.pid}" in res.output and len(res.output.splitlines()) == 1
+        with pytest.raises(store.StoreError, match="is being written"):
+            store.create(wds_store, small_meta(), overwrite=True)  # nor replaced under it
+        assert store.open(wds_store).complete  # reading is never locked
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    w = store.open_writer(wds_store)  # the kernel dropped the killed holder's lock
+    w2 = store.create_or_resume(wds_store, small_meta(), resume=True)  # this process may hold several writers
+    assert w.lock is not None and w2.lock is not None
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height RGB and holds almost nothing: what a decompression bomb's header says."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _replace_member(shard: str, name: str, data: bytes) -> None:
+    members = [(n, data if n == name else bytes(d)) for n, d in tar.members(open(shard, "rb").read(), shard)]
+    open(shard, "wb").write(tar.pack(members))
+
+
+@pytest.mark.parametrize("member,make", [
+    ("0000000016.png", lambda: _png_header_only(40000, 40000)),
+    ("0000000016.logits.npy", lambda: _npy_header_only((10**12,), "<f2")),
+])
+def test_members_declaring_huge_sizes_are_refused_before_decoding(wds_store, member, make):
+    """A PNG member declaring 40000x40000 raised DecompressionBombError; a .npy header of 10^12 values allocated."""
+    import resource
+
+    shard = os.path.join(wds_store, "shard-000001.tar")
+    _replace_member(shard, member, make())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(store.StoreError, match="cannot be decoded") as e:
+        store.open(wds_store).read_unit(1)
+    assert "\n" not in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+    res = invoke("store", "verify", wds_store)
+    assert res.exit_code == 1 and "shard-000001" in res.output, res.output
+
+
+def _npy_header_only(shape: tuple[int, ...], descr: str) -> bytes:
+    import io
+
+    import numpy as np
+
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("layout", [("train/a", "test/a"), ("train", "test")])
+def test_an_image_folder_without_images_names_the_folder_and_the_layout(tmp_path, wds_store, layout):
+    """An empty ImageFolder said 'error: a file: Found no valid file...'."""
+    for d in layout:
+        os.makedirs(tmp_path / "empty" / d)
+    res = invoke("distill", "--store", wds_store, "--student", "mlp", "--epochs", "1", "--eval",
+                 str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "holds no images in class folders" in res.output, res.output
+    assert os.path.join("empty", "train") in res.output

@@ -159,4 +159,5 @@ def test_two_creators_at_once_get_one_line_and_one_store(tmp_path, monkeypatch):
     monkeypatch.setattr(access, "check_target", lambda p, overwrite: False)  # both checked before either renamed
     with pytest.raises(store.StoreError, match="another process created a store at .* at the same moment"):
         store.create(path, small_meta())
-    assert tree_bytes(path) == before and sorted(os.listdir(tmp_path)) == ["s.zarr"]
+    assert tree_bytes(path) == before
+    assert sorted(os.listdir(tmp_path)) == [".s.zarr.lock", "s.zarr"]  # the first writer's lock, while it writes

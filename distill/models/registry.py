@@ -93,7 +93,14 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
         except (ImportError, AttributeError) as exc:
             raise ModelError(f"cannot import model factory {name!r} ({exc}); give package.module:function "
                              "importable from here") from None
-        return factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+        try:
+            model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+        except TypeError as exc:  # a factory of another signature (os:getcwd, say)
+            raise ModelError(f"model factory {name!r} cannot be called as {attr}(num_classes=, in_channels=, "
+                             f"image_size=) ({exc}); give a function with those keyword arguments") from None
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"model factory {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
     check_model_name(name)
     raise AssertionError("unreachable: check_model_name refuses every other name")
 

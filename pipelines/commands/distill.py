@@ -81,6 +81,10 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     if kd_data is not None:
         if t_model is None:
             raise click.UsageError("--kd-data needs --teacher (the teacher labels the real images online)")
+        if recipe.max_images is not None:
+            raise click.UsageError("--max-images takes whole units of a store; --kd-data trains on the whole training "
+                                   "split (for fewer real images, a pipeline's [[synth]] with method = \"real\" and "
+                                   "num_images makes a store)")
         real = load_data(kd_data, data_root)
         _check_teacher(t_spec, real.num_classes, real.image_shape, kd_data)
         source: Any = TensorSource(real.train_images, real.train_labels, real.num_classes, t_spec.mean, t_spec.std,
@@ -98,6 +102,9 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     evaluation = None
     if eval_data is not None:
         ev = load_data(eval_data, data_root)
+        if ev.num_classes != source.num_classes:  # labels of other classes would score 0% without a word
+            raise click.UsageError(f"--eval {eval_data} has {ev.num_classes} classes but the students learn "
+                                   f"{source.num_classes}; evaluate on the teacher's own dataset")
         evaluation = (ev.test_images, ev.test_labels)
     if resume and not os.path.exists(os.path.join(out, "run.pt")):
         click.echo(f"nothing to resume in {out}: starting")

@@ -58,11 +58,19 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 
 def _npy_load(b: memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Decode a .npy member; the expected header takes a fast path, anything else np.load (never pickles)."""
+    """Decode a .npy member; the expected header takes a fast path, any other header is read (never a pickle) and
+    must declare this dtype and shape and hold their bytes: a header declaring a huge shape allocates nothing."""
     head = _npy_header(np.dtype(dtype).str, shape)
-    if len(b) == len(head) + int(np.prod(shape)) * np.dtype(dtype).itemsize and b[: len(head)] == head:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(b) == len(head) + nbytes and b[: len(head)] == head:
         return np.frombuffer(b, dtype, offset=len(head)).reshape(shape)
-    return np.load(io.BytesIO(b), allow_pickle=False)
+    f = io.BytesIO(b)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    got_shape, fortran, got_dtype = read(f)
+    if tuple(got_shape) != tuple(shape) or got_dtype != np.dtype(dtype) or fortran or len(b) - f.tell() != nbytes:
+        raise ValueError(f"a .npy of {got_dtype}{tuple(got_shape)} in {len(b)} bytes, expected {dtype}{tuple(shape)}")
+    return np.frombuffer(b, dtype, offset=f.tell()).reshape(shape)
 
 
 def _png_bytes(img: np.ndarray) -> bytes:
@@ -73,8 +81,16 @@ def _png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _png_load(b: memoryview) -> np.ndarray:
-    a = np.asarray(Image.open(io.BytesIO(b), formats=["PNG"]))
+def _png_load(b: memoryview, shape: tuple[int, int, int]) -> np.ndarray:
+    """Decode a PNG member whose header declares the store's image size (checked before decoding: a header of
+    40000x40000 is refused, not inflated)."""
+    try:
+        img = Image.open(io.BytesIO(b), formats=["PNG"])
+    except Image.DecompressionBombError as exc:
+        raise ValueError(str(exc)) from None
+    if img.size != (shape[2], shape[1]):
+        raise ValueError(f"a PNG of {img.size[0]}x{img.size[1]}, the store's images are {shape[2]}x{shape[1]}")
+    a = np.asarray(img)
     return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
 
 
@@ -86,9 +102,12 @@ class WebDatasetBackend(Backend):
     name = "webdataset"
     suffixes = (".wds",)
 
-    def __init__(self, path: str, meta: StoreMeta, writable: bool, image_format: str) -> None:
+    def __init__(self, path: str, meta: StoreMeta, writable: bool, image_format: str,
+                 checksummed: bool = True) -> None:
         super().__init__(path, meta, writable)
         self.image_format = image_format
+        # every shard's first JSON holds its CRC-32s: a shard without them was altered, not merely old
+        self.checksummed = checksummed
 
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -111,7 +130,8 @@ class WebDatasetBackend(Backend):
 
     def _write_meta(self) -> None:
         doc = {"dfkd": self.meta.to_json(),
-               "webdataset": {"image_format": self.image_format, "shard_pattern": f"{PREFIX}-%06d.tar"}}
+               "webdataset": {"image_format": self.image_format, "shard_pattern": f"{PREFIX}-%06d.tar",
+                              **({"unit_checksums": True} if self.checksummed else {})}}
         fs.write_atomic(fs.join(self.path, META_FILE), json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def add_views(self, meta: StoreMeta) -> None:
@@ -162,10 +182,11 @@ class WebDatasetBackend(Backend):
         if not isinstance(doc, dict):
             raise StoreError(f"{path} is not a dfkd store ({META_FILE} is not a JSON object)")
         meta = StoreMeta.from_json(doc.get("dfkd"), path)
-        fmt = (doc.get("webdataset") or {}).get("image_format")
+        block = doc.get("webdataset") if isinstance(doc.get("webdataset"), dict) else {}
+        fmt = block.get("image_format")
         if fmt not in IMAGE_FORMATS:
             raise StoreError(f"{path}: unknown image format {fmt!r} in {META_FILE}; the store is corrupt or foreign")
-        return cls(path, meta, writable, fmt)
+        return cls(path, meta, writable, fmt, checksummed=block.get("unit_checksums") is True)
 
     def _units_on_disk(self) -> dict[int, str]:
         out = {}
@@ -231,7 +252,7 @@ class WebDatasetBackend(Backend):
                 if ext in IMAGE_EXTS:
                     if ext != self.image_format:
                         raise StoreError(f"{where}: member {name!r} is {ext}, the store says {self.image_format}")
-                    img = _png_load(data) if ext == "png" else _npy_load(data, "uint8", (c, h, w))
+                    img = _png_load(data, (c, h, w)) if ext == "png" else _npy_load(data, "uint8", (c, h, w))
                     if img.shape != (c, h, w) or img.dtype != np.uint8:
                         raise StoreError(f"{where}: image {name!r} is {img.dtype}{img.shape}, the store expects "
                                          f"uint8{(c, h, w)}; the store is corrupt, re-create it")
@@ -271,6 +292,10 @@ class WebDatasetBackend(Backend):
                                  "shard is corrupt, label the store again with `dfkd store label --resume`")
             views = None  # a shard written before the store kept views: its views are pending
         rec = Samples(images, logits, labels, views)
+        if check and self.checksummed and not (isinstance(expected, list) and len(expected) == 3
+                                               and (views is None or expected_views is not None)):
+            raise StoreError(f"{where} carries no checksums though every shard of this store is written with them: it "
+                             "was altered after writing; delete it and finish the store with --resume")
         if check and isinstance(expected, list) and len(expected) == 3:
             bad = [k for k, a, b in zip(("images", "logits", "labels"), checksums(rec).tolist(), expected) if a != b]
             if views is not None and view_checksum(views) != expected_views:

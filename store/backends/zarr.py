@@ -82,7 +82,9 @@ class ZarrBackend(Backend):
             raise StoreError(f"chunk_size {inner} must divide the unit size {u} (a unit is one whole shard)")
         sharded = inner != u
         layout = {"compressor": compressor, "chunk_size": inner, "sharded": sharded}
-        group = zarr.create_group(store=path, attributes={ATTR_KEY: meta.to_json(), "zarr_layout": layout})
+        # unit_checksums: every done unit has its CRC-32s, so a store without them was altered (not merely old)
+        group = zarr.create_group(store=path, attributes={ATTR_KEY: meta.to_json(), "zarr_layout": layout,
+                                                          "unit_checksums": True})
         n = meta.num_samples
 
         def array(name: str, shape: tuple[int, ...], dtype: str, fill: Any, comp: Any = codec) -> None:
@@ -147,8 +149,11 @@ class ZarrBackend(Backend):
             "labels": ((n,), np.dtype("int64")),
             "done": ((meta.num_units,), np.dtype("bool")),
         }
+        if group.attrs.get("unit_checksums"):  # deleting them must not pass for a store made before checksums
+            expected["checksums"] = ((meta.num_units, 3), np.dtype("uint32"))
         if meta.views:
             expected["view_logits"] = ((n, meta.views, k), np.dtype(meta.logits_dtype))
+            expected["view_checksums"] = ((meta.num_units,), np.dtype("uint32"))
             expected["view_done"] = ((meta.num_units,), np.dtype("bool"))
         for name, (shape, dtype) in expected.items():
             try:
@@ -158,7 +163,7 @@ class ZarrBackend(Backend):
             if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
                 raise StoreError(f"{path}: array '{name}' is {arr.dtype}{tuple(arr.shape)} but the metadata "
                                  f"says {dtype}{shape}; the store is corrupt, re-create it")
-            if name not in ("done", "view_done"):
+            if name not in ("done", "view_done", "checksums", "view_checksums"):
                 unit_chunk = (arr.shards or arr.chunks)[0]
                 if unit_chunk != meta.unit_size:
                     raise StoreError(f"{path}: array '{name}' has write blocks of {unit_chunk} samples but the "
