@@ -117,12 +117,14 @@ def load_model(path: str, what: str = "model", model_code: Collection[str] = ()
         with torch.device("meta"):  # shapes only, no memory: a spec of 10^9 classes costs nothing to refuse
             shapes = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: {spec.arch} cannot be built from the file's arguments ({exc})") from None
+        raise CheckpointError(f"{path}: {spec.arch} cannot be built from the file's arguments "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     _check_weights_fit(state, shapes, spec, path)
     try:
         model = spec.build()
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: {spec.arch} cannot be built from the file's arguments ({exc})") from None
+        raise CheckpointError(f"{path}: {spec.arch} cannot be built from the file's arguments "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

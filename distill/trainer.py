@@ -143,6 +143,8 @@ class Trainer:
         if self.views and teacher is not None:
             raise TrainError(f"{source.name} yields stored view labels and a teacher was given too; use one: the "
                              "teacher relabels views online, the store's view labels need no teacher")
+        if source.num_classes < 2:  # one class: every loss is 0 and nothing is learned
+            raise TrainError(f"{source.name} has {source.num_classes} class; a classifier needs at least 2")
         c, h, w = source.image_shape
         if h != w:
             raise TrainError(f"images are {h}×{w}; the zoo's models take square images")

@@ -14,6 +14,9 @@ from .toolbox.errors import StoreError
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dfkd-store"
 LOGITS_DTYPES = ("float16", "float32")
+MAX_SAMPLE_BYTES = 2**26  # one image (C x H x W uint8): 64 MiB, a 4096 x 4096 x 4 image
+MAX_CLASSES = 10**6
+MAX_UNIT_BYTES = 2**32  # one unit's images, logits and view logits, as readers hold them: 4 GiB
 MAX_UNITS = 10**7  # write units a store may declare: 2.56e9 images at the default 256; a done mask of 10 MB
 MAX_VIEWS = 256  # view labels per image: 32 is the most measured (BENCHMARKS.md); 256 x K logits an image is plenty
 
@@ -49,13 +52,21 @@ class StoreMeta:
             raise StoreError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.unit_size < 1:
             raise StoreError(f"unit_size must be >= 1, got {self.unit_size}")
+        if not 0 <= self.views <= MAX_VIEWS:
+            raise StoreError(f"views must lie in [0, {MAX_VIEWS}], got {self.views}")
+        if math.prod(self.image_shape) > MAX_SAMPLE_BYTES:
+            raise StoreError(f"images of {self.image_shape} are more than {MAX_SAMPLE_BYTES >> 20} MiB each")
+        if self.num_classes > MAX_CLASSES:
+            raise StoreError(f"num_classes must be <= {MAX_CLASSES}, got {self.num_classes}")
+        unit_bytes = min(self.unit_size, self.num_samples) * (math.prod(self.image_shape) + 4 * self.num_classes * (1 + self.views))
+        if unit_bytes > MAX_UNIT_BYTES:  # a reader holds a whole unit: the files could not hold it anyway
+            raise StoreError(f"units of {min(self.unit_size, self.num_samples)} samples would take {unit_bytes / 2**30:.0f} GiB each (more "
+                             f"than {MAX_UNIT_BYTES >> 30} GiB); use smaller units (--batch-size)")
         if -(-self.num_samples // self.unit_size) > MAX_UNITS:  # every reader loops over the units' done flags
             raise StoreError(f"{self.num_samples} samples in units of {self.unit_size} make more than {MAX_UNITS} "
                              "units; use larger units (--batch-size)")
         if self.logits_dtype not in LOGITS_DTYPES:
             raise StoreError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
-        if not 0 <= self.views <= MAX_VIEWS:
-            raise StoreError(f"views must lie in [0, {MAX_VIEWS}], got {self.views}")
         if self.views and self.view_recipe is None:
             raise StoreError("a store with views must record their view_recipe")
         for name in ("mean", "std"):

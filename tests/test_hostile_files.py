@@ -350,3 +350,45 @@ def test_an_image_folder_without_images_names_the_folder_and_the_layout(tmp_path
                  str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert res.exit_code == 2 and "holds no images in class folders" in res.output, res.output
     assert os.path.join("empty", "train") in res.output
+
+
+def test_resuming_a_finished_store_writes_nothing(tmp_path):
+    """synth --resume on a finished Zarr store rewrote zarr.json (the same bytes): it failed on a read-only mount."""
+    from tests.synth_helpers import save_tiny_teacher
+
+    teacher, out = str(tmp_path / "t.pt"), str(tmp_path / "s.zarr")
+    save_tiny_teacher(teacher)
+    args = ["synth", "--teacher", teacher, "--method", "stat", "--num-images", "32", "--batch-size", "16",
+            "--iterations", "2", "--out", out]
+    assert invoke(*args).exit_code == 0
+    files = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs_ in os.walk(out) for f in fs_}
+    res = invoke(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert {p: os.stat(p).st_mtime_ns for p in files} == files
+    assert not os.path.exists(tmp_path / ".s.zarr.lock")  # let go when the run ended
+
+
+def test_a_link_inside_a_zarr_store_is_refused_to_writers_and_flagged_by_verify(tmp_path):
+    """A symlinked chunk folder made synth --resume write outside the store."""
+    path = str(tmp_path / "s.zarr")
+    w = store.create(path, small_meta())
+    fill(w, units=[0, 1])
+    w.finalize()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    chunks = os.path.join(path, "images", "c")
+    os.rename(chunks, str(outside / "c"))
+    os.symlink(str(outside / "c"), chunks)
+    with pytest.raises(store.StoreError, match="is a link or special file inside the store"):
+        store.create_or_resume(path, small_meta(), resume=True)
+    res = invoke("store", "verify", path)
+    assert res.exit_code == 1 and "is a link or special file inside the store" in res.output, res.output
+    assert sorted(os.listdir(outside / "c")) == ["0", "1"]  # nothing written there
+
+
+def test_a_one_class_source_is_refused(tmp_path):
+    """A 1-class teacher trained at loss 0 without a word."""
+    path = str(tmp_path / "one.zarr")
+    fill(store.create(path, small_meta(num_classes=1)))
+    res = invoke("distill", "--store", path, "--student", "mlp", "--epochs", "1", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "has 1 class; a classifier needs at least 2" in res.output, res.output

@@ -65,9 +65,12 @@ def _npy_load(b: memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     if len(b) == len(head) + nbytes and b[: len(head)] == head:
         return np.frombuffer(b, dtype, offset=len(head)).reshape(shape)
     f = io.BytesIO(b)
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    got_shape, fortran, got_dtype = read(f)
+    try:  # numpy parses the header with Python's tokenizer, whose errors are no ValueError
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        got_shape, fortran, got_dtype = read(f)
+    except Exception as exc:  # noqa: BLE001 - any of numpy's ways to say the header is not one
+        raise ValueError(f"a .npy header that cannot be read ({type(exc).__name__})") from None
     if tuple(got_shape) != tuple(shape) or got_dtype != np.dtype(dtype) or fortran or len(b) - f.tell() != nbytes:
         raise ValueError(f"a .npy of {got_dtype}{tuple(got_shape)} in {len(b)} bytes, expected {dtype}{tuple(shape)}")
     return np.frombuffer(b, dtype, offset=f.tell()).reshape(shape)

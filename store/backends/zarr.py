@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import warnings
 import zlib
 from typing import Any
@@ -137,7 +138,16 @@ class ZarrBackend(Backend):
                              "the store is corrupt or foreign, re-create it") from None
         meta = StoreMeta.from_json(attrs.get(ATTR_KEY), path)
         cls._check_layout(path, group, meta)
+        if writable:  # zarr follows links when it writes a chunk: one inside the store would write outside it
+            links = fs.links_inside(path)
+            if links:
+                raise StoreError(f"{links[0]} is a link or special file inside the store; a store holds only regular "
+                                 "files and folders: remove it (and finish the store with --resume)")
         return cls(path, meta, writable, group)
+
+    def audit(self) -> list[tuple[bool, str]]:
+        return [(True, f"{p} is a link or special file inside the store (a store holds only regular files and "
+                       "folders); remove it and finish the store with --resume") for p in fs.links_inside(self.path)]
 
     @staticmethod
     def _check_layout(path: str, group: zarr.Group, meta: StoreMeta) -> None:
@@ -163,11 +173,17 @@ class ZarrBackend(Backend):
             if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
                 raise StoreError(f"{path}: array '{name}' is {arr.dtype}{tuple(arr.shape)} but the metadata "
                                  f"says {dtype}{shape}; the store is corrupt, re-create it")
-            if name not in ("done", "view_done", "checksums", "view_checksums"):
-                unit_chunk = (arr.shards or arr.chunks)[0]
-                if unit_chunk != meta.unit_size:
-                    raise StoreError(f"{path}: array '{name}' has write blocks of {unit_chunk} samples but the "
-                                     f"unit size is {meta.unit_size}; the store is corrupt, re-create it")
+            try:
+                blocks, chunks = tuple(arr.shards or arr.chunks), tuple(arr.chunks)
+            except Exception:  # noqa: BLE001 - zarr's metadata objects fail in many ways on edited files
+                blocks = chunks = ()
+            if name in ("done", "view_done", "checksums", "view_checksums"):  # one block per unit, each its own
+                if chunks != (1, *shape[1:]):
+                    raise StoreError(f"{path}: array '{name}' has chunks {chunks}, not one per unit; the store is "
+                                     "corrupt, re-create it")
+            elif len(chunks) != len(shape) or min(chunks) < 1 or blocks[:1] != (meta.unit_size,):
+                raise StoreError(f"{path}: array '{name}' has write blocks {blocks} but the unit size is "
+                                 f"{meta.unit_size}; the store is corrupt, re-create it")
 
     def done_mask(self) -> np.ndarray:
         return np.asarray(self.done[:], dtype=bool)
@@ -296,9 +312,21 @@ class ZarrBackend(Backend):
         self.done[unit] = True  # only after every array of the unit (and its checksums) is on disk
 
     def finalize(self) -> None:
+        if self._consolidated():  # nothing to redo: a finished store resumed on a read-only mount stays unwritten
+            return
         with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3; we rely on it
             warnings.filterwarnings("ignore", message="Consolidated metadata")
             zarr.consolidate_metadata(self.path)
+
+    def _consolidated(self) -> bool:
+        """Whether zarr.json's consolidated metadata already names every array with the group's attributes (chunk
+        writes never change it; new arrays or attributes, as view labels add, do)."""
+        try:
+            doc = json.loads(fs.read_bytes(fs.join(self.path, "zarr.json")))
+            members = set(doc["consolidated_metadata"]["metadata"])
+            return members == set(self.group.array_keys()) and doc.get("attributes") == dict(self.group.attrs)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def options(self) -> dict[str, Any]:
         return dict(self.group.attrs.get("zarr_layout", {}))

@@ -103,6 +103,23 @@ def read_bytes(path: str, regular: bool = False) -> bytes:
     return fs.cat_file(p)
 
 
+def links_inside(path: str, most: int = 3) -> list[str]:
+    """Up to `most` entries under a local folder that are links or neither files nor folders (FIFOs, devices),
+    never followed; [] for URLs (object stores have no links). A store's own tree holds none of these, so one
+    there points its writer (or reader) out of the store."""
+    if is_url(path):
+        return []
+    found, todo = [], [path]
+    while todo and len(found) < most:
+        with os.scandir(todo.pop()) as entries:
+            for e in entries:
+                if e.is_symlink() or not (e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)):
+                    found.append(e.path)
+                elif e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+    return found[:most]
+
+
 def is_partial(name: str) -> bool:
     """Whether a file name is a temporary of an interrupted write_atomic (`.NAME.partial-PID`, or `NAME.partial`
     as earlier versions named them)."""
