@@ -1,35 +1,22 @@
-"""`dfkd methods`: every synthesis method and its hyper-parameters (the keys of `--set`), with defaults and meanings.
-
-A meaning is the trailing comment on the config field's line in the method's source, so it is written once,
-beside the default it explains.
+"""`dfkd methods`: every synthesis method and its hyper-parameters (the keys of `--set`), with defaults, meanings and
+bounds: what each config field declares (store.toolbox.declared.setting), written once beside its default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import io
-import tokenize
+
+from ..store.toolbox.declared import bounds
 
 
-def field_comments(cls: type) -> dict[str, str]:
-    """`name: type = default  # meaning` lines of a dataclass and its bases, as {name: meaning}."""
-    out: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its base's
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        names = {f.name for f in dataclasses.fields(klass)}
-        last_name = None
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
-                last_name, line = tok.string, tok.start[0]
-            elif tok.type == tokenize.COMMENT and last_name is not None and tok.start[0] == line:
-                out[last_name] = tok.string.lstrip("#").strip()
-                last_name = None
+def meanings(cls: type) -> dict[str, str]:
+    """Each declared field's meaning, with its choices or bounds: {name: text}."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        if "help" in m:
+            extra = f" (one of {', '.join(m['choices'])})" if m["choices"] else bounds(f)
+            out[f.name] = m["help"] + extra
     return out
 
 
@@ -57,7 +44,7 @@ def describe_method(name: str) -> str:
 
     cls = method_class(name)
     config = cls.Config()
-    notes = field_comments(cls.Config)
+    notes = meanings(cls.Config)
     rows = [(f.name, type(getattr(config, f.name)).__name__, repr(getattr(config, f.name)), notes.get(f.name, ""))
             for f in dataclasses.fields(config)]
     w = [max(len(r[i]) for r in rows + [("key", "type", "default", "")]) for i in range(3)]
@@ -72,7 +59,7 @@ def undocumented(name: str) -> list[str]:
     from ..synth.methods import method_class
 
     cls = method_class(name)
-    notes = field_comments(cls.Config)
+    notes = meanings(cls.Config)
     return [f.name for f in dataclasses.fields(cls.Config) if not notes.get(f.name)]
 
 

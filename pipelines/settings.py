@@ -9,16 +9,14 @@ with one line, for the API and for pipeline files alike (the CLI's click types r
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..store.schema import MAX_VIEWS
 from ..store.toolbox.augment import MODES as AUGMENTATIONS
 from ..store.toolbox.augment import VIEW_MODE_HELP, VIEW_MODES
 from ..store.toolbox.compute import AMP_MODES, OPTIMIZERS
+from ..store.toolbox.declared import check_declared, setting, setting_fields
 from ..store.toolbox.errors import DfkdError
 
 # The students' default peak rate per optimizer, measured with the default T 20 on Fashion-MNIST view stores.
@@ -35,34 +33,6 @@ class SettingError(DfkdError):
         self.key, self.reason = key, reason
 
 
-def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, low: float | None = None,
-            low_open: bool = False, high: float | None = None, cli_help: str | None = None) -> Any:
-    """A dataclass field with what a user reads about it; `cli_help` where the command line says it otherwise."""
-    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "low_open": low_open,
-                                            "high": high, "cli_help": cli_help})
-
-
-def base_type(hint: Any) -> tuple[Any, bool]:
-    """(the type, whether None is allowed) of a hint such as `float | None`."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
-
-
-def setting_fields(cls: type) -> list[tuple[dataclasses.Field, Any, bool]]:
-    """(field, base type, optional) of every declared setting of `cls`, in order."""
-    hints = typing.get_type_hints(cls)
-    return [(f, *base_type(hints[f.name])) for f in dataclasses.fields(cls) if "help" in f.metadata]
-
-
-def _bounds(f: dataclasses.Field) -> str:
-    low, high = f.metadata["low"], f.metadata.get("high")
-    parts = ([] if low is None else [f"{'>' if f.metadata['low_open'] else '>='} {low:g}"]) + \
-        ([] if high is None else [f"<= {high:g}"])
-    return f" ({', '.join(parts)})" if parts else ""
-
-
 def click_options(cls: type) -> Callable[[Callable], Callable]:
     """A decorator giving a click command one option per setting of `cls` (booleans: --x/--no-x)."""
     import click
@@ -76,7 +46,7 @@ def click_options(cls: type) -> Callable[[Callable], Callable]:
             typ: Any = click.Choice(m["choices"])
         elif kind in (int, float) and (m["low"] is not None or m.get("high") is not None):
             typ = (click.IntRange if kind is int else click.FloatRange)(min=m["low"], min_open=m["low_open"],
-                                                                        max=m.get("high"))
+                                                                        max=m.get("high"), max_open=m["high_open"])
         else:
             typ = kind
         return click.option(flag, type=typ, default=f.default, show_default=f.default is not None, help=text)
@@ -95,22 +65,7 @@ def settings_of(obj: Any, cls: type) -> dict[str, Any]:
 
 def check_settings(obj: Any) -> None:
     """Refuse a setting outside its type, choices or bounds: one line naming it, its value and what it takes."""
-    for f, kind, optional in setting_fields(type(obj)):
-        v, m = getattr(obj, f.name), f.metadata
-        if v is None and optional:
-            continue
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-            setattr(obj, f.name, v)
-        if type(v) is not kind:
-            raise SettingError(f.name, f"must be {kind.__name__}{' or unset' if optional else ''}, got {v!r}")
-        if m["choices"] and v not in m["choices"]:
-            raise SettingError(f.name, f"must be one of {', '.join(m['choices'])}, got {v!r}")
-        if kind is float and not math.isfinite(v):  # NaN passes every bound: a NaN rate trained a NaN student
-            raise SettingError(f.name, f"must be a finite number, got {v!r}")
-        low, high = m["low"], m.get("high")
-        if (low is not None and (v < low or (m["low_open"] and v == low))) or (high is not None and v > high):
-            raise SettingError(f.name, f"must be{_bounds(f)}, got {v!r}")
+    check_declared(obj, SettingError)
 
 
 @dataclass(kw_only=True)

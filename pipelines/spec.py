@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..distill.models import ModelError, check_model_name, is_code_name
+from ..store.toolbox.declared import base_type, setting
 from ..store.toolbox.errors import DfkdError
 from ..synth.methods import MethodError, list_methods, method_class, method_config
 
-from .settings import DistillSettings, SettingError, SynthSettings, TeacherSettings, base_type, setting
+from .settings import DistillSettings, SettingError, SynthSettings, TeacherSettings
 
 
 class PipelineError(DfkdError):

@@ -392,3 +392,23 @@ def test_a_one_class_source_is_refused(tmp_path):
     fill(store.create(path, small_meta(num_classes=1)))
     res = invoke("distill", "--store", path, "--student", "mlp", "--epochs", "1", "--out", str(tmp_path / "o"))
     assert res.exit_code == 2 and "has 1 class; a classifier needs at least 2" in res.output, res.output
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("beta1", "1.5", "deepinversion.beta1 must be (>= 0, < 1), got 1.5"),
+    ("jitter", "-3", "deepinversion.jitter must be (>= 0), got -3"),
+    ("iterations", "0", "deepinversion.iterations must be (>= 1), got 0"),
+    ("lr", "-1", "deepinversion.lr must be (> 0), got -1.0"),
+])
+def test_method_hyper_parameters_out_of_bounds_are_one_line_before_anything_is_written(tmp_path, key, value, match):
+    """--set beta1=1.5, jitter=-3, iterations=0 were accepted (all-zero images, or a traceback)."""
+    from tests.synth_helpers import save_tiny_teacher
+
+    teacher = str(tmp_path / "t.pt")
+    save_tiny_teacher(teacher)
+    res = invoke("synth", "--teacher", teacher, "--method", "deepinversion", "--num-images", "8",
+                 "--set", f"{key}={value}", "--out", str(tmp_path / "s.zarr"))
+    assert res.exit_code == 2 and match in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not os.path.exists(tmp_path / "s.zarr")
+    with pytest.raises(MethodError, match="noise.sigma must be a finite number"):
+        method_config("noise", {"sigma": "nan"})

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...store.toolbox.declared import setting
 from ..hooks import FeatureHooks
 from ..losses import attention, kl_divergence
 from .base import MethodError, SynthContext, register_method
@@ -21,10 +22,10 @@ class AdversarialConfig(GenerativeConfig):
     (Micaelli & Storkey 2019) KL + attention transfer (their β = 250); the generator maximizes the KL.
     """
 
-    student_steps: int = 5  # proxy student steps per generator step
-    discrepancy: str = "l1"  # l1 on logits (DFAD) or kl (ZSKT)
-    w_at: float = 0.0  # weight of attention transfer (ZSKT; needs at_layers)
-    at_layers: str = ""  # teacher.path:student.path pairs for attention, comma-separated
+    student_steps: int = setting(5, "proxy student steps per generator step", low=1)
+    discrepancy: str = setting("l1", "l1 on logits (DFAD) or kl (ZSKT)", choices=("l1", "kl"))
+    w_at: float = setting(0.0, "weight of attention transfer (ZSKT; needs at_layers)", low=0)
+    at_layers: str = setting("", "teacher.path:student.path pairs for attention, comma-separated")
 
 
 @register_method
@@ -33,8 +34,6 @@ class Adversarial(GenerativeMethod):
     Config = AdversarialConfig
 
     def __init__(self, ctx: SynthContext, config: AdversarialConfig) -> None:
-        if config.discrepancy not in ("l1", "kl"):
-            raise MethodError(f"adversarial.discrepancy must be l1 (DFAD) or kl (ZSKT), got {config.discrepancy!r}")
         pairs = [p.split(":") for p in config.at_layers.split(",") if p.strip()]
         if config.w_at and (not pairs or any(len(p) != 2 for p in pairs)):
             raise MethodError("adversarial.w_at needs at_layers as teacher.path:student.path pairs, comma-separated")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...store.toolbox.declared import setting
 from ...store.toolbox import fs
 from ...store.toolbox.augment import augment
 from ...store.toolbox.identity import check_same_run
@@ -46,23 +47,28 @@ class BankConfig:
     made before the student and the adversarial term start) are scaled to dfkd's units (one batch each).
     """
 
-    g_steps: int = 10  # generator steps per unit
-    lr_g: float = 2e-3  # Adam learning rate of the generator
-    w_bn: float = 10.0  # weight of the BN-statistics (or record) loss
-    w_oh: float = 0.5  # weight of cross-entropy to the class-balanced targets
-    w_adv: float = 1.33  # weight of the adversarial term (where student and teacher agree)
-    bn_momentum: float = 0.9  # blend of each batch's BN statistics with the chain's running ones
-    stat_layers: str = ""  # layers of the statistics loss (default: all BN / recorded)
-    warmup: int = 2  # units made before the student and the adversarial term start
-    kd_steps: int = 400  # the papers' 400; on Fashion-MNIST A, Fast-10's proxy student 82.9% against 68.0% at 100
-    kd_batch_size: int = 256  # proxy student's batch, drawn from the memory bank
-    lr_s: float = 0.0  # proxy student's SGD learning rate (cosine over the chain); 0: 0.2 with BN, 0.02 without
-    weight_decay_s: float = 5e-4  # proxy student's weight decay
-    temperature: float = 20.0  # KD temperature of the proxy student
-    width: int = 64  # generator width
-    crop_pad: int = -1  # random-crop padding of every view; -1: 1/8 of the side (the papers' 4 px at 32)
-    checkpoint_every: int = 1  # units between chain checkpoints (a resume re-makes at most this many)
-    bank_ram_mb: int = 2048  # the memory bank is held in RAM up to this size, read back from the store beyond
+    g_steps: int = setting(10, "generator steps per unit", low=1)
+    lr_g: float = setting(2e-3, "Adam learning rate of the generator", low=0, low_open=True)
+    w_bn: float = setting(10.0, "weight of the BN-statistics (or record) loss", low=0)
+    w_oh: float = setting(0.5, "weight of cross-entropy to the class-balanced targets", low=0)
+    w_adv: float = setting(1.33, "weight of the adversarial term (where student and teacher agree)", low=0)
+    bn_momentum: float = setting(
+        0.9, "blend of each batch's BN statistics with the chain's running ones", low=0, high=1, high_open=True)
+    stat_layers: str = setting("", "layers of the statistics loss (default: all BN / recorded)")
+    warmup: int = setting(2, "units made before the student and the adversarial term start", low=0)
+    kd_steps: int = setting(
+        400, "the papers' 400; on Fashion-MNIST A, Fast-10's proxy student 82.9% against 68.0% at 100", low=0)
+    kd_batch_size: int = setting(256, "proxy student's batch, drawn from the memory bank", low=1)
+    lr_s: float = setting(
+        0.0, "proxy student's SGD learning rate (cosine over the chain); 0: 0.2 with BN, 0.02 without", low=0)
+    weight_decay_s: float = setting(5e-4, "proxy student's weight decay", low=0)
+    temperature: float = setting(20.0, "KD temperature of the proxy student", low=0, low_open=True)
+    width: int = setting(64, "generator width", low=1)
+    crop_pad: int = setting(
+        -1, "random-crop padding of every view; -1: 1/8 of the side (the papers' 4 px at 32)", low=-1)
+    checkpoint_every: int = setting(1, "units between chain checkpoints (a resume re-makes at most this many)", low=1)
+    bank_ram_mb: int = setting(
+        2048, "the memory bank is held in RAM up to this size, read back from the store beyond", low=0)
 
 
 MIN_ALIVE_STEPS = 200  # proxy-student steps before a chain checks that its student learns (a few rounds of tiny test chains never do)
@@ -88,12 +94,6 @@ class BankMethod(Method):
         if ctx.student is None:
             raise MethodError(f"{self.name} trains a proxy student on its memory bank; pass --student (a zoo name "
                               "such as lenet5_half, or a student checkpoint)")
-        for key in ("g_steps", "kd_batch_size", "checkpoint_every", "width"):
-            if getattr(config, key) < 1:
-                raise MethodError(f"{self.name}.{key} must be >= 1, got {getattr(config, key)}")
-        for key in ("kd_steps", "warmup"):
-            if getattr(config, key) < 0:
-                raise MethodError(f"{self.name}.{key} must be >= 0, got {getattr(config, key)}")
         self.stats = StatTerms(ctx, config.stat_layers, self.name, momentum=config.bn_momentum)
         self.pad = max(1, ctx.image_shape[1] // 8) if config.crop_pad < 0 else config.crop_pad
         self.position = self.kd_done = 0

@@ -7,13 +7,13 @@ engine's. Hyper-parameters are dataclass fields, so every weight is exposed and 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ...store.toolbox.declared import check_declared
 from ...store.toolbox.errors import DfkdError
 from ...store.toolbox.registry import Registry
 
@@ -123,9 +123,9 @@ def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
                 typed[k] = v
         except (TypeError, ValueError):
             raise MethodError(f"{name}.{k} must be {type(default).__name__}, got {v!r}") from None
-        if isinstance(typed[k], float) and not math.isfinite(typed[k]):
-            raise MethodError(f"{name}.{k} must be a finite number, got {v!r}")
-    return cls(**typed)
+    config = cls(**typed)
+    check_declared(config, lambda key, reason: MethodError(f"{name}.{key} {reason}"))  # choices, bounds, finite
+    return config
 
 
 def create_method(name: str, ctx: SynthContext, overrides: dict[str, Any] | None = None) -> Method:

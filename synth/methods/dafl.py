@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...store.toolbox.declared import redeclared, setting
 from ..hooks import FeatureHooks
 from ..losses import kl_divergence
 from .base import MethodError, SynthContext, register_method
@@ -22,15 +23,15 @@ class DAFLConfig(GenerativeConfig):
     layer whose input is the "activation" (default: the last Linear, i.e. the penultimate features).
     """
 
-    rounds: int = 24000
-    lr_g: float = 0.2
-    lr_s: float = 2e-3
-    student_optimizer: str = "adam"
-    weight_decay_s: float = 0.0
-    w_onehot: float = 1.0  # weight of the one-hot (confident-prediction) loss
-    w_entropy: float = 5.0  # weight of the class-balance (information entropy) loss
-    w_activation: float = 0.1  # weight of the feature-activation loss
-    feature_layer: str = ""  # layer whose input is the penultimate feature (default: last Linear)
+    rounds: int = redeclared(GenerativeConfig, "rounds", 24000)
+    lr_g: float = redeclared(GenerativeConfig, "lr_g", 0.2)
+    lr_s: float = redeclared(GenerativeConfig, "lr_s", 2e-3)
+    student_optimizer: str = redeclared(GenerativeConfig, "student_optimizer", "adam")
+    weight_decay_s: float = redeclared(GenerativeConfig, "weight_decay_s", 0.0)
+    w_onehot: float = setting(1.0, "weight of the one-hot (confident-prediction) loss", low=0)
+    w_entropy: float = setting(5.0, "weight of the class-balance (information entropy) loss", low=0)
+    w_activation: float = setting(0.1, "weight of the feature-activation loss", low=0)
+    feature_layer: str = setting("", "layer whose input is the penultimate feature (default: last Linear)")
 
 
 @register_method

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...store.toolbox.declared import setting
 from ..generators import create_generator
 from .base import MethodError, register_method
 from .bank_chain import BankConfig, BankMethod
@@ -39,9 +40,9 @@ class FastConfig(BankConfig):
     g_steps 2 / 5 / 10 with lr_g 5e-3 / 3e-3 / 2e-3 and lr_z 0.015 / 0.01 / 0.01; the meta-optimizer is Adam
     with lr lr_g x g_steps, betas (0.5, 0.999)."""
 
-    latent_dim: int = 256  # size of each unit's latent z
-    lr_z: float = 0.01  # Adam learning rate of z
-    meta: str = "maml"  # meta gradient: maml (first order) or reptile
+    latent_dim: int = setting(256, "size of each unit's latent z", low=1)
+    lr_z: float = setting(0.01, "Adam learning rate of z", low=0, low_open=True)
+    meta: str = setting("maml", "meta gradient: maml (first order) or reptile", choices=("maml", "reptile"))
 
 
 @register_method
@@ -52,8 +53,6 @@ class Fast(BankMethod):
     Config = FastConfig
 
     def __init__(self, ctx: Any, config: FastConfig) -> None:
-        if config.meta not in ("maml", "reptile"):
-            raise MethodError(f"fast.meta must be maml or reptile, got {config.meta!r}")
         super().__init__(ctx, config)
 
     def init_chain(self, seed: int) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...store.toolbox.declared import setting
 from ..moment_match import MomentMatch, MomentSlot, tap
 from ..hooks import FeatureHooks, bn_layers
 from ..losses import competition, l2_prior, tv_l1, tv_l2
@@ -101,9 +102,9 @@ class StatConfig(InversionConfig):
     record, 66.3% of student accuracy against 41.3% at x1 (BENCHMARKS.md).
     """
 
-    w_stat: float = 1.0  # weight of the feature-statistics loss (BN running stats or the record)
-    first_multiplier: float = 10.0  # extra weight of the first matched layer
-    layers: str = ""  # comma-separated layer paths to match (default: all BN / recorded layers)
+    w_stat: float = setting(1.0, "weight of the feature-statistics loss (BN running stats or the record)", low=0)
+    first_multiplier: float = setting(10.0, "extra weight of the first matched layer", low=0)
+    layers: str = setting("", "comma-separated layer paths to match (default: all BN / recorded layers)")
 
 
 @register_method
@@ -130,12 +131,12 @@ class DeepInversionConfig(InversionConfig):
     teachers (the CIFAR code's w_bn 100 / lr 0.1 suit ResNets); TV L2 2.5e-5 is the CIFAR code's.
     """
 
-    w_bn: float = 1.0  # weight of the BN-statistics loss
-    first_multiplier: float = 10.0  # extra weight of the first matched layer
-    w_tv_l2: float = 2.5e-5  # weight of the L2 total-variation prior
-    w_tv_l1: float = 0.0  # weight of the L1 total-variation prior
-    w_l2: float = 0.0  # weight of the L2 norm of the image
-    layers: str = ""  # comma-separated layer paths to match (default: all BN / recorded layers)
+    w_bn: float = setting(1.0, "weight of the BN-statistics loss", low=0)
+    first_multiplier: float = setting(10.0, "extra weight of the first matched layer", low=0)
+    w_tv_l2: float = setting(2.5e-5, "weight of the L2 total-variation prior", low=0)
+    w_tv_l1: float = setting(0.0, "weight of the L1 total-variation prior", low=0)
+    w_l2: float = setting(0.0, "weight of the L2 norm of the image", low=0)
+    layers: str = setting("", "comma-separated layer paths to match (default: all BN / recorded layers)")
 
 
 @register_method
@@ -166,8 +167,8 @@ class DeepInversion(InversionMethod):
 class ADIConfig(DeepInversionConfig):
     """Adaptive DeepInversion: DeepInversion + competition (1 - JS between teacher and student at T)."""
 
-    w_competition: float = 0.2  # weight of the competition term (1 - JS teacher/student)
-    temperature: float = 3.0  # temperature of the competition's softmaxes
+    w_competition: float = setting(0.2, "weight of the competition term (1 - JS teacher/student)", low=0)
+    temperature: float = setting(3.0, "temperature of the competition's softmaxes", low=0, low_open=True)
 
 
 @register_method

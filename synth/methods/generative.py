@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...store.toolbox.declared import setting
 from ...store.toolbox import fs
 from ...store.toolbox.compute import OPTIMIZERS
 from ...store.toolbox.identity import check_same_run
@@ -31,27 +32,28 @@ from .feature_stats import StatTerms
 class GenerativeConfig:
     """Generator and training budget shared by the generator methods; `generator`: a saved file to reuse."""
 
-    rounds: int = 2000  # generator training rounds (the budget)
-    batch_size: int = 512  # samples per training round
-    latent_dim: int = 100  # size of the generator's latent z
-    width: int = 64  # generator width (its channel counts scale with it)
-    arch: str = "dcgan"  # generator architecture (registered name)
-    head: str = "bn"  # bn: the published tanh + non-affine BatchNorm in the teacher's input space; tanh: pixels
-    lr_g: float = 1e-3  # Adam learning rate of the generator
-    lr_s: float = 0.01  # learning rate of the proxy student
-    student_optimizer: str = "sgd"  # proxy student's optimizer: sgd or adam
-    weight_decay_s: float = 1e-4  # proxy student's weight decay
-    checkpoint_every: int = 50  # rounds between training checkpoints
-    generator: str = ""  # a saved .generator.pt to fill the store from, skipping training
+    rounds: int = setting(2000, "generator training rounds (the budget)", low=1)
+    batch_size: int = setting(512, "samples per training round", low=1)
+    latent_dim: int = setting(100, "size of the generator's latent z", low=1)
+    width: int = setting(64, "generator width (its channel counts scale with it)", low=1)
+    arch: str = setting("dcgan", "generator architecture (registered name)")
+    head: str = setting(
+        "bn", "bn: the published tanh + non-affine BatchNorm in the teacher's input space; tanh: pixels")
+    lr_g: float = setting(1e-3, "Adam learning rate of the generator", low=0, low_open=True)
+    lr_s: float = setting(0.01, "learning rate of the proxy student", low=0, low_open=True)
+    student_optimizer: str = setting("sgd", "proxy student's optimizer: sgd or adam", choices=OPTIMIZERS)
+    weight_decay_s: float = setting(1e-4, "proxy student's weight decay", low=0)
+    checkpoint_every: int = setting(50, "rounds between training checkpoints", low=1)
+    generator: str = setting("", "a saved .generator.pt to fill the store from, skipping training")
     # Feature-statistics prior on G's samples (DFQ, Choi et al. 2020: DFAD + BN statistics): the teacher's BN
     # running statistics, or a record's (--stats) for teachers without BN; 0 = the published method alone.
-    w_stat: float = 0.0  # weight of the feature-statistics prior on G's samples (0: off)
-    stat_layers: str = ""  # layers of the prior (default: every BN / recorded layer)
-    first_multiplier: float = 1.0  # extra weight of the prior's first layer
+    w_stat: float = setting(0.0, "weight of the feature-statistics prior on G's samples (0: off)", low=0)
+    stat_layers: str = setting("", "layers of the prior (default: every BN / recorded layer)")
+    first_multiplier: float = setting(1.0, "extra weight of the prior's first layer", low=0)
     # Fill the store from this many generators taken evenly along training (the last is the final one), each
     # making an equal share of every write unit. 1: the final generator only (published). The proxy student
     # learned from the whole trajectory of a moving generator; a store of the final one holds less variety.
-    snapshots: int = 1  # generators along training that fill the store (1: the final one)
+    snapshots: int = setting(1, "generators along training that fill the store (1: the final one)", low=1)
 
 
 class GenerativeMethod(Method):
@@ -68,9 +70,6 @@ class GenerativeMethod(Method):
                               "(a zoo name such as lenet5_half, or a student checkpoint)")
         if config.snapshots < 1 or (not config.generator and config.snapshots > config.rounds):
             raise MethodError(f"{self.name}.snapshots must lie in [1, rounds={config.rounds}], got {config.snapshots}")
-        if config.student_optimizer not in OPTIMIZERS:
-            raise MethodError(f"{self.name}.student_optimizer must be one of {', '.join(OPTIMIZERS)}, got "
-                              f"{config.student_optimizer!r}")
         self.spec = GeneratorSpec(config.arch, config.latent_dim, tuple(ctx.image_shape), config.width, config.head)
         if config.generator:
             g, spec, _ = load_generator(config.generator)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...store.toolbox.declared import setting
 from .base import Method
 
 
@@ -23,14 +24,14 @@ from .base import Method
 class InversionConfig:
     """Loop settings common to every inversion method (defaults measured on small teachers, see DESIGN)."""
 
-    iterations: int = 200  # Adam steps per batch (the budget)
-    lr: float = 0.25  # Adam learning rate on the pixels, cosine to 0
-    beta1: float = 0.5  # Adam beta1
-    beta2: float = 0.9  # Adam beta2
-    jitter: int = 2  # random roll of up to this many pixels per step
-    flip: bool = True  # random horizontal flip per step
-    w_ce: float = 1.0  # weight of cross-entropy to the target class
-    keep_best: bool = True  # keep each image's lowest-loss iterate, not the last
+    iterations: int = setting(200, "Adam steps per batch (the budget)", low=1)
+    lr: float = setting(0.25, "Adam learning rate on the pixels, cosine to 0", low=0, low_open=True)
+    beta1: float = setting(0.5, "Adam beta1", low=0, high=1, high_open=True)
+    beta2: float = setting(0.9, "Adam beta2", low=0, high=1, high_open=True)
+    jitter: int = setting(2, "random roll of up to this many pixels per step", low=0)
+    flip: bool = setting(True, "random horizontal flip per step")
+    w_ce: float = setting(1.0, "weight of cross-entropy to the target class", low=0)
+    keep_best: bool = setting(True, "keep each image's lowest-loss iterate, not the last")
 
 
 class InversionMethod(Method):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...store.toolbox.declared import setting
 from ..generators import create_generator
 from .base import MethodError, register_method
 from .bank_chain import BankConfig, BankMethod
@@ -68,13 +69,13 @@ class NoisyLayerGenerator(nn.Module):
 class NayerConfig(BankConfig):
     """NAYER's settings (CIFAR-10 code: g_steps 30, lr_g 4e-3, a new generator every 10 epochs of 2 batches)."""
 
-    g_steps: int = 30  # generator steps per unit
-    lr_g: float = 4e-3  # Adam learning rate of the generator
-    g_life: int = 20  # units before the generator is rebuilt
-    noise_dim: int = 256  # width of the noisy layer's input
-    chunk: int = 100  # samples per re-drawn noisy layer
-    embeddings: str = ""  # class embeddings file (.safetensors, one row per class); else random
-    embedding_dim: int = 512  # width of the random embeddings used without a file
+    g_steps: int = setting(30, "generator steps per unit", low=1)
+    lr_g: float = setting(4e-3, "Adam learning rate of the generator", low=0, low_open=True)
+    g_life: int = setting(20, "units before the generator is rebuilt", low=1)
+    noise_dim: int = setting(256, "width of the noisy layer's input", low=1)
+    chunk: int = setting(100, "samples per re-drawn noisy layer", low=1)
+    embeddings: str = setting("", "class embeddings file (.safetensors, one row per class); else random")
+    embedding_dim: int = setting(512, "width of the random embeddings used without a file", low=1)
 
 
 @register_method

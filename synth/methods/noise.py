@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...store.toolbox.declared import setting
 from .base import Method, register_method
 
 
@@ -13,8 +14,8 @@ from .base import Method, register_method
 class NoiseConfig:
     """Pixels ~ N(mean, sigma) in [0, 1] pixel space, clipped."""
 
-    mean: float = 0.5  # mean of the Gaussian pixels (clipped to [0, 1])
-    sigma: float = 0.25  # standard deviation of the Gaussian pixels
+    mean: float = setting(0.5, "mean of the Gaussian pixels (clipped to [0, 1])")
+    sigma: float = setting(0.25, "standard deviation of the Gaussian pixels", low=0)
 
 
 @register_method

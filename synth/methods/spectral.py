@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...store.toolbox.declared import setting
 from ..hooks import FeatureHooks
 from ..losses import class_spectral_loss, spectral_loss
 from .base import MethodError, SynthContext, layer_list, register_method
@@ -19,11 +20,11 @@ class SpectralConfig(InversionConfig):
     68.9% of student accuracy against 55.6% at x1 on Fashion-MNIST's BN-free LeNet-5 (BENCHMARKS.md).
     """
 
-    w_spectral: float = 1.0  # weight of the amplitude-spectrum loss
-    first_multiplier: float = 10.0  # extra weight of the first matched layer
-    layers: str = ""  # comma-separated recorded layers to match (default: all)
+    w_spectral: float = setting(1.0, "weight of the amplitude-spectrum loss", low=0)
+    first_multiplier: float = setting(10.0, "extra weight of the first matched layer", low=0)
+    layers: str = setting("", "comma-separated recorded layers to match (default: all)")
     # match each target class's spectrum (a record made with `dfkd record --per-class`)
-    per_class: bool = False  # match each target class's spectra (needs a --per-class record)
+    per_class: bool = setting(False, "match each target class's spectra (needs a --per-class record)")
 
 
 @register_method
