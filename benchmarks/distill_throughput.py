@@ -87,7 +87,7 @@ def floor_ms(students: list[str], images: torch.Tensor, logits: torch.Tensor, ba
         scaler.step(o)
         scaler.update()
     if graphs:
-        from dfkd.synth.cuda_graph import GraphedStep
+        from dfkd.store.toolbox.cuda_graph import GraphedStep
 
         steps_of = [GraphedStep(lambda m=m, o=o: one(m, o), ()) for m, o in zip(models, opts)]
     else:

@@ -180,7 +180,7 @@ def measure(model_name: str, batch: int, method: str, iterations: int, device: s
                 loss.backward()
             ms = _timed(step, iterations, dev)
         elif method in ("graph_floor", "graph_student_floor"):
-            from dfkd.synth.cuda_graph import GraphedStep
+            from dfkd.store.toolbox.cuda_graph import GraphedStep
 
             x = torch.randn(batch, *shape, device=dev, requires_grad=True)
             model = teacher if method == "graph_floor" else student

@@ -82,7 +82,7 @@ class Student:
     scaler: Any = None  # a GradScaler (active with fp16 autocast only)
     history: list[dict[str, Any]] = field(default_factory=list)
     sums: list[torch.Tensor] = field(default_factory=list)  # the epoch's loss sum and agreement, on the device
-    graph: Any = None  # the step captured as a CUDA graph (synth.cuda_graph.GraphedStep) for `graph_shape`
+    graph: Any = None  # the step captured as a CUDA graph (store.toolbox.cuda_graph.GraphedStep) for `graph_shape`
     graph_shape: tuple | None = None
 
 
@@ -330,7 +330,7 @@ class Trainer:
     def _capture(self, s: Student, inputs: tuple, shape: tuple, has_teacher: bool, has_labels: bool) -> None:
         """Capture s's step for this batch shape; the capture's warm-up steps are undone (weights, BN statistics,
         the optimizer's state back to new, the sums), so the run is the one it would be without graphs."""
-        from ..synth.cuda_graph import GraphedStep
+        from ..store.toolbox.cuda_graph import GraphedStep
 
         def step(*t: torch.Tensor) -> None:
             it = iter(t)

@@ -44,7 +44,7 @@ class SynthConfig:
     progress: bool | None = None
     amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16), off, bf16, fp16
     compile: bool = False  # torch.compile the teacher's forward (in place: layer paths stay those of the model)
-    cuda_graphs: bool = False  # inversion iterations replayed as CUDA graphs (synth.cuda_graph)
+    cuda_graphs: bool = False  # inversion iterations replayed as CUDA graphs (store.toolbox.cuda_graph)
     units_in_flight: int = 1  # inversion methods: this many units optimized side by side in one batch
     views: int = 0  # also store the teacher's logits of this many seeded augmented views of every image
     view_mode: str = "flip-crop"  # how those views are drawn (store.views.VIEW_MODES)

@@ -130,7 +130,7 @@ def test_three_students_one_read_per_batch(digits_store):
 
 
 class EagerGraph:
-    """synth.cuda_graph.GraphedStep's contract on the CPU: its warm-up steps run, then each call runs the step."""
+    """store.toolbox.cuda_graph.GraphedStep's contract on the CPU: its warm-up steps run, then each call runs the step."""
 
     def __init__(self, step, inputs):
         self.step = step
@@ -145,7 +145,7 @@ def test_students_stepped_as_graphs_train_as_without(monkeypatch, digits_store):
     """What CUDA graphs run, on the CPU: a rate tensor the scheduler writes, fused optimizers, sums on the device,
     the capture's warm-up undone, other batch sizes eager: the weights and metrics of a run without graphs."""
     import dfkd.distill.trainer as trainer_module
-    import dfkd.synth.cuda_graph as cuda_graph
+    import dfkd.store.toolbox.cuda_graph as cuda_graph
 
     def run(graphs: bool) -> Trainer:
         tr = Trainer(StoreSource(digits_store, batch_size=96, seed=2), [StudentSpec("lenet5_half"),

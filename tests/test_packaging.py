@@ -1,6 +1,7 @@
 """`pip install .` (not editable) gives one importable name, `dfkd`, with the shipped pipeline files as data."""
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -14,8 +15,11 @@ STAGES = ("store", "synth", "distill", "pipelines")
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q",
+    """Built from a copy of the checkout: setuptools writes build/ and *.egg-info beside the sources it builds."""
+    out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src") / "dfkd"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs",
+                                                              ".gpu", "*.zarr", "*.wds"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out)], check=True, capture_output=True, cwd=out)
     (name,) = [p for p in os.listdir(out) if p.endswith(".whl")]
     return out / name
@@ -51,9 +55,12 @@ def test_fresh_environment_imports_dfkd_store_and_not_store(wheel, tmp_path):
     python = str(env_dir / "bin" / "python")
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", str(wheel)],
                    check=True, capture_output=True, cwd=tmp_path)
-    code = ("import importlib, sys\n"
+    code = ("import importlib, pkgutil, sys\n"
             "import dfkd.store, dfkd.synth.engine, dfkd.distill.trainer, dfkd.pipelines.cli\n"
             "assert dfkd.store.__file__.startswith(sys.prefix), dfkd.store.__file__\n"
+            "import dfkd\n"  # every module the wheel ships imports there (not only what two entry points reach)
+            "for m in pkgutil.walk_packages(dfkd.__path__, 'dfkd.'):\n"
+            "    importlib.import_module(m.name)\n"
             "for name in %r:\n"
             "    try:\n"
             "        importlib.import_module(name)\n"

@@ -179,7 +179,7 @@ class InversionLoop:
     def graphed(self, rows: torch.Tensor, cols: torch.Tensor):
         """`step` as a CUDA graph (captured on first use; the capture's warm-up steps are undone by `reset`)."""
         if self._graph is None:
-            from ..cuda_graph import GraphedStep
+            from ...store.toolbox.cuda_graph import GraphedStep
 
             x0, targets = self.x.detach().clone(), self.targets.clone()
             self._graph = GraphedStep(self.step, (rows, cols))
