@@ -27,10 +27,16 @@ from .settings import DistillSettings, SynthSettings, TeacherSettings, settings_
 from .spec import Pipeline, PipelineError
 
 
+# What a setting added since stores were first made meant before it existed, where that is not its default today:
+# a store made before `views` had none, so a section without the key (views 8 now) is another store than those.
+_BEFORE = {"views": 0}
+
+
 def _fields(section: Any, added: tuple[str, ...]) -> dict[str, Any]:
-    """A section's settings for its fingerprint; fields added since stores were made count only when set, so an
-    existing stage keeps its fingerprint (and its output) until the new setting is used."""
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    """A section's settings for its fingerprint; fields added since stores were made count only when they differ
+    from what stores had before them, so an existing stage keeps its fingerprint (and its output) until it would
+    come out different."""
+    defaults = {f.name: _BEFORE.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(section) if f.name in added}
     return {k: v for k, v in dataclasses.asdict(section).items() if not (k in defaults and v == defaults[k])}
 

@@ -173,6 +173,7 @@ def test_report_states_each_student_against_real_data_kd_of_its_teacher_arch_and
 
 def test_a_synth_section_with_views_stores_them_and_its_students_train_on_them(tmp_path):
     text = TINY.replace('name = "noise"\nmethod = "noise"', 'name = "noise"\nmethod = "noise"\nviews = 2')
+    text = text.replace('name = "stat"\nmethod = "stat"', 'name = "stat"\nmethod = "stat"\nviews = 0')
     path = _write(tmp_path, text=text)
     out = _run(path)
     from dfkd import store
@@ -181,8 +182,16 @@ def test_a_synth_section_with_views_stores_them_and_its_students_train_on_them(t
     assert store.open(runner.store_path("noise")).meta.views == 2
     assert not store.open(runner.store_path("stat")).meta.views
     keys = {s.key: s.config for s in runner.stages}
-    assert keys["synth:noise"]["views"] == 2 and "views" not in keys["synth:stat"]  # unset keys keep fingerprints
+    assert keys["synth:noise"]["views"] == 2
+    assert "views" not in keys["synth:stat"]  # views 0: the stores made before views existed keep their fingerprint
     assert "distill:s/noise" in out
+
+
+def test_a_synth_section_without_views_keeps_the_default_eight_and_is_not_an_old_store(tmp_path):
+    path = _write(tmp_path)
+    runner = Runner(load_pipeline(path))
+    keys = {s.key: s.config for s in runner.stages}
+    assert keys["synth:stat"]["views"] == 8  # unlike a store made before views (0): a new fingerprint, a new store
 
 
 def _family(family):

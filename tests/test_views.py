@@ -129,7 +129,8 @@ def test_synth_with_views_equals_labelling_afterwards(tmp_path):
     common = ["synth", "--teacher", t, "--method", "noise", "--num-images", "40", "--batch-size", "16", "--quiet"]
     a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
     assert invoke(*common, "--out", a, "--views", "2").exit_code == 0
-    assert invoke(*common, "--out", b).exit_code == 0
+    assert invoke(*common, "--out", b, "--views", "0").exit_code == 0  # no view labels (the default keeps 8)
+    assert not store.open(b).meta.views
     assert invoke("store", "label", b, "--teacher", t, "--views", "2", "--quiet").exit_code == 0
     ra, rb = store.open(a), store.open(b)
     for u in range(3):
