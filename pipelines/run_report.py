@@ -120,35 +120,34 @@ def markdown(runner: Any, teachers: dict[str, Any], rows: list[dict[str, Any]]) 
 
 
 def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
-    """Scatter of test top-1 (y) against synthesis seconds (x), one labelled point per student and store."""
-    from PIL import Image, ImageDraw
+    """Scatter of test top-1 (y) against synthesis seconds (x), one labelled point per student and store, a
+    marker per method (matplotlib, drawn off-screen)."""
+    import matplotlib
 
-    pts = [(r["synth_s"] or 0.0, r["test_top1"] or 0.0, f"{r['store']}/{r['student']}") for r in rows
-           if r["test_top1"] is not None]
-    w, h, m, right = 900, 480, 60, 200  # room on the right for the labels
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    xmax = max([p[0] for p in pts] + [1.0]) * 1.1
-    X = lambda s: m + (w - m - right) * s / xmax
-    Y = lambda a: h - m - (h - 2 * m) * a
-    d.line([(m, m), (m, h - m), (w - right, h - m)], fill="black")
-    for k in range(0, 11, 2):
-        y = Y(k / 10)
-        d.line([(m - 4, y), (m, y)], fill="black")
-        d.text((m - 40, y - 6), f"{10 * k}%", fill="black")
-    for k in range(6):
-        x = X(xmax * k / 5)
-        d.line([(x, h - m), (x, h - m + 4)], fill="black")
-        d.text((x - 10, h - m + 8), f"{xmax * k / 5:.0f}", fill="black")
-    d.text(((w - right) // 2 - 40, h - 25), "synthesis time (s)", fill="black")
-    d.text((8, 10), title, fill="black")
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-    for i, (s, a, label) in enumerate(pts):
-        c = palette[i % len(palette)]
-        d.ellipse([X(s) - 4, Y(a) - 4, X(s) + 4, Y(a) + 4], fill=c)
-        d.text((X(s) + 6, Y(a) - 6 + 10 * (i % 2)), label, fill=c)
+    matplotlib.use("Agg")  # no display: a file only
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    pts = [r for r in rows if r["test_top1"] is not None]
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=100)
+    markers = dict(zip(sorted({r["method"] for r in pts}), "osD^vP*X<>"))
+    for i, r in enumerate(pts):
+        x, y = r["synth_s"] or 0.0, r["test_top1"]
+        ax.scatter(x, y, marker=markers[r["method"]], color=f"C{i % 10}", zorder=3,
+                   label=f"{r['store']} / {r['student']}")
+    ax.set_xlabel("synthesis time (s)")
+    ax.set_ylabel("student test top-1")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    if pts:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    fig.savefig(buf, format="png")
+    plt.close(fig)
     fs.write_atomic(path, buf.getvalue())
 
 
