@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import store
+from ..store.toolbox.augment import normalize
 from ..store.toolbox.progress import progress
 from ..store.units import unit_seed
 from ..store.views import ViewRecipe, unit_views
@@ -41,12 +42,10 @@ def label_views(logits_of: Labeller, images: torch.Tensor | np.ndarray, meta: st
 def teacher_labeller(teacher: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], device: str) -> Labeller:
     """The teacher's logits of uint8 pixels, normalized as the store records."""
     dev = torch.device(device)
-    m = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=dev).view(1, -1, 1, 1)
 
     @torch.no_grad()
     def logits_of(images: torch.Tensor) -> torch.Tensor:
-        return teacher((images.to(dev).float() / 255.0 - m) / s).float().cpu()
+        return teacher(normalize(images.to(dev).float() / 255.0, mean, std)).float().cpu()
     return logits_of
 
 

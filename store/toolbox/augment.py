@@ -22,6 +22,25 @@ VIEW_MODE_HELP = ("How the views are drawn: a random crop after zero padding of 
                   "stores, flip-crop-cutmix for BN-free students, flip-resized-crop for real images with BN students.")
 
 
+def normalize(x01: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Pixels in [0, 1] -> a network's input, (x - mean) / std per channel: the one normalization of both stages
+    (synthesis methods, stored logits and views, students, evaluation)."""
+    import torch
+
+    m = torch.tensor(mean, device=x01.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x01.device).view(1, -1, 1, 1)
+    return (x01 - m) / s
+
+
+def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """A network's input -> pixels in [0, 1] (not clipped): the inverse of `normalize` on float pixels."""
+    import torch
+
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x * s + m
+
+
 def default_pad(side: int) -> int:
     """The crop's zero padding: about 1/8 of the image side, at least one pixel."""
     return max(1, side // 8)

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ...store.toolbox.augment import denormalize, normalize
 from ...store.toolbox.declared import check_declared
 from ...store.toolbox.errors import DfkdError
 from ...store.toolbox.registry import Registry
@@ -46,15 +47,11 @@ class SynthContext:
 
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """Pixel space [0, 1] -> teacher input."""
-        m = torch.tensor(self.mean, device=x01.device).view(1, -1, 1, 1)
-        s = torch.tensor(self.std, device=x01.device).view(1, -1, 1, 1)
-        return (x01 - m) / s
+        return normalize(x01, self.mean, self.std)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher input -> pixel space [0, 1] (not clipped)."""
-        m = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        s = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return x * s + m
+        return denormalize(x, self.mean, self.std)
 
 
 class Method:
