@@ -24,7 +24,6 @@ from ..store.toolbox.compute import rank_and_world
 from ..synth.engine import SynthConfig, synthesize
 from ..synth.teacher import fingerprint
 from ..synth.methods import method_class
-from ..synth.methods.generative import GenerativeMethod
 from ..synth.record import TeacherStats, record
 from ..synth.side_files import side_file
 from ..synth.views import label_views, teacher_labeller, with_views
@@ -135,7 +134,7 @@ def run_synth(job: SynthJob, teacher_path: str) -> dict[str, Any]:
     out = {"store": job.out, "units": writer.meta.num_units}
     if generative and not job.hparams.get("generator") and rank_and_world()[0] == 0:
         out.update(student=student_file, student_arch=stu_spec.arch)
-        if issubclass(cls, GenerativeMethod):
+        if cls.saves_generator:
             out["generator"] = side_file(job.out, "generator")
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -140,7 +140,7 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
         try:
             writer, snapshot = _open_store(cfg, meta, rank, world)
             pending = writer.pending_units(rank, world, done=snapshot)
-            if hasattr(m, "prepare") and not snapshot.all():  # generator methods train before they sample
+            if m.trains_before_sampling and not snapshot.all():  # generator methods train before they sample
                 _prepare_on_rank0(m, cfg, rank, world, show, on_trained)
             if m.sequential:
                 made = not snapshot.all()
@@ -185,7 +185,7 @@ def _make_units(m: Any, writer: store.StoreWriter, units: list[int],
     for t, (x01, losses) in zip(targets, made):
         images = quantize(x01.detach()).cpu()
         logits = teacher_logits(ctx.teacher, images, ctx)
-        labels = logits.argmax(1) if getattr(m, "labels_from_teacher", False) else t
+        labels = logits.argmax(1) if m.labels_from_teacher else t
         out.append((images, logits, labels.cpu().numpy().astype(np.int64), losses))
     return out
 

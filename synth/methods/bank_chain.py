@@ -87,7 +87,6 @@ class BankMethod(Method):
 
     trains_student = True
     sequential = True
-    labels_from_teacher = False  # the class-balanced targets each batch was optimized for
 
     def __init__(self, ctx: SynthContext, config: BankConfig) -> None:
         super().__init__(ctx, config)

@@ -55,13 +55,20 @@ class SynthContext:
 
 
 class Method:
-    """Base of every synthesis method; subclasses declare `Config` (a dataclass) and `synthesize`."""
+    """Base of every synthesis method; subclasses declare `Config` (a dataclass) and `synthesize`.
+
+    The whole contract the engine and the jobs rely on is declared here (no `hasattr` probes): what a method is
+    (the class flags), what it trains before sampling (`prepare` / `load_trained`), and the units it makes.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type]
     trains_student: ClassVar[bool] = False  # a proxy student learns beside the method (--student names it)
     sequential: ClassVar[bool] = False  # a unit depends on every earlier unit of its chain, not on its seed alone
     units_in_flight: ClassVar[bool] = False  # `synthesize_units` makes several units in one batch, each as alone
+    trains_before_sampling: ClassVar[bool] = False  # `prepare` trains something (a generator) before any unit
+    labels_from_teacher: ClassVar[bool] = False  # a sample's stored label is the teacher's argmax, not its target
+    saves_generator: ClassVar[bool] = False  # a trained generator is kept beside the store (side_files "generator")
 
     def __init__(self, ctx: SynthContext, config: Any) -> None:
         self.ctx, self.config = ctx, config
@@ -75,6 +82,13 @@ class Method:
         """Several units' `synthesize` (each its targets and generator); one at a time unless the method makes
         them side by side (`units_in_flight`), each then getting the images it gets alone (to float rounding)."""
         return [self.synthesize(t, g) for t, g in zip(targets, gens)]
+
+    def prepare(self, store_path: str, *, resume: bool = False, seed: int = 0, show: bool | None = None) -> bool:
+        """Train what the method samples from (`trains_before_sampling`), on rank 0; whether this run (re)wrote it."""
+        return False
+
+    def load_trained(self, store_path: str) -> None:
+        """Load what `prepare` trained on rank 0 (the other ranks of a torchrun job)."""
 
     def close(self) -> None:
         """Release hooks and anything else attached to the teacher."""

@@ -60,12 +60,13 @@ class GenerativeMethod(Method):
     """Trains G (in `prepare`), then makes images by sampling it; subclasses define one training round."""
 
     labels_from_teacher = True
-    needs_student = True
     trains_student = True
+    trains_before_sampling = True
+    saves_generator = True
 
     def __init__(self, ctx: SynthContext, config: GenerativeConfig) -> None:
         super().__init__(ctx, config)
-        if self.needs_student and ctx.student is None and not config.generator:
+        if ctx.student is None and not config.generator:
             raise MethodError(f"{self.name} trains a proxy student beside its generator; pass --student "
                               "(a zoo name such as lenet5_half, or a student checkpoint)")
         if config.snapshots < 1 or (not config.generator and config.snapshots > config.rounds):
