@@ -91,10 +91,11 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
                on_trained: Callable[[bool], None] | None = None) -> store.StoreWriter:
     """Fill (or finish) the store at cfg.out with `method`'s images of `teacher`; returns the writer.
 
-    `on_trained(wrote)` runs on rank 0 after a generator method's training, before the fill: `wrote` says
-    whether this run (re)wrote the generator, so the caller saves the proxy student with it, never after.
+    Plan (the store's metadata and provenance), prepare (the method on its context, the store, what the method
+    trains before sampling), fill (the pending units), finalize. `on_trained(wrote)` runs on rank 0 after a
+    generator method's training, before the fill: `wrote` says whether this run (re)wrote the generator, so the
+    caller saves the proxy student with it, never after.
     """
-    config = method_config(method, hparams)  # validates names and types before anything is written
     device = torch.device(cfg.device)
     amp = amp_dtype(cfg.amp, device)
     teacher = teacher.to(device)
@@ -102,10 +103,38 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
     if record is not None:
         record.check_teacher(fp, "the statistics record")
     rank, world = rank_and_world()
+    meta = _plan(method, cfg, hparams, fp, record, teacher_spec, tuple(image_shape), num_classes, mean, std, amp,
+                 world)
+    show = cfg.progress if rank == 0 else False  # None: a bar on a terminal, log lines otherwise (dfkd.progress)
+    with frozen(teacher, student):
+        ctx = _context(teacher, student, cfg, tuple(image_shape), num_classes, mean, std, fp, record, amp)
+        m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
+        if cfg.units_in_flight > 1 and not m.units_in_flight:
+            raise MethodError(f"{method} makes one unit at a time; --units-in-flight is for "
+                              f"{', '.join(n for n in list_methods() if method_class(n).units_in_flight)}")
+        try:
+            writer, snapshot = _open_store(cfg, meta, rank, world)
+            if m.trains_before_sampling and not snapshot.all():  # generator methods train before they sample
+                _prepare_on_rank0(m, cfg, rank, world, show, on_trained)
+            _fill(m, writer, snapshot, cfg, teacher, ctx, rank, world, show, method, on_trained)
+        finally:
+            m.close()
+    _barrier(world)
+    if rank == 0:  # after every rank's last unit
+        writer.finalize()
+    return writer
+
+
+def _plan(method: str, cfg: SynthConfig, hparams: dict[str, Any] | None, fp: str, record: Any,
+          teacher_spec: dict[str, Any] | None, image_shape: tuple[int, int, int], num_classes: int,
+          mean: tuple[float, ...], std: tuple[float, ...], amp: torch.dtype | None, world: int) -> store.StoreMeta:
+    """The store's metadata: its plan and everything its content depends on (provenance); nothing is written."""
+    config = method_config(method, hparams)  # validates names, types and bounds before anything is written
     provenance = {"method": method, "hparams": asdict(config), "teacher_fingerprint": fp,
                   "teacher": teacher_spec or {}, "record": None if record is None else
                   {"layers": record.layers, "num_images": record.num_images, "data": record.data},
-                  "compute": {"device": device.type, "amp": None if amp is None else str(amp).replace("torch.", ""),
+                  "compute": {"device": torch.device(cfg.device).type,
+                              "amp": None if amp is None else str(amp).replace("torch.", ""),
                               **({"units_in_flight": cfg.units_in_flight} if cfg.units_in_flight > 1 else {})},
                   "dfkd_version": VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     if method_class(method).sequential:  # the content depends on the chains, so a resume must keep their number
@@ -117,54 +146,49 @@ def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape
             provenance["sequential"]["bank"] = [store.open(p).identity() for p in cfg.bank]
     elif cfg.bank:
         raise MethodError(f"{method} keeps no memory bank; --bank (a top-up) is for the memory-bank methods fast and nayer")
-    meta = store.StoreMeta(num_samples=cfg.num_images, image_shape=tuple(image_shape), num_classes=num_classes,
+    meta = store.StoreMeta(num_samples=cfg.num_images, image_shape=image_shape, num_classes=num_classes,
                            unit_size=cfg.batch_size, logits_dtype=cfg.logits_dtype, base_seed=cfg.seed,
                            mean=tuple(mean), std=tuple(std), provenance=provenance)
-    if cfg.views:
-        meta = with_views(meta, cfg.views, cfg.view_mode)
-    show = cfg.progress  # None: a bar on a terminal, log lines otherwise (dfkd.progress)
-    with frozen(teacher, student):
-        net, stu = teacher, None if student is None else student.to(device)
-        if device.type == "cuda":  # NHWC convolutions are the fast path for tensor cores
-            net = net.to(memory_format=torch.channels_last)
-            stu = None if stu is None else stu.to(memory_format=torch.channels_last)
-        if cfg.compile:  # Module.compile, not torch.compile(net): no `_orig_mod.` wrapper, so every layer path
-            net.compile()  # (records, layers=, at_layers, feature_layer) and every hook addresses the model itself
-        ctx = SynthContext(net, tuple(image_shape), num_classes, tuple(mean), tuple(std), device, fp, record, stu, amp,
-                           cuda_graphs=cfg.cuda_graphs and device.type == "cuda")
-        m = create_method(method, ctx, hparams)  # a teacher the method cannot serve fails here, before the store
-        if cfg.units_in_flight > 1 and not m.units_in_flight:
-            raise MethodError(f"{method} makes one unit at a time; --units-in-flight is for "
-                              f"{', '.join(n for n in list_methods() if method_class(n).units_in_flight)}")
-        show = show if rank == 0 else False
-        try:
-            writer, snapshot = _open_store(cfg, meta, rank, world)
-            pending = writer.pending_units(rank, world, done=snapshot)
-            if m.trains_before_sampling and not snapshot.all():  # generator methods train before they sample
-                _prepare_on_rank0(m, cfg, rank, world, show, on_trained)
-            if m.sequential:
-                made = not snapshot.all()
-                if made:
-                    _fill_chain(m, writer, snapshot, cfg, teacher, rank, world, show, method)
-                if rank == 0 and on_trained is not None:
-                    on_trained(made)  # the proxy student as the chain left it
-            elif cfg.units_in_flight > 1:
-                _fill_in_flight(m, writer, snapshot, cfg, teacher, ctx, rank, world, show, method)
-            else:
-                bar = progress(pending, desc=f"{method} -> {cfg.out}", unit="batch", show=show)
-                done, t0 = 0, time.perf_counter()
-                for u in bar:
-                    images, logits, labels, losses = _make_unit(m, writer, u, teacher, ctx)
-                    writer.write_unit(u, images.numpy(), logits.numpy(), labels, _views(writer, u, images, ctx))
-                    done += len(images)
-                    bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}",
-                                    **{k: f"{v:.3g}" for k, v in losses.items()})
-        finally:
-            m.close()
-    _barrier(world)
-    if rank == 0:  # after every rank's last unit
-        writer.finalize()
-    return writer
+    return with_views(meta, cfg.views, cfg.view_mode) if cfg.views else meta
+
+
+def _context(teacher: nn.Module, student: nn.Module | None, cfg: SynthConfig, image_shape: tuple[int, int, int],
+             num_classes: int, mean: tuple[float, ...], std: tuple[float, ...], fp: str, record: Any,
+             amp: torch.dtype | None) -> SynthContext:
+    """What a method may use, on the device: the teacher (NHWC on CUDA, compiled in place if asked), the student."""
+    device = torch.device(cfg.device)
+    net, stu = teacher, None if student is None else student.to(device)
+    if device.type == "cuda":  # NHWC convolutions are the fast path for tensor cores
+        net = net.to(memory_format=torch.channels_last)
+        stu = None if stu is None else stu.to(memory_format=torch.channels_last)
+    if cfg.compile:  # Module.compile, not torch.compile(net): no `_orig_mod.` wrapper, so every layer path
+        net.compile()  # (records, layers=, at_layers, feature_layer) and every hook addresses the model itself
+    return SynthContext(net, image_shape, num_classes, tuple(mean), tuple(std), device, fp, record, stu, amp,
+                        cuda_graphs=cfg.cuda_graphs and device.type == "cuda")
+
+
+def _fill(m: Any, writer: store.StoreWriter, snapshot: np.ndarray, cfg: SynthConfig, teacher: nn.Module,
+          ctx: SynthContext, rank: int, world: int, show: bool | None, method: str,
+          on_trained: Callable[[bool], None] | None) -> None:
+    """Make and write this rank's pending units: a chain, groups in flight, or one unit at a time."""
+    if m.sequential:
+        made = not snapshot.all()
+        if made:
+            _fill_chain(m, writer, snapshot, cfg, teacher, rank, world, show, method)
+        if rank == 0 and on_trained is not None:
+            on_trained(made)  # the proxy student as the chain left it
+    elif cfg.units_in_flight > 1:
+        _fill_in_flight(m, writer, snapshot, cfg, teacher, ctx, rank, world, show, method)
+    else:
+        bar = progress(writer.pending_units(rank, world, done=snapshot), desc=f"{method} -> {cfg.out}",
+                       unit="batch", show=show)
+        done, t0 = 0, time.perf_counter()
+        for u in bar:
+            images, logits, labels, losses = _make_unit(m, writer, u, teacher, ctx)
+            writer.write_unit(u, images.numpy(), logits.numpy(), labels, _views(writer, u, images, ctx))
+            done += len(images)
+            bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}",
+                            **{k: f"{v:.3g}" for k, v in losses.items()})
 
 
 def _make_unit(m: Any, writer: store.StoreWriter, u: int, teacher: nn.Module,
