@@ -6,11 +6,10 @@ the stored uint8 image, done flags, progress and provenance; a method only makes
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from ..store.toolbox.progress import progress
 from ..store.toolbox.compute import amp_dtype, rank_and_world
 from ..store.toolbox.version import __version__ as VERSION
 
+from .modes import frozen
 from .methods import MethodError, SynthContext, create_method, list_methods, method_class, method_config
 from .side_files import side_file
 from .teacher import fingerprint
@@ -49,23 +49,6 @@ class SynthConfig:
     views: int = 0  # also store the teacher's logits of this many seeded augmented views of every image
     view_mode: str = "flip-crop"  # how those views are drawn (store.views.VIEW_MODES)
     bank: tuple[str, ...] = ()  # fast/nayer: stores of this teacher the memory bank starts from (a top-up)
-
-
-@contextlib.contextmanager
-def frozen(*models: nn.Module | None) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the duration; flags and modes restored afterwards."""
-    saved = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in models if m is not None]
-    try:
-        for m, _, _ in saved:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-        yield
-    finally:
-        for m, training, flags in saved:
-            m.train(training)
-            for p, f in zip(m.parameters(), flags):
-                p.requires_grad_(f)
 
 
 def unit_targets(lo: int, hi: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ...store.toolbox.declared import setting
 from ..hooks import FeatureHooks
 from ..losses import attention, kl_divergence
+from ..modes import modes
 from .base import MethodError, SynthContext, register_method
 from .generative import GenerativeConfig, GenerativeMethod
 
@@ -71,18 +72,12 @@ class Adversarial(GenerativeMethod):
 
     def generator_step(self, z: torch.Tensor) -> torch.Tensor:
         """G moves toward samples where they disagree; gradients flow to G only (no teacher/student weights)."""
-        params = [p for p in self.ctx.student.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(False)
-        try:
+        with modes(self.ctx.student, train=None, grads=False):  # the student stays in train mode
             x = self.images(z)
             loss = -self.discrepancy(self.ctx.student(x), self.ctx.teacher(x)) + self.stat_prior()
             self.opt_g.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_g.step()
-        finally:
-            for p in params:
-                p.requires_grad_(True)
         return loss.detach()
 
     def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:

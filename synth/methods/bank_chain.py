@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...store.toolbox.declared import setting
 from ...store.toolbox import fs
 from ...store.toolbox.augment import augment
+from ...store.toolbox.declared import setting
 from ...store.toolbox.identity import check_same_run
 
 from ..memory_bank import MemoryBank
+from ..modes import training
 from ..side_files import side_file
 from ..losses import agreement_kl, kl_divergence
 from .base import Method, MethodError, SynthContext
@@ -290,11 +291,7 @@ class BankMethod(Method):
         chain; returns the last step's loss and the student's agreement with the teacher on that batch."""
         c, ctx, student = self.config, self.ctx, self.ctx.student
         total = c.kd_steps * max(1, len(self.units) - c.warmup)
-        flags = [p.requires_grad for p in student.parameters()]
-        student.train()
-        for p in student.parameters():
-            p.requires_grad_(True)
-        try:
+        with training(student):
             for _ in range(c.kd_steps):
                 for group in self.opt_s.param_groups:
                     group["lr"] = 0.5 * self.lr_s * (1 + math.cos(math.pi * min(self.kd_done, total) / total))
@@ -309,10 +306,6 @@ class BankMethod(Method):
                 loss.backward()
                 self.opt_s.step()
                 self.kd_done += 1
-        finally:
-            for p, f in zip(student.parameters(), flags):
-                p.requires_grad_(f)
-            student.eval()
         return float(loss.detach()), float((out.detach().argmax(1) == t.argmax(1)).float().mean())
 
     def close(self) -> None:

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...store.toolbox.declared import setting
 from ...store.toolbox import fs
 from ...store.toolbox.compute import OPTIMIZERS
+from ...store.toolbox.declared import setting
 from ...store.toolbox.identity import check_same_run
 from ...store.toolbox.progress import progress
 
 from ..generators import GeneratorError, GeneratorSpec, load_generator, load_snapshots, save_generator
+from ..modes import training
 from ..side_files import side_file
 from .base import Method, MethodError, SynthContext
 from .feature_stats import StatTerms
@@ -179,32 +180,23 @@ class GenerativeMethod(Method):
         if resume and fs.exists(state_path):
             self._load_state(state_path, z_gen)
         rounds_before = self.rounds_done
-        trainable = [p for p in (student.parameters() if student is not None else [])]
-        flags = [p.requires_grad for p in trainable]
         self.generator_model.train()
-        if student is not None:
-            student.train()
-            for p in trainable:
-                p.requires_grad_(True)
         try:
-            bar = progress(range(self.rounds_done, c.rounds), initial=self.rounds_done, total=c.rounds,
-                           desc=f"{self.name}: training the generator", unit="round", show=show)
-            for i in bar:
-                losses = self.train_round(z_gen)
-                self.rounds_done = i + 1
-                if self.rounds_done in snap_rounds:
-                    self.snapshot_states.append({k: v.detach().cpu().clone()
-                                                 for k, v in self.generator_model.state_dict().items()})
-                if self.rounds_done % c.checkpoint_every == 0 or self.rounds_done == c.rounds:
+            with training(student):
+                bar = progress(range(self.rounds_done, c.rounds), initial=self.rounds_done, total=c.rounds,
+                               desc=f"{self.name}: training the generator", unit="round", show=show)
+                for i in bar:
+                    losses = self.train_round(z_gen)
+                    self.rounds_done = i + 1
+                    if self.rounds_done in snap_rounds:
+                        self.snapshot_states.append({k: v.detach().cpu().clone()
+                                                     for k, v in self.generator_model.state_dict().items()})
+                    if self.rounds_done % c.checkpoint_every == 0 or self.rounds_done == c.rounds:
+                        self._save_state(state_path, z_gen)
+                        bar.set_postfix({k: f"{float(v):.3g}" for k, v in losses.items()})
+                if not fs.exists(state_path):  # zero rounds asked: still leave a consistent state
                     self._save_state(state_path, z_gen)
-                    bar.set_postfix({k: f"{float(v):.3g}" for k, v in losses.items()})
-            if not fs.exists(state_path):  # zero rounds asked: still leave a consistent state
-                self._save_state(state_path, z_gen)
         finally:
-            for p, f in zip(trainable, flags):
-                p.requires_grad_(f)
-            if student is not None:
-                student.eval()
             self.close()  # training hooks (the prior, DAFL features, ZSKT attention) leave the teacher before the fill
         self.trained = True
         path = side_file(store_path, "generator")
