@@ -116,25 +116,35 @@ def _round_floor(teacher, student, generator, batch: int, iterations: int, dev: 
     return 5 * (ms["g_fwd"] + ms["t_fwd"] + ms["s_train"]) + ms["g_train"] + ms["t_input"] + ms["s_input"]
 
 
-def count(model_name: str, batch: int, method: str, device: str) -> float | None:
-    """ATen ops per iteration (inversion methods) or per pass (their floors); None for the other methods."""
-    from benchmarks.op_count import floor_ops, inversion_ops
+def _setup(model_name: str, batch: int, device: str, amp: str = "off", cuda_graphs: bool = False) -> tuple:
+    """(teacher, student, context, targets, image shape) of a case: random weights, seed 0."""
     from dfkd.distill.models import create_model
-    from dfkd.synth.engine import frozen
-    from dfkd.synth.methods import SynthContext, create_method
+    from dfkd.store.toolbox.compute import amp_dtype
+    from dfkd.synth.methods import SynthContext
 
-    if method not in ("floor", "student_floor", "stat", "deepinversion", "adi"):
-        return None
     torch.manual_seed(0)
     shape = (3, 32, 32) if "resnet" in model_name or "wrn" in model_name else (1, 28, 28)
     dev = torch.device(device)
     teacher = create_model(model_name, 10, shape[0], shape[1]).to(dev).eval()
     student = create_model("resnet18" if "resnet" in model_name else "lenet5_half", 10, shape[0], shape[1]).to(dev).eval()
-    targets = torch.arange(batch, device=dev) % 10
+    ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student,
+                       amp=amp_dtype(amp, dev), cuda_graphs=cuda_graphs)
+    return teacher, student, ctx, torch.arange(batch, device=dev) % 10, shape
+
+
+def count(model_name: str, batch: int, method: str, device: str) -> float | None:
+    """ATen ops per iteration (inversion methods) or per pass (their floors); None for the other methods."""
+    from benchmarks.op_count import floor_ops, inversion_ops
+    from dfkd.synth.engine import frozen
+    from dfkd.synth.methods import create_method
+
+    if method not in ("floor", "student_floor", "stat", "deepinversion", "adi"):
+        return None
+    teacher, student, ctx, targets, shape = _setup(model_name, batch, device)
     with frozen(teacher, student):
         if method in ("floor", "student_floor"):
-            return floor_ops(teacher if method == "floor" else student, torch.randn(batch, *shape, device=dev), targets)
-        ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student)
+            x = torch.randn(batch, *shape, device=targets.device)
+            return floor_ops(teacher if method == "floor" else student, x, targets)
         m = create_method(method, ctx, {"jitter": 2, "flip": True})
         try:
             return inversion_ops(m, targets)
@@ -145,23 +155,14 @@ def count(model_name: str, batch: int, method: str, device: str) -> float | None
 def measure(model_name: str, batch: int, method: str, iterations: int, device: str, amp: str = "off",
             cuda_graphs: bool = False) -> dict:
     """Run in a fresh process: ms per iteration (or per adversarial round) and peak extra memory (MiB)."""
-    from dfkd.distill.models import create_model
     from dfkd.synth.engine import frozen
     from dfkd.synth.generators import create_generator
-    from dfkd.synth.methods import SynthContext, create_method
+    from dfkd.synth.methods import create_method
 
-    torch.manual_seed(0)
-    shape = (3, 32, 32) if "resnet" in model_name or "wrn" in model_name else (1, 28, 28)
-    dev = torch.device(device)
-    teacher = create_model(model_name, 10, shape[0], shape[1]).to(dev).eval()
-    student = create_model("resnet18" if "resnet" in model_name else "lenet5_half", 10, shape[0], shape[1]).to(dev).eval()
-    from dfkd.store.toolbox.compute import amp_dtype
-
-    ctx = SynthContext(teacher, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0], dev, student=student,
-                       amp=amp_dtype(amp, dev), cuda_graphs=cuda_graphs)
+    teacher, student, ctx, targets, shape = _setup(model_name, batch, device, amp, cuda_graphs)
+    dev = targets.device
     if dev.type == "cuda":
         teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
-    targets = torch.arange(batch, device=dev) % 10
     _warm_lazy_imports()  # the first optimizer step imports ~160 MB of torch modules: not the method's memory
     base = _rss_mb()
     if dev.type == "cuda":

@@ -260,8 +260,9 @@ class Trainer:
                 if obj.needs_teacher and teacher is None:
                     raise TrainError(f"{self.source.name} gives no teacher logits; pass a teacher for online targets")
                 y = None if labels is None else labels.to(self.device, non_blocking=True)
+                ref = teacher.argmax(1) if teacher is not None else y  # what agreement is counted against, once
                 for s in self.students:
-                    self._step(s, x, teacher, y)
+                    self._step(s, (x, teacher, y, ref))
                     s.scheduler.step()
                 seen += len(x)
                 if tty and bar.n % 20 == 0:  # reading the sums syncs the device, so only now and then
@@ -299,20 +300,23 @@ class Trainer:
         epochs.close()
         return self.metrics()
 
-    def _step(self, s: Student, x: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor | None) -> None:
-        """One optimizer step of one student on a batch, its loss and agreement added into `s.sums` on the device
-        (no host sync per step); replayed as a CUDA graph where `self.graphs` and the batch has the captured shape."""
-        inputs = tuple(t for t in (x, teacher, y) if t is not None)
+    def _step(self, s: Student, batch: tuple[torch.Tensor | None, ...]) -> None:
+        """One optimizer step of one student on a batch (x, teacher logits, labels, agreement reference; absent ones
+        None), its loss and agreement added into `s.sums` on the device (no host sync per step); replayed as a CUDA
+        graph where `self.graphs` and the batch has the captured shape."""
         if not self.graphs:
-            return self._eager_step(s, x, teacher, y)
-        shape = tuple((tuple(t.shape), t.dtype) for t in inputs)
+            return self._eager_step(s, *batch)
+        present = tuple(t is not None for t in batch)
+        inputs = tuple(t for t in batch if t is not None)
+        shape = (present, tuple((tuple(t.shape), t.dtype) for t in inputs))
         if s.graph is None:
-            self._capture(s, inputs, shape, teacher is not None, y is not None)
+            self._capture(s, inputs, shape)
         if shape != s.graph_shape:  # another batch size (an epoch's last batch): the same step, eagerly
-            return self._eager_step(s, x, teacher, y)
+            return self._eager_step(s, *batch)
         s.graph(*inputs)
 
-    def _eager_step(self, s: Student, x: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor | None) -> None:
+    def _eager_step(self, s: Student, x: torch.Tensor, teacher: torch.Tensor | None, y: torch.Tensor | None,
+                    ref: torch.Tensor | None) -> None:
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                             cache_enabled=False if self.graphs else None):  # a graph cannot capture the cache
             out = (s.train_model or s.model)(x)
@@ -321,21 +325,19 @@ class Trainer:
         s.scaler.scale(loss).backward()
         s.scaler.step(s.optimizer)
         s.scaler.update()
-        ref = teacher.argmax(1) if teacher is not None else y
         with torch.no_grad():
             s.sums[0].add_(loss.detach() * len(x))
             if ref is not None:
                 s.sums[1].add_((out.argmax(1) == ref).sum())
 
-    def _capture(self, s: Student, inputs: tuple, shape: tuple, has_teacher: bool, has_labels: bool) -> None:
+    def _capture(self, s: Student, inputs: tuple, shape: tuple) -> None:
         """Capture s's step for this batch shape; the capture's warm-up steps are undone (weights, BN statistics,
         the optimizer's state back to new, the sums), so the run is the one it would be without graphs."""
         from ..store.toolbox.cuda_graph import GraphedStep
 
         def step(*t: torch.Tensor) -> None:
             it = iter(t)
-            x, teacher, y = next(it), next(it) if has_teacher else None, next(it) if has_labels else None
-            self._eager_step(s, x, teacher, y)
+            self._eager_step(s, *(next(it) if p else None for p in shape[0]))
 
         saved = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
         sums = [t.detach().clone() for t in s.sums]

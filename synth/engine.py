@@ -7,6 +7,7 @@ the stored uint8 image, done flags, progress and provenance; a method only makes
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -189,7 +190,11 @@ def _make_units(m: Any, writer: store.StoreWriter, units: list[int],
         made = m.synthesize_units([t.to(ctx.device) for t in targets], gens) if len(units) > 1 else \
             [m.synthesize(targets[0].to(ctx.device), gens[0])]
     out = []
-    for t, (x01, losses) in zip(targets, made):
+    for u, t, (x01, losses) in zip(units, targets, made):
+        bad = sorted(k for k, v in losses.items() if not math.isfinite(v))
+        if bad:  # the unit's images are whatever a NaN step left: write nothing, say so
+            raise MethodError(f"{m.name}'s loss {bad[0]} became {losses[bad[0]]} in unit {u}; nothing of that unit "
+                              "was written: lower the method's lr (--set lr=...), or check the teacher's weights")
         images = quantize(x01.detach()).cpu()
         logits = teacher_logits(ctx.teacher, images, ctx)
         labels = logits.argmax(1) if m.labels_from_teacher else t

@@ -412,3 +412,20 @@ def test_method_hyper_parameters_out_of_bounds_are_one_line_before_anything_is_w
     assert not os.path.exists(tmp_path / "s.zarr")
     with pytest.raises(MethodError, match="noise.sigma must be a finite number"):
         method_config("noise", {"sigma": "nan"})
+
+
+def test_a_synthesis_whose_loss_becomes_nan_says_so_and_writes_nothing_of_that_unit(tmp_path):
+    """A unit optimized into NaN was written as whatever the NaN pixels quantized to, without a word."""
+    import torch
+
+    from dfkd.synth.engine import SynthConfig, synthesize
+    from tests.synth_helpers import MEAN, SHAPE, STD, tiny_teacher
+
+    teacher, _ = tiny_teacher()
+    with torch.no_grad():
+        next(teacher.parameters()).fill_(float("nan"))
+    out = str(tmp_path / "s.zarr")
+    with pytest.raises(MethodError, match="deepinversion's loss .* became nan in unit 0; nothing of that unit"):
+        synthesize(teacher, "deepinversion", SynthConfig(num_images=16, out=out, batch_size=16),
+                   image_shape=SHAPE, num_classes=10, mean=MEAN, std=STD, hparams={"iterations": 2})
+    assert not store.open(out).done_mask().any()

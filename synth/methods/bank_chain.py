@@ -279,9 +279,11 @@ class BankMethod(Method):
         training and still answers at chance: every later batch's adversarial term would be against a dead
         student (Fashion-MNIST A, BN-free LeNet-5-half at lr_s 0.2: 10.00% after the whole chain)."""
         chance = 1.0 / self.ctx.num_classes
-        if self.kd_done < max(2 * self.config.kd_steps, MIN_ALIVE_STEPS) or (math.isfinite(loss) and agree > 1.5 * chance):
-            return
-        raise MethodError(f"{self.name}: the proxy student is at chance after {self.kd_done} steps of training "
+        if math.isfinite(loss) and (self.kd_done < max(2 * self.config.kd_steps, MIN_ALIVE_STEPS)
+                                    or agree > 1.5 * chance):
+            return  # a non-finite loss stops the chain at once: its next batch would be made against NaN
+        state = "is at chance" if math.isfinite(loss) else "diverged"
+        raise MethodError(f"{self.name}: the proxy student {state} after {self.kd_done} steps of training "
                           f"(it agrees with the teacher on {agree:.0%} of a bank batch, chance "
                           f"{chance:.0%}; loss {loss:.3g}): its SGD rate lr_s={self.lr_s:g} is too high for it; rerun "
                           f"with --set lr_s={self.lr_s / 10:g} --overwrite (the units written so far are not worth keeping)")

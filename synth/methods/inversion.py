@@ -37,6 +37,8 @@ class InversionConfig:
 class InversionMethod(Method):
     """Optimizes a batch of inputs; `terms` returns the method's weighted losses for one forward pass."""
 
+    units_in_flight = True
+
     def __init__(self, ctx, config) -> None:
         super().__init__(ctx, config)
         self._graphed_loops: dict[tuple, InversionLoop] = {}  # with CUDA graphs: one captured loop per batch shape
@@ -49,8 +51,6 @@ class InversionMethod(Method):
 
     def forward_teacher(self, x: torch.Tensor) -> torch.Tensor:
         return self.ctx.teacher(x)
-
-    units_in_flight = True
 
     def synthesize(self, targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         return self._make([targets], [gen])[0]
@@ -155,7 +155,7 @@ class InversionLoop:
     @staticmethod
     def can_graph(ctx) -> bool:
         """CUDA graphs were asked for, on CUDA, without fp16 loss scaling (its inf check reads the device)."""
-        return bool(getattr(ctx, "cuda_graphs", False)) and ctx.device.type == "cuda" and ctx.amp != torch.float16
+        return ctx.cuda_graphs and ctx.device.type == "cuda" and ctx.amp != torch.float16
 
     def reset(self, x0: torch.Tensor, targets: torch.Tensor) -> None:
         """Start a batch: these pixels and targets, no best iterate yet, Adam as new."""
