@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from typing import Iterator
 
@@ -27,6 +28,9 @@ def distributed(device: str) -> Iterator[str]:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield device
+        # DDP wrappers left in reference cycles hold the group's gloo threads; freed at interpreter exit, after the
+        # group is gone, they aborted a rank (SIGABRT, "terminate called without an active exception"): free them now
+        gc.collect()
         dist.barrier()  # every rank done before any tears down: a rank leaving early aborted its peer (gloo, loaded CPU)
     finally:
         dist.destroy_process_group()
