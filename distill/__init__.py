@@ -1,1 +1,1 @@
-"""Distillation stage: trains students from a store's images and stored teacher logits (issue #3)."""
+"""Distillation stage: trains students from a store's images and stored teacher logits."""

@@ -24,7 +24,7 @@ from ..store.toolbox import fs
 from ..store.toolbox.errors import DfkdError
 from ..store.toolbox.identity import check_same_run, plain, weights_fingerprint
 from ..store.toolbox.progress import progress
-from ..store.toolbox.compute import amp_dtype, rank_and_world
+from ..store.toolbox.compute import DISTILL_LR, amp_dtype, make_optimizer, rank_and_world
 
 from .augment import augment, normalize
 from .checkpoint import ModelSpec, read_checkpoint, save_model
@@ -39,14 +39,12 @@ class TrainError(DfkdError):
 
 @dataclass
 class StudentSpec:
-    """One student: architecture and its optimizer. lr None picks 0.05 for SGD, 1e-3 for Adam."""
+    """One student: architecture and its optimizer. lr None: the distillation default (DISTILL_LR: 0.02 SGD, 1e-3 Adam)."""
 
     arch: str
     optimizer: str = "sgd"
     lr: float | None = None
-    momentum: float = 0.9
     weight_decay: float = 5e-4
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,11 +162,12 @@ class Trainer:
         self.students: list[Student] = []
         for i, (name, s) in enumerate(zip(_names(students), students)):
             torch.manual_seed(_init_seed(config.seed, name))  # (seed, name) only: as in a run of its own
-            spec = ModelSpec(s.arch, source.num_classes, c, h, tuple(source.mean), tuple(source.std), dict(s.kwargs))
+            spec = ModelSpec(s.arch, source.num_classes, c, h, tuple(source.mean), tuple(source.std))
             model = spec.build().to(self.device)  # the same initial weights on every rank (same seed)
             if self.device.type == "cuda":
                 model = model.to(memory_format=torch.channels_last)
-            opt = _optimizer(model, s, self.device if self.graphs else None)
+            opt = make_optimizer(model.parameters(), s.optimizer, DISTILL_LR[s.optimizer] if s.lr is None else s.lr, s.weight_decay,
+                                 graph_device=self.device if self.graphs else None)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(1, steps))))
             train_model = _parallel(model, self.device, self.world)
             if config.compile:
@@ -376,17 +375,3 @@ def graphs_on(config: TrainConfig, device: torch.device, world: int, amp: torch.
     """Whether the students' steps are replayed as CUDA graphs: asked for, on CUDA, in one process (no DDP hooks),
     without fp16 loss scaling (its inf check reads the device) or torch.compile."""
     return config.cuda_graphs and device.type == "cuda" and world == 1 and amp != torch.float16 and not config.compile
-
-
-def _optimizer(model: nn.Module, s: StudentSpec, graph_device: torch.device | None = None) -> torch.optim.Optimizer:
-    """The student's optimizer; for CUDA graphs (`graph_device`) fused, capturable, its rate a tensor the scheduler
-    writes in place (a graph replays the rate it was captured with otherwise)."""
-    graphs = {} if graph_device is None else {"fused": True}
-    rate = lambda lr: lr if graph_device is None else torch.tensor(lr, device=graph_device)
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=rate(s.lr or 0.05), momentum=s.momentum,
-                               weight_decay=s.weight_decay, nesterov=s.momentum > 0, **graphs)
-    if s.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=rate(s.lr or 1e-3), weight_decay=s.weight_decay, **graphs,
-                                **({"capturable": True} if graphs else {}))
-    raise TrainError(f"unknown optimizer {s.optimizer!r}; choose sgd or adam")

@@ -126,7 +126,7 @@ class Runner:
             tconf = ({"checkpoint": os.path.abspath(t.checkpoint)} if t.checkpoint else
                      {**dataclasses.asdict(t), "record": None, "record_layers": None, "record_per_class": None,
                       "data": dataclasses.asdict(p.data), "seed": self.section_seed(t),
-                      "lr": 0.0 if t.lr is None else t.lr})  # unset was written 0.0: earlier files keep their stages
+                      "lr": 0.0 if t.lr is None else t.lr})  # unset fingerprints as 0.0, its value in older run files, so their stages stay done
             stages.append(Stage(self.teacher_key(t.name), [], tconf, self._teacher_runner(t.name),
                                 (lambda n=t.name: [self.teacher_path(n)]), teacher=t.name))
             if t.record:
@@ -153,7 +153,7 @@ class Runner:
                 key = f"distill:{d.name}/{name}"
                 conf = {**_fields(d, added=("max_images", "teacher", "kd", "workers", "amp", "compile", "cuda_graphs")),
                         "stores": None, "seed": self.section_seed(d), "eval": p.data.name,
-                        "lr": 0.0 if d.lr is None else d.lr}  # unset was written 0.0: earlier files keep their stages
+                        "lr": 0.0 if d.lr is None else d.lr}  # unset fingerprints as 0.0, its value in older run files, so their stages stay done
                 if d.teacher is not None:
                     conf["teacher"] = self.teacher_key(d.teacher)  # the teacher stage's fingerprint covers its file
                 deps = [f"synth:{part}" for part in name.split("+")] + ([self.teacher_key(d.teacher)] if d.teacher else [])

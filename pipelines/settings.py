@@ -15,14 +15,11 @@ from typing import Any, Callable
 from ..store.schema import MAX_VIEWS
 from ..store.toolbox.augment import MODES as AUGMENTATIONS
 from ..store.toolbox.augment import VIEW_MODE_HELP, VIEW_MODES
-from ..store.toolbox.compute import AMP_MODES, OPTIMIZERS
+from ..store.toolbox.compute import AMP_MODES, DISTILL_LR, OPTIMIZERS, TEACHER_LR
 from ..store.toolbox.declared import check_declared, setting, setting_fields
 from ..store.toolbox.errors import DfkdError
 
-VIEWS_DEFAULT = 8  # view labels per image a new store keeps: the measured recipe (BENCHMARKS.md, issue 22)
-# The students' default peak rate per optimizer, measured with the default T 20 on Fashion-MNIST view stores.
-DISTILL_LR = {"sgd": 0.02, "adam": 1e-3}
-TEACHER_LR = {"sgd": 0.05, "adam": 1e-3}  # supervised training on real data
+VIEWS_DEFAULT = 8  # view labels per image a new store keeps: the measured recipe (BENCHMARKS.md)
 TEACHER_AUGMENTATIONS = ("auto", *AUGMENTATIONS)
 
 

@@ -1,1 +1,1 @@
-"""Synthesis stage: turns a teacher into a surrogate dataset written through `store` (issue #4, #5)."""
+"""Synthesis stage: turns a teacher into a surrogate dataset written through `store`."""

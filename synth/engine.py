@@ -39,8 +39,6 @@ class SynthConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
-    backend: str | None = None
-    logits_dtype: str = "float32"
     device: str = "cpu"
     progress: bool | None = None
     amp: str = "auto"  # mixed precision on CUDA: auto (bf16 if supported, else fp16), off, bf16, fp16
@@ -131,7 +129,7 @@ def _plan(method: str, cfg: SynthConfig, hparams: dict[str, Any] | None, fp: str
     elif cfg.bank:
         raise MethodError(f"{method} keeps no memory bank; --bank (a top-up) is for the memory-bank methods fast and nayer")
     meta = store.StoreMeta(num_samples=cfg.num_images, image_shape=image_shape, num_classes=num_classes,
-                           unit_size=cfg.batch_size, logits_dtype=cfg.logits_dtype, base_seed=cfg.seed,
+                           unit_size=cfg.batch_size, logits_dtype="float32", base_seed=cfg.seed,
                            mean=tuple(mean), std=tuple(std), provenance=provenance)
     return with_views(meta, cfg.views, cfg.view_mode) if cfg.views else meta
 
@@ -320,8 +318,7 @@ def _open_store(cfg: SynthConfig, meta: store.StoreMeta, rank: int, world: int) 
     payload: Any = None
     if rank == 0:
         try:
-            writer = store.create_or_resume(cfg.out, meta, resume=cfg.resume, overwrite=cfg.overwrite,
-                                            backend=cfg.backend)
+            writer = store.create_or_resume(cfg.out, meta, resume=cfg.resume, overwrite=cfg.overwrite)
             payload = writer.done_mask().copy()
         except store.DfkdError as e:
             payload = str(e)

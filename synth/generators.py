@@ -45,10 +45,6 @@ _GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator", Generato
 register_generator = _GENERATORS.register  # a generator factory under its function name
 
 
-def list_generators() -> list[str]:
-    return _GENERATORS.names()
-
-
 def create_generator(arch: str, latent_dim: int, image_shape: tuple[int, int, int], width: int = 64,
                      head: str = "bn") -> nn.Module:
     """Build a generator by name for (latent size, C×H×W output); head "bn" (published) or "tanh" (pixels)."""

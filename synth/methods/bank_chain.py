@@ -27,6 +27,7 @@ from torch import nn
 
 from ...store.toolbox import fs
 from ...store.toolbox.augment import augment
+from ...store.toolbox.compute import make_optimizer
 from ...store.toolbox.declared import setting
 from ...store.toolbox.identity import check_same_run
 
@@ -102,8 +103,7 @@ class BankMethod(Method):
         self.bank: MemoryBank | None = None
         self.state_path = ""
         self.lr_s = config.lr_s or student_lr(ctx.student)
-        self.opt_s = torch.optim.SGD(ctx.student.parameters(), lr=self.lr_s, momentum=0.9,
-                                     weight_decay=config.weight_decay_s)
+        self.opt_s = make_optimizer(ctx.student.parameters(), "sgd", self.lr_s, config.weight_decay_s, nesterov=False)
 
     # -- what a subclass provides -------------------------------------------------------------------
     def init_chain(self, seed: int) -> None:

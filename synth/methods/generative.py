@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...store.toolbox import fs
-from ...store.toolbox.compute import OPTIMIZERS
+from ...store.toolbox.compute import OPTIMIZERS, make_optimizer
 from ...store.toolbox.declared import setting
 from ...store.toolbox.identity import check_same_run
 from ...store.toolbox.progress import progress
@@ -102,9 +102,7 @@ class GenerativeMethod(Method):
         self.opt_s = None
         if self.ctx.student is not None:
             params = self.ctx.student.parameters()
-            self.opt_s = (torch.optim.SGD(params, lr=c.lr_s, momentum=0.9, weight_decay=c.weight_decay_s)
-                          if c.student_optimizer == "sgd" else
-                          torch.optim.Adam(params, lr=c.lr_s, weight_decay=c.weight_decay_s))
+            self.opt_s = make_optimizer(params, c.student_optimizer, c.lr_s, c.weight_decay_s, nesterov=False)
 
     def train_round(self, z_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """One round of the method's min-max (or max) game; returns its losses (detached, on the device)."""
@@ -224,8 +222,8 @@ class GenerativeMethod(Method):
 
         The generator's BN layers normalize with each batch's own statistics, as every sample the proxy
         student learned from was made (on a copy, so the saved generator's running statistics stay); eval
-        mode, where each image depends on its own z only, gave one grey image for every z of a DAFL
-        generator on Fashion-MNIST (BENCHMARKS.md) and was removed.
+        mode, where each image depends on its own z only, gives one grey image for every z of a DAFL
+        generator on Fashion-MNIST (BENCHMARKS.md).
         """
         if not self.trained:
             raise MethodError(f"{self.name}: the generator is not trained; the engine calls prepare() first")

@@ -22,7 +22,7 @@ from .base import Method
 
 @dataclass
 class InversionConfig:
-    """Loop settings common to every inversion method (defaults measured on small teachers, see DESIGN)."""
+    """Loop settings common to every inversion method (defaults measured on small teachers: BENCHMARKS.md)."""
 
     iterations: int = setting(200, "Adam steps per batch (the budget)", low=1)
     lr: float = setting(0.25, "Adam learning rate on the pixels, cosine to 0", low=0, low_open=True)
