@@ -22,11 +22,11 @@ from ..distill.trainer import StudentSpec, TrainConfig, Trainer
 from ..store.toolbox.errors import DfkdError
 from ..store.toolbox.compute import rank_and_world
 from ..synth.engine import SynthConfig, synthesize
-from ..synth.teacher import fingerprint
+from ..synth.teacher import fingerprint, teacher_labeller
 from ..synth.methods import method_class
 from ..synth.record import TeacherStats, record
 from ..synth.side_files import side_file
-from ..synth.views import label_views, teacher_labeller, with_views
+from ..synth.views import label_views, with_views
 
 from .real_data import RealData
 from .settings import DistillSettings, SynthSettings, TeacherSettings
@@ -154,16 +154,14 @@ def fill_real_store(path: str, teacher_path: str, real: RealData, num_images: in
     teacher = teacher.to(device)
     idx = np.sort(np.random.default_rng(seed).choice(len(real.train_images), num_images, replace=False))
     x = real.train_images[idx]
-    with torch.no_grad():
-        logits = torch.cat([teacher(normalize(x[i:i + 1000].to(device), spec.mean, spec.std)).float().cpu()
-                            for i in range(0, num_images, 1000)])
+    logits_of = teacher_labeller(teacher, spec.mean, spec.std, device)
+    logits = logits_of(x)
     meta = store.StoreMeta(num_samples=num_images, image_shape=spec.image_shape, num_classes=spec.num_classes,
                            unit_size=unit_size, logits_dtype="float32", base_seed=seed, mean=spec.mean, std=spec.std,
                            provenance={"method": "real", "data": real.name, "teacher_fingerprint": fingerprint(teacher)})
     if views:
         meta = with_views(meta, views, view_mode)
     w = store.create(path, meta, overwrite=overwrite)
-    logits_of = teacher_labeller(teacher, spec.mean, spec.std, device)
     for u in w.pending_units():
         lo, hi = w.unit_range(u)
         v = label_views(logits_of, x[lo:hi], meta, u) if views else None

@@ -61,12 +61,6 @@ def quantize(x01: torch.Tensor) -> torch.Tensor:
     return (x01.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-@torch.no_grad()
-def teacher_logits(teacher: nn.Module, images_u8: torch.Tensor, ctx: SynthContext) -> torch.Tensor:
-    """The teacher's logits of the uint8 images exactly as stored (so targets match inputs)."""
-    return teacher(ctx.normalize(images_u8.to(ctx.device).float() / 255.0)).float().cpu()
-
-
 def synthesize(teacher: nn.Module, method: str, cfg: SynthConfig, *, image_shape: tuple[int, int, int],
                num_classes: int, mean: tuple[float, ...], std: tuple[float, ...], hparams: dict[str, Any] | None = None,
                record: Any = None, student: nn.Module | None = None, teacher_spec: dict[str, Any] | None = None,
@@ -194,7 +188,7 @@ def _make_units(m: Any, writer: store.StoreWriter, units: list[int],
             raise MethodError(f"{m.name}'s loss {bad[0]} became {losses[bad[0]]} in unit {u}; nothing of that unit "
                               "was written: lower the method's lr (--set lr=...), or check the teacher's weights")
         images = quantize(x01.detach()).cpu()
-        logits = teacher_logits(ctx.teacher, images, ctx)
+        logits = ctx.stored_logits(images)
         labels = logits.argmax(1) if m.labels_from_teacher else t
         out.append((images, logits, labels.cpu().numpy().astype(np.int64), losses))
     return out
@@ -234,7 +228,7 @@ def _views(writer: store.StoreWriter, u: int, images: torch.Tensor, ctx: SynthCo
     """The teacher's logits of the unit's stored views, where the store keeps views."""
     if not writer.meta.views:
         return None
-    return label_views(lambda x: teacher_logits(ctx.teacher, x, ctx), images, writer.meta, u)
+    return label_views(ctx.stored_logits, images, writer.meta, u)
 
 
 def chain_units(num_units: int, rank: int, world: int) -> list[int]:

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import store
-from ..store.toolbox.augment import normalize
 from ..store.toolbox.progress import progress
 from ..store.units import unit_seed
 from ..store.views import ViewRecipe, unit_views
 
-from .teacher import fingerprint
+from .teacher import Labeller, fingerprint, teacher_labeller
 
-Labeller = Callable[[torch.Tensor], torch.Tensor]  # uint8 N×C×H×W -> float logits N×K (on the CPU)
 
 
 def with_views(meta: store.StoreMeta, views: int, mode: str) -> store.StoreMeta:
@@ -28,25 +26,14 @@ def with_views(meta: store.StoreMeta, views: int, mode: str) -> store.StoreMeta:
     return dataclasses.replace(meta, views=views, view_recipe=recipe.to_json() if views else None)
 
 
-def label_views(logits_of: Labeller, images: torch.Tensor | np.ndarray, meta: store.StoreMeta, unit: int,
-                batch_size: int = 1024) -> np.ndarray:
+def label_views(logits_of: Labeller, images: torch.Tensor | np.ndarray, meta: store.StoreMeta, unit: int) -> np.ndarray:
     """The teacher's logits of every stored view of one unit's uint8 images: N×V×K float32."""
     recipe = ViewRecipe.from_json(meta.view_recipe, "the store")
     images = torch.as_tensor(np.asarray(images))
     pixels = unit_views(images, recipe, unit_seed(meta.base_seed, unit), meta.views)  # V×N×C×H×W
     flat = pixels.reshape(-1, *images.shape[1:])
-    out = torch.cat([logits_of(flat[i:i + batch_size]) for i in range(0, len(flat), batch_size)])
+    out = logits_of(flat)  # in batches of the labeller's size
     return out.reshape(meta.views, len(images), -1).transpose(0, 1).float().numpy()
-
-
-def teacher_labeller(teacher: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], device: str) -> Labeller:
-    """The teacher's logits of uint8 pixels, normalized as the store records."""
-    dev = torch.device(device)
-
-    @torch.no_grad()
-    def logits_of(images: torch.Tensor) -> torch.Tensor:
-        return teacher(normalize(images.to(dev).float() / 255.0, mean, std)).float().cpu()
-    return logits_of
 
 
 def label_store(path: str, teacher: nn.Module, views: int, *, mode: str = "flip-crop", resume: bool = False,

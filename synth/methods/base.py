@@ -45,6 +45,12 @@ class SynthContext:
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                               cache_enabled=False if self.cuda_graphs else None)
 
+    def stored_logits(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """The teacher's float32 logits (on the CPU) of uint8 images exactly as the store holds them."""
+        from ..teacher import teacher_labeller
+
+        return teacher_labeller(self.teacher, self.mean, self.std, self.device)(images_u8)
+
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """Pixel space [0, 1] -> teacher input."""
         return normalize(x01, self.mean, self.std)
