@@ -17,7 +17,7 @@ proxy student: the store is deterministic for a given world size; another world 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -123,11 +123,7 @@ class BankMethod(Method):
     # -- the chain ---------------------------------------------------------------------------------
     def identity(self, units: list[int], seed: int) -> dict[str, Any]:
         """What a checkpoint of this chain must match to be continued."""
-        student = self.ctx.student
-        return {"method": self.name, "config": asdict(self.config), "teacher": self.ctx.teacher_fingerprint,
-                "units": [units[0], units[-1], len(units)] if units else [], "seed": seed,
-                "compute": {"device": self.ctx.device.type, "amp": str(self.ctx.amp)},
-                "student": [list(v.shape) for v in student.state_dict().values()]}
+        return {**self.run_identity(), "units": [units[0], units[-1], len(units)] if units else [], "seed": seed}
 
     def begin_chain(self, store_path: str, state_path: str, units: list[int], done: np.ndarray, *, seed: int,
                     resume: bool, bank: tuple[str, ...] = ()) -> int:

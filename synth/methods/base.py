@@ -99,6 +99,14 @@ class Method:
     def close(self) -> None:
         """Release hooks and anything else attached to the teacher."""
 
+    def run_identity(self) -> dict[str, Any]:
+        """What a training checkpoint of this method must match to be continued: method, settings, teacher,
+        compute, and the proxy student's shapes (None without one)."""
+        student = self.ctx.student
+        return {"method": self.name, "config": dataclasses.asdict(self.config), "teacher": self.ctx.teacher_fingerprint,
+                "compute": {"device": self.ctx.device.type, "amp": str(self.ctx.amp)},
+                "student": None if student is None else [list(v.shape) for v in student.state_dict().values()]}
+
 
 def layer_list(text: str, default: list[str]) -> list[str]:
     """Comma-separated layer paths from a hyper-parameter, or `default` when it is empty."""

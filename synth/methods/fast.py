@@ -17,7 +17,7 @@ from torch import nn
 
 from ...store.toolbox.declared import setting
 from ..generators import create_generator
-from .base import MethodError, register_method
+from .base import register_method
 from .bank_chain import BankConfig, BankMethod
 
 

@@ -129,15 +129,9 @@ class GenerativeMethod(Method):
         out = self.generator_model(z)
         return out if self.generator_model.output_space == "input" else self.ctx.normalize(out)
 
-    def _identity(self) -> dict[str, Any]:
-        student = self.ctx.student
-        return {"method": self.name, "config": asdict(self.config), "teacher": self.ctx.teacher_fingerprint,
-                "compute": {"device": self.ctx.device.type, "amp": str(self.ctx.amp)},
-                "student": None if student is None else [list(v.shape) for v in student.state_dict().values()]}
-
     def _state(self, z_gen: torch.Generator) -> dict[str, Any]:
         s = self.ctx.student
-        return {"identity": self._identity(), "rounds_done": self.rounds_done, "z_gen": z_gen.get_state(),
+        return {"identity": self.run_identity(), "rounds_done": self.rounds_done, "z_gen": z_gen.get_state(),
                 "generator": self.generator_model.state_dict(), "opt_g": self.opt_g.state_dict(),
                 "student": None if s is None else s.state_dict(),
                 "opt_s": None if self.opt_s is None else self.opt_s.state_dict(), "snapshots": self.snapshot_states}
@@ -148,7 +142,7 @@ class GenerativeMethod(Method):
         except Exception as e:  # noqa: BLE001
             raise MethodError(f"cannot read the training checkpoint {path} ({type(e).__name__}); delete it to "
                               "start the generator training again") from None
-        check_same_run(st.get("identity"), self._identity(), path, "use the original settings, or --overwrite to "
+        check_same_run(st.get("identity"), self.run_identity(), path, "use the original settings, or --overwrite to "
                        "start again")
         self.generator_model.load_state_dict(st["generator"])
         self.opt_g.load_state_dict(st["opt_g"])
