@@ -40,7 +40,7 @@ RUN = {"device": "cpu", "amp": "off", "cuda_graphs": False}  # set from the comm
 
 def make_store(path: str, images: np.ndarray, logits: np.ndarray, views: int = 0) -> None:
     """A store of these images and logits; with `views`, view labels too (the logits repeated: speed only)."""
-    from dfkd.synth.views import with_views
+    from dfkd.synth.view_labels import with_views
 
     meta = store.StoreMeta(num_samples=len(images), image_shape=SHAPE, num_classes=K, unit_size=1024, mean=MEAN, std=STD)
     if views:

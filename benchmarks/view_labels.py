@@ -28,7 +28,7 @@ from dfkd.pipelines.jobs import DistillJob, run_distill
 from dfkd.pipelines.real_data import load_data
 from dfkd.store.toolbox import fs
 from dfkd.store.convert import convert
-from dfkd.synth.views import label_store
+from dfkd.synth.view_labels import label_store
 
 
 def bytes_per_image(path: str) -> float:

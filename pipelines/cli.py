@@ -11,10 +11,11 @@ from .commands.distill import distill_cmd
 from .commands.group import DfkdGroup
 from .commands.model_files import export_cmd, import_teacher_cmd
 from .commands.options import quiet_option
+from .commands.record import record_cmd
 from .commands.run import run
 from .commands.store import store_group
 from .commands.synth import methods_cmd, synth_cmd
-from .commands.teacher import record_cmd, train_teacher
+from .commands.teacher import train_teacher
 
 
 @click.group(cls=DfkdGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -26,7 +26,7 @@ from ..synth.teacher import fingerprint, teacher_labeller
 from ..synth.methods import method_class
 from ..synth.record import TeacherStats, record
 from ..synth.side_files import side_file
-from ..synth.views import label_views, with_views
+from ..synth.view_labels import label_views, with_views
 
 from .real_data import RealData
 from .settings import DistillSettings, SynthSettings, TeacherSettings

@@ -37,7 +37,7 @@ class Batch(NamedTuple):
     indices: torch.Tensor
 
 
-def epoch_order(meta: StoreMeta | Union, units: list[int], *, seed: int, epoch: int, shuffle: bool,
+def epoch_order(meta: StoreMeta | StoreUnion, units: list[int], *, seed: int, epoch: int, shuffle: bool,
                 buffer_units: int) -> np.ndarray:
     """Global sample order for one epoch: shuffled units, shuffled again inside buffers of whole units."""
     units = np.asarray(sorted(units), dtype=np.int64)
@@ -64,7 +64,7 @@ def split_batches(n: int, batch_size: int, drop_last: bool) -> list[tuple[int, i
     return [(i * batch_size, min((i + 1) * batch_size, n)) for i in range(count)]
 
 
-class Union:
+class StoreUnion:
     """One or several stores as one index space (store k's samples follow store k-1's), unit by unit.
 
     Global unit g is unit `local[g]` of store `owner[g]` and holds global samples [starts[g], ends[g]); with one
@@ -175,7 +175,7 @@ class StoreDataset(IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_units, self.drop_last, self.epoch = buffer_units, drop_last, 0
         self.prefetch_units = buffer_units + 2 if prefetch_units is None else prefetch_units
-        self.union = Union([open_store(p) for p in self.paths])
+        self.union = StoreUnion([open_store(p) for p in self.paths])
         self.meta = self.union.readers[0].meta
         self.units = self.union.done if max_images is None else self._draw(max_images)
         self.views = views
@@ -310,7 +310,7 @@ class StoreDataset(IterableDataset):
                         del cache[u]
 
 
-def _gather(cache: dict[int, Samples], need: list[int], owner: np.ndarray, idx: np.ndarray, union: Union,
+def _gather(cache: dict[int, Samples], need: list[int], owner: np.ndarray, idx: np.ndarray, union: StoreUnion,
             views: bool = False) -> Samples:
     """Assemble one batch whose samples come from several cached units."""
     n = len(idx)

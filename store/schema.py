@@ -240,7 +240,7 @@ def check_samples(meta: StoreMeta, rec: Samples, n: int, what: str) -> Samples:
     views = None if rec.views is None else check_views(meta, rec.views, n, what)
     if meta.views and views is None:
         raise StoreError(f"{what}: the store keeps {meta.views} view labels per image and these samples have none; "
-                         "label the views with the teacher (dfkd.synth.views.label_views) before writing")
+                         "label the views with the teacher (dfkd.synth.view_labels.label_views) before writing")
     return Samples(np.ascontiguousarray(img), np.ascontiguousarray(out_logits),
                    labels.astype(np.int64, copy=False), views)
 

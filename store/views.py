@@ -4,7 +4,7 @@ A view is a pure function of (unit seed, view index, position in the unit) and t
 its unit, so a reader re-creates its pixels exactly and the logits stored for it are the teacher's answer on
 exactly those pixels (FKD's stored soft labels of random crops). A CutMix view (SRe2L's relabelled mixes)
 pastes a box of a partner image from the same unit, so a unit stays self-contained. Pixel work only: the
-teacher's forward lives in synth/views.py; this module knows no model.
+teacher's forward lives in synth/view_labels.py; this module knows no model.
 """
 
 from __future__ import annotations

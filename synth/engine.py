@@ -26,7 +26,7 @@ from .modes import frozen
 from .methods import MethodError, SynthContext, create_method, list_methods, method_class, method_config
 from .side_files import side_file
 from .teacher import fingerprint
-from .views import label_views, with_views
+from .view_labels import label_views, with_views
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dfkd.pipelines.cli import cli
 from dfkd.synth.losses import agreement_kl
 from dfkd.synth.methods import SynthContext
 from dfkd.synth.methods.fast import add_first_order_grads, set_reptile_grads
-from dfkd.synth.methods.feature_stats import StatTerms
+from dfkd.synth.methods.deepinversion import StatTerms
 from tests.helpers import tree_bytes
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 

@@ -21,7 +21,7 @@ from dfkd.synth import losses
 from dfkd.synth.engine import SynthConfig, frozen, synthesize
 from dfkd.synth.hooks import FeatureHooks, HookError, bn_layers
 from dfkd.synth.methods import SynthContext, create_method
-from dfkd.synth.methods.feature_stats import StatTerms
+from dfkd.synth.methods.deepinversion import StatTerms
 from dfkd.synth.moment_match import MomentMatch, _affine, tap
 from dfkd.synth.record import TeacherStats, record
 from dfkd.synth.teacher import fingerprint
@@ -595,7 +595,7 @@ def test_an_iteration_dispatches_a_few_ops_per_bn_layer_over_its_floor(method, m
 def test_the_graph_safe_loop_is_reused_across_batches_with_its_rate_as_a_tensor(monkeypatch):
     """What CUDA graphs run, stepped eagerly here: one loop per batch shape (tensor learning rate, capturable Adam),
     reset for each new batch, makes the images of a fresh loop per batch."""
-    from dfkd.synth.methods.inversion import InversionLoop
+    from dfkd.synth.methods.inversion_loop import InversionLoop
 
     teacher, _ = tiny_teacher()
     ctx = SynthContext(teacher, SHAPE, 10, MEAN, STD, torch.device("cpu"))

@@ -17,7 +17,7 @@ from dfkd.distill.sources import StoreSource
 from dfkd.pipelines.cli import cli
 from dfkd.store.units import unit_seed
 from dfkd.store.views import ViewRecipe, view_offsets, view_pixels
-from dfkd.synth.views import label_store
+from dfkd.synth.view_labels import label_store
 from tests.distill_helpers import teacher_store, train_digits_teacher
 
 

@@ -46,7 +46,7 @@ def store_info(path: str, as_json: bool) -> None:
         f"labels       {_fmt_counts(d['label_counts'])}" + (f" unlabelled:{d['unlabelled']}" if d["unlabelled"] else ""),
         f"teacher top1 {_fmt_counts(d['teacher_argmax_counts'])}",
         f"base seed    {d['base_seed']}",
-        f"views        " + (f"{d['views']} per image ({d['view_recipe']['mode']}, pad {d['view_recipe']['pad']}), "
+        "views        " + (f"{d['views']} per image ({d['view_recipe']['mode']}, pad {d['view_recipe']['pad']}), "
                             f"{d['units_with_views']}/{d['units_done']} finished units labelled" if d["views"]
                             else "none (add view labels with `dfkd store label`)"),
     ]
@@ -121,7 +121,7 @@ def store_label(path: str, teacher: str, views: int, view_mode: str, resume: boo
     augmented views with no teacher; `dfkd synth --views K` gives the same labels at synthesis time.
     """
     from ...distill.checkpoint import load_model
-    from ...synth.views import label_store
+    from ...synth.view_labels import label_store
 
     model, _, _ = load_model(teacher, "teacher", model_code)
     res = label_store(path, model, views, mode=view_mode, resume=resume, overwrite=overwrite,

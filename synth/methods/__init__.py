@@ -1,6 +1,6 @@
 """Synthesis methods, one file per family, registered by name."""
 
-from . import adversarial, dafl, fast, feature_stats, nayer, noise, spectral  # noqa: F401  (each registers its methods)
+from . import adversarial, dafl, deepinversion, fast, nayer, noise, spectral  # noqa: F401  (each registers its methods)
 from .base import (Method, MethodError, SynthContext, create_method, list_methods, method_class, method_config,
                    register_method)
 

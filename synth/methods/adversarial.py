@@ -12,7 +12,7 @@ from ..hooks import FeatureHooks
 from ..losses import attention, kl_divergence
 from ..modes import modes
 from .base import MethodError, SynthContext, register_method
-from .generative import GenerativeConfig, GenerativeMethod
+from .generator_training import GenerativeConfig, GenerativeMethod
 
 
 @dataclass

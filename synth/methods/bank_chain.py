@@ -36,7 +36,7 @@ from ..modes import training
 from ..side_files import side_file
 from ..losses import agreement_kl, kl_divergence
 from .base import Method, MethodError, SynthContext
-from .feature_stats import StatTerms
+from .deepinversion import StatTerms
 
 
 @dataclass

@@ -12,7 +12,7 @@ from ...store.toolbox.declared import redeclared, setting
 from ..hooks import FeatureHooks
 from ..losses import kl_divergence
 from .base import MethodError, SynthContext, register_method
-from .generative import GenerativeConfig, GenerativeMethod
+from .generator_training import GenerativeConfig, GenerativeMethod
 
 
 @dataclass

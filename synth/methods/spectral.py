@@ -9,7 +9,7 @@ from ...store.toolbox.declared import setting
 from ..hooks import FeatureHooks
 from ..losses import class_spectral_loss, spectral_loss
 from .base import MethodError, SynthContext, layer_list, register_method
-from .inversion import InversionConfig, InversionMethod
+from .inversion_loop import InversionConfig, InversionMethod
 
 
 @dataclass

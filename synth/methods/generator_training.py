@@ -26,7 +26,7 @@ from ..generators import GeneratorError, GeneratorSpec, load_generator, load_sna
 from ..modes import training
 from ..side_files import side_file
 from .base import Method, MethodError, SynthContext
-from .feature_stats import StatTerms
+from .deepinversion import StatTerms
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..moment_match import MomentMatch, MomentSlot, tap
 from ..hooks import FeatureHooks, bn_layers
 from ..losses import competition, l2_prior, tv_l1, tv_l2
 from .base import MethodError, SynthContext, layer_list, register_method
-from .inversion import InversionConfig, InversionMethod, per_group
+from .inversion_loop import InversionConfig, InversionMethod, per_group
 
 
 class StatTerms:
