@@ -30,6 +30,7 @@ class Source(Protocol):
 
     def set_epoch(self, epoch: int) -> None: ...
     def identity(self) -> dict: ...
+    def images_per_rank(self) -> int: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Triple]: ...
 
@@ -45,7 +46,7 @@ class StoreSource:
         readers = [store.open(p) for p in paths]
         check_same_teacher(readers)
         self.views = bool(views) and any(r.meta.views for r in readers)  # views: a store without them says so
-        self.dataset = store.StoreDataset(paths, batch_size, seed=seed, views=self.views, **loader_kw)
+        self.dataset = store.StoreDataset(readers, batch_size, seed=seed, views=self.views, **loader_kw)  # opened once
         meta = self.dataset.meta
         self.num_classes, self.image_shape, self.name = meta.num_classes, meta.image_shape, "store:" + "+".join(paths)
         for r in readers:
@@ -73,6 +74,10 @@ class StoreSource:
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+
+    def images_per_rank(self) -> int:
+        """Images this rank trains on per epoch."""
+        return self.dataset.num_samples
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -105,6 +110,10 @@ class TensorSource:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def images_per_rank(self) -> int:
+        """Images this rank trains on per epoch."""
+        return self.per_rank
 
     def __len__(self) -> int:
         return math.ceil(self.per_rank / self.batch_size)

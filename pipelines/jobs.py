@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -205,12 +205,18 @@ def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tenso
 
 
 def run_distill(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
-                teacher: nn.Module | None = None) -> dict[str, Any]:
-    """Distill every student in one pass over the store; returns the trainer's metrics plus seconds."""
+                teacher: nn.Module | None = None, source: Any = None,
+                on_start: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
+    """Distill every student in one pass over `source` (default: the job's store); returns the trainer's metrics
+    plus seconds, images, the students at chance and this process's rank. `on_start` sees the trainer before the
+    first step (where a resumed run starts)."""
     t0 = time.perf_counter()
-    trainer = distill_trainer(job, evaluation, teacher)
+    trainer = distill_trainer(job, evaluation, teacher, source)
+    if on_start is not None:
+        on_start(trainer)
     metrics = trainer.fit()
     metrics["seconds"] = time.perf_counter() - t0
-    metrics["images"] = trainer.source.dataset.num_samples * trainer.world  # what the students trained on
+    metrics["images"] = trainer.source.images_per_rank() * trainer.world  # what the students trained on
     metrics["at_chance"] = trainer.at_chance()  # students that learned nothing: said by the caller
+    metrics["rank"] = trainer.rank  # only rank 0's metrics are the run's to report
     return metrics

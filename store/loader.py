@@ -150,13 +150,13 @@ class StoreUnion:
 class StoreDataset(IterableDataset):
     """Yields whole `Batch`es (use `DataLoader(ds, batch_size=None)`); call `set_epoch` before each epoch.
 
-    `path` may be a list of stores: their union is shuffled as one (indices are then global, store k's after
+    `path` may be a list of stores (paths, or readers already open): their union is shuffled as one (indices are then global, store k's after
     store k-1's). `max_images` keeps a seeded draw of whole done units, an equal share of each store.
     With `views`, each epoch gives every image one of its stored views, drawn from (seed, epoch, index): the
     batch holds that view's pixels, re-created from the stored image, and the teacher's stored logits of it.
     """
 
-    def __init__(self, path: str | list[str], batch_size: int, *, shuffle: bool = True, seed: int = 0,
+    def __init__(self, path: str | StoreReader | list[str | StoreReader], batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  buffer_units: int = 8, drop_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, in_ram: bool | None = None, ram_limit: int = DEFAULT_RAM_LIMIT,
                  prefetch_units: int | None = None, max_images: int | None = None, views: bool = False) -> None:
@@ -168,14 +168,16 @@ class StoreDataset(IterableDataset):
         self.rank, self.world_size = (rank, world_size) if rank is not None else rank_and_world()
         if not 0 <= self.rank < self.world_size:
             raise StoreError(f"rank {self.rank} is outside a world of size {self.world_size}")
-        self.paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
-        if not self.paths:
+        given = list(path) if isinstance(path, (list, tuple)) else [path]  # paths, or readers opened already
+        if not given:
             raise StoreError("give at least one store")
+        readers = [p if isinstance(p, StoreReader) else open_store(str(p)) for p in given]
+        self.paths = [p.path if isinstance(p, StoreReader) else str(p) for p in given]
         self.path = self.paths[0] if len(self.paths) == 1 else "+".join(self.paths)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_units, self.drop_last, self.epoch = buffer_units, drop_last, 0
         self.prefetch_units = buffer_units + 2 if prefetch_units is None else prefetch_units
-        self.union = StoreUnion([open_store(p) for p in self.paths])
+        self.union = StoreUnion(readers)
         self.meta = self.union.readers[0].meta
         self.units = self.union.done if max_images is None else self._draw(max_images)
         self.views = views

@@ -69,7 +69,7 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     from ...distill.evaluate import accuracy
     from ...distill.sources import StoreSource, TensorSource
 
-    from ..jobs import DistillJob, distill_trainer
+    from ..jobs import DistillJob, run_distill
     from ..real_data import load_data
 
     t_model, t_spec = None, None
@@ -110,11 +110,12 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
         click.echo(f"nothing to resume in {out}: starting")
     elif not resume and os.path.exists(os.path.join(out, "run.pt")):
         raise click.UsageError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    trainer = distill_trainer(job, evaluation, t_model, source)
-    if trainer.start_epoch and trainer.rank == 0:
-        click.echo(f"resuming {out} at epoch {trainer.start_epoch + 1}/{epochs}")
-    metrics = trainer.fit()
-    if trainer.rank != 0:
+    def say_resumed(trainer: Any) -> None:
+        if trainer.start_epoch and trainer.rank == 0:
+            click.echo(f"resuming {out} at epoch {trainer.start_epoch + 1}/{epochs}")
+
+    metrics = run_distill(job, evaluation, t_model, source, on_start=say_resumed)  # the job `dfkd run` runs too
+    if metrics["rank"] != 0:
         return
     rows = []
     if t_model is not None and evaluation is not None:
@@ -126,7 +127,7 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     click.echo(f"distilled from {source.name}, {epochs} epochs, {metrics['batches_read']} batches read "
                f"(each fed to {len(students)} student(s))")
     click.echo(table(rows, ("model", "arch", "parameters", "test top-1 (last epoch)", "train s")))
-    for name in trainer.at_chance():
+    for name in metrics["at_chance"]:
         click.echo(f"warning: student {name} ended agreeing with its targets at chance: it learned nothing; lower --lr, "
                    "or try --optimizer adam --temperature 4", err=True)
     click.echo(f"metrics: {os.path.join(out, 'metrics.json')}")
