@@ -230,66 +230,15 @@ class Trainer:
         return None if stored is None else stored.to(self.device, non_blocking=True).float()
 
     def fit(self) -> dict[str, Any]:
-        """Train every student for the remaining epochs; returns the metrics."""
-        cfg, obj = self.cfg, self.cfg.objective
-        tty = cfg.progress is True or (cfg.progress is None and sys.stderr.isatty())  # a batch bar inside each epoch
+        """Train every student for the remaining epochs (train, score, checkpoint each); returns the metrics."""
+        cfg = self.cfg
         epochs = progress(total=cfg.epochs, initial=self.start_epoch, desc=cfg.label, unit="epoch",
                           show=cfg.progress if self.rank == 0 else False)
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            self.source.set_epoch(epoch)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            seen = 0
-            for s in self.students:
-                s.model.train()
-                if not s.sums:  # the same tensors every epoch: a captured step adds into them
-                    s.sums = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]
-                for t in s.sums:
-                    t.zero_()
-            bar = progress(self.source, total=len(self.source), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           show=tty and self.rank == 0, leave=False)
-            for images, stored, labels in bar:
-                self.batches_read += 1
-                if self.device.type == "cuda":  # page-locked host memory: the copy overlaps compute
-                    images = images.pin_memory()
-                images = images.to(self.device, non_blocking=True)
-                mode = "none" if self.views else cfg.augment  # stored views are the augmentation, labelled already
-                x = normalize(augment(images, mode, gen), self.source.mean, self.source.std)
-                teacher = self._targets(x, stored, mode != "none")
-                if obj.needs_teacher and teacher is None:
-                    raise TrainError(f"{self.source.name} gives no teacher logits; pass a teacher for online targets")
-                y = None if labels is None else labels.to(self.device, non_blocking=True)
-                ref = teacher.argmax(1) if teacher is not None else y  # what agreement is counted against, once
-                for s in self.students:
-                    self._step(s, (x, teacher, y, ref))
-                    s.scheduler.step()
-                seen += len(x)
-                if tty and bar.n % 20 == 0:  # reading the sums syncs the device, so only now and then
-                    bar.set_postfix({s.name: f"{float(s.sums[0]) / max(1, seen):.3f}" for s in self.students})
-            seconds = time.perf_counter() - t0
-            evaluate = self.eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
-            for s in self.students:
-                loss_sum, agree, seen = _reduce_sums([*s.sums, seen], self.world, self.device)
-                if not math.isfinite(loss_sum):  # every rank sees the same sum: all stop, nothing is saved
-                    raise TrainError(f"student {s.name}'s loss became {loss_sum} in epoch {epoch + 1}; its weights are "
-                                     "no longer finite and were not saved: lower --lr, or check the store with "
-                                     "`dfkd store verify`")
-                row = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_agreement": agree / max(1, seen),
-                       "seconds": round(seconds, 3)}
-                if evaluate and self.rank == 0:
-                    row["test_top1"] = accuracy(s.model, *self.eval_data, self.source.mean, self.source.std,
-                                                device=str(self.device))
-                s.history.append(row)
-            if self.world > 1:  # every rank's batch count, gathered collectively before rank 0 writes metrics
-                import torch.distributed as dist
-
-                self.reads_per_rank = [None] * self.world
-                dist.all_gather_object(self.reads_per_rank, self.batches_read)
-            self._save(epoch)
-            if self.world > 1:  # nobody starts the next epoch (or reads run.pt) before rank 0 has written it
-                import torch.distributed as dist
-
-                dist.barrier()
+            seen = self._train_epoch(epoch)
+            self._score_epoch(epoch, seen, time.perf_counter() - t0)
+            self._checkpoint(epoch)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, self)
             last = {s.name: s.history[-1] for s in self.students}
@@ -298,6 +247,72 @@ class Trainer:
             epochs.update()
         epochs.close()
         return self.metrics()
+
+    def _train_epoch(self, epoch: int) -> int:
+        """One pass over the source, every batch read, augmented and normalized once and stepped by every student;
+        returns the images this rank saw (the students' loss and agreement sums stay on the device)."""
+        cfg, obj = self.cfg, self.cfg.objective
+        tty = cfg.progress is True or (cfg.progress is None and sys.stderr.isatty())  # a batch bar inside the epoch
+        self.source.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        seen = 0
+        for s in self.students:
+            s.model.train()
+            if not s.sums:  # the same tensors every epoch: a captured step adds into them
+                s.sums = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]
+            for t in s.sums:
+                t.zero_()
+        bar = progress(self.source, total=len(self.source), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       show=tty and self.rank == 0, leave=False)
+        for images, stored, labels in bar:
+            self.batches_read += 1
+            if self.device.type == "cuda":  # page-locked host memory: the copy overlaps compute
+                images = images.pin_memory()
+            images = images.to(self.device, non_blocking=True)
+            mode = "none" if self.views else cfg.augment  # stored views are the augmentation, labelled already
+            x = normalize(augment(images, mode, gen), self.source.mean, self.source.std)
+            teacher = self._targets(x, stored, mode != "none")
+            if obj.needs_teacher and teacher is None:
+                raise TrainError(f"{self.source.name} gives no teacher logits; pass a teacher for online targets")
+            y = None if labels is None else labels.to(self.device, non_blocking=True)
+            ref = teacher.argmax(1) if teacher is not None else y  # what agreement is counted against, once
+            for s in self.students:
+                self._step(s, (x, teacher, y, ref))
+                s.scheduler.step()
+            seen += len(x)
+            if tty and bar.n % 20 == 0:  # reading the sums syncs the device, so only now and then
+                bar.set_postfix({s.name: f"{float(s.sums[0]) / max(1, seen):.3f}" for s in self.students})
+        return seen
+
+    def _score_epoch(self, epoch: int, seen: int, seconds: float) -> None:
+        """Each student's epoch row (loss and agreement summed over ranks, test top-1 where due) in its history; a
+        loss no longer finite stops every rank before anything is saved."""
+        cfg = self.cfg
+        evaluate = self.eval_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+        for s in self.students:
+            loss_sum, agree, total = _reduce_sums([*s.sums, seen], self.world, self.device)
+            if not math.isfinite(loss_sum):  # every rank sees the same sum: all stop, nothing is saved
+                raise TrainError(f"student {s.name}'s loss became {loss_sum} in epoch {epoch + 1}; its weights are "
+                                 "no longer finite and were not saved: lower --lr, or check the store with "
+                                 "`dfkd store verify`")
+            row = {"epoch": epoch + 1, "loss": loss_sum / max(1, total), "train_agreement": agree / max(1, total),
+                   "seconds": round(seconds, 3)}
+            if evaluate and self.rank == 0:
+                row["test_top1"] = accuracy(s.model, *self.eval_data, self.source.mean, self.source.std,
+                                            device=str(self.device))
+            s.history.append(row)
+
+    def _checkpoint(self, epoch: int) -> None:
+        """Rank 0 writes the students, run.pt and metrics.json; every rank's batch count is gathered first, and no
+        rank starts the next epoch (or reads run.pt) before the write."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.reads_per_rank = [None] * self.world
+            dist.all_gather_object(self.reads_per_rank, self.batches_read)
+        self._save(epoch)
+        if self.world > 1:
+            dist.barrier()
 
     def _step(self, s: Student, batch: tuple[torch.Tensor | None, ...]) -> None:
         """One optimizer step of one student on a batch (x, teacher logits, labels, agreement reference; absent ones

@@ -291,3 +291,21 @@ def test_a_student_that_learned_nothing_is_said_to_have(tmp_path, digits_store):
                                   "--optimizer", "adam", "--lr", "0.01", "--temperature", "4", "--out",
                                   str(tmp_path / "ok"), "-q"])
     assert ok.exit_code == 0 and "warning" not in ok.stderr
+
+
+def test_every_student_of_a_multi_rank_run_is_scored_over_the_same_image_count(monkeypatch, digits_store):
+    """The epoch's image count was summed over ranks once per student, in place: the second student of a two-rank run
+    had its loss and agreement divided by twice the images. Two identical ranks (every sum doubled) must give every
+    student the rows one rank gives it."""
+    import dfkd.distill.trainer as trainer_module
+
+    trainer = Trainer(StoreSource(digits_store, batch_size=128), [StudentSpec("mlp"), StudentSpec("lenet5_half")],
+                      TrainConfig(epochs=1, progress=False))
+    seen = trainer._train_epoch(0)
+    trainer._score_epoch(0, seen, 1.0)
+    alone = [s.history.pop() for s in trainer.students]
+    monkeypatch.setattr(trainer_module, "_reduce_sums", lambda values, world, device: [2 * float(v) for v in values])
+    trainer._score_epoch(0, seen, 1.0)
+    twin = [s.history.pop() for s in trainer.students]
+    assert twin == alone
+    assert 0.0 < alone[1]["train_agreement"] <= 1.0
