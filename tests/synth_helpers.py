@@ -1,8 +1,6 @@
-"""Tiny teachers for synthesis tests, and a killable synthesis run for subprocesses."""
+"""Tiny teachers for synthesis tests."""
 
 from __future__ import annotations
-
-import sys
 
 import torch
 from torch import nn
@@ -28,10 +26,3 @@ def tiny_teacher(bn: bool = True, seed: int = 0) -> tuple[nn.Module, ModelSpec]:
 def save_tiny_teacher(path: str, bn: bool = True) -> None:
     model, spec = tiny_teacher(bn)
     save_model(path, model, spec)
-
-
-if __name__ == "__main__":  # python -m tests.synth_helpers TEACHER OUT: a slow run, to be killed and resumed
-    from dfkd.pipelines.cli import cli
-
-    cli(["synth", "--teacher", sys.argv[1], "--method", "deepinversion", "--num-images", "160", "--batch-size", "16",
-         "--iterations", sys.argv[3], "--out", sys.argv[2], "--resume", "--device", "cpu"], standalone_mode=True)

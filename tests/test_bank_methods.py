@@ -6,15 +6,12 @@ from __future__ import annotations
 import copy
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 
 from dfkd import store
@@ -24,6 +21,7 @@ from dfkd.synth.methods import SynthContext
 from dfkd.synth.methods.fast import add_first_order_grads, set_reptile_grads
 from dfkd.synth.methods.deepinversion import StatTerms
 from tests.helpers import tree_bytes
+from tests.kill_at import KILLED
 from tests.synth_helpers import MEAN, SHAPE, STD, save_tiny_teacher, tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,27 +145,22 @@ def test_chain_fills_the_store_with_its_targets_and_saves_the_proxy_student(tmp_
 
 
 @pytest.mark.parametrize("seed", [int(os.environ.get("DFKD_KILL_SEED", 0))])  # replay a failure with its seed
-def test_sigkill_at_random_units_then_resume_equals_an_uninterrupted_run(tmp_path, seed):
+def test_kills_after_random_units_then_resume_equals_an_uninterrupted_run(tmp_path, seed):
+    """Two runs each killed (no cleanup) the moment a seeded-random unit is written, between the write and the
+    chain's checkpoint (every 2 units), then a resume: the store, proxy student and generator of one whole run."""
     t = str(tmp_path / "t.pt")
     save_tiny_teacher(t)
     cut, whole = str(tmp_path / "cut.zarr"), str(tmp_path / "whole.zarr")
-    extra = ["--set", "checkpoint_every=2", "--set", "g_steps=25"]  # a kill may fall between a write and a checkpoint
-    rng = random.Random(seed)  # the kill points: two of the units 1..6
-    for target in sorted(rng.sample(range(1, 7), 2)):
+    extra = ["--set", "checkpoint_every=2"]
+    rng = random.Random(seed)  # the kill points: the n-th unit each run writes, two runs, 1..3 units each
+    for n in (rng.randint(1, 3), rng.randint(1, 3)):
         resume = ["--resume"] if os.path.exists(cut) else []
-        proc = subprocess.Popen([sys.executable, "-m", "dfkd.pipelines.cli", *_args(t, cut, "fast", 8, *extra, *resume)],
-                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if store.open(cut).done_mask(refresh=True).sum() >= target:
-                    break
-            except store.StoreError:
-                pass
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not store.open(cut).complete, "the runs finished before they were killed; make the units slower"
+        before = int(store.open(cut).done_mask(refresh=True).sum()) if resume else 0
+        proc = subprocess.run([sys.executable, "-m", "tests.kill_at", str(n), "dfkd.store.writer:StoreWriter.write_unit",
+                               *_args(t, cut, "fast", 8, *extra, *resume)], cwd=REPO, env=ENV, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == KILLED, proc.stderr
+        assert store.open(cut).done_mask(refresh=True).sum() == before + n
     _run(_args(t, cut, "fast", 8, *extra, "--resume"))
     _run(_args(t, whole, "fast", 8, *extra))
     assert _data(cut) == _data(whole)

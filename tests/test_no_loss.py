@@ -13,6 +13,8 @@ from dfkd.store.toolbox import fs
 from dfkd.store.convert import convert
 from tests.helpers import fill, small_meta, tree_bytes
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.mark.parametrize("spelling", ["same", "trailing-slash", "relative", "symlink"])
 def test_convert_onto_its_source_is_refused(tmp_path, full_store, spelling, monkeypatch):
@@ -140,7 +142,7 @@ def test_a_kill_anywhere_in_store_creation_leaves_what_resume_and_overwrite_acce
 
     for kill_at in range(1, steps + 2):
         path = str(tmp_path / f"s{kill_at}")
-        proc = subprocess.run([sys.executable, "-c", _KILL_AT, path, str(kill_at), backend], cwd=os.getcwd())
+        proc = subprocess.run([sys.executable, "-c", _KILL_AT, path, str(kill_at), backend], cwd=REPO)  # tests.helpers imports from the checkout
         assert proc.returncode in (0, 9)
         w = store.create_or_resume(path, small_meta(), resume=True, backend=backend)
         fill(w)
