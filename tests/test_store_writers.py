@@ -115,3 +115,12 @@ def test_pending_units_split_across_ranks(tmp_path):
     assert balanced == [[1, 5, 8], [2, 6, 9], [4, 7]]  # the snapshot's pending units dealt out evenly
     fill(w, units=[1])
     assert w.pending_units(0, 3, done=snapshot) == [1, 5, 8]  # the shared snapshot, not the live mask
+
+
+def test_the_cli_names_exactly_the_registered_backends():
+    """`dfkd store convert --backend` lists store.backend_choices.BACKENDS without importing the backends; the
+    registry the backends fill must hold exactly those names."""
+    from dfkd.store.backend_choices import BACKENDS
+    from dfkd.store.backends import list_backends
+
+    assert sorted(BACKENDS) == list_backends()

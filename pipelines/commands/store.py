@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ...store.backend_choices import BACKENDS, COMPRESSORS, IMAGE_FORMATS
 from ...store.schema import MAX_VIEWS
 from ...store.toolbox.augment import VIEW_MODE_HELP, VIEW_MODES
 
@@ -75,11 +76,11 @@ def store_verify(path: str) -> None:
 @store_group.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--backend", type=click.Choice(["zarr", "webdataset"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Destination backend (default: from DST's suffix, .zarr or .wds; else zarr).")
 @click.option("--unit-size", type=click.IntRange(min=1), default=None, help="Samples per write unit in DST (default: SRC's).")
-@click.option("--compressor", type=click.Choice(["lz4", "zstd", "none"]), default=None, help="Zarr compressor.")
-@click.option("--image-format", type=click.Choice(["png", "npy"]), default=None, help="WebDataset image encoding.")
+@click.option("--compressor", type=click.Choice(COMPRESSORS), default=None, help="Zarr compressor.")
+@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default=None, help="WebDataset image encoding.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dfkd store at DST.")
 def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None, compressor: str | None,
                   image_format: str | None, overwrite: bool) -> None:

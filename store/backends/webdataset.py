@@ -17,12 +17,12 @@ from ..toolbox.errors import StoreError
 from ..schema import Samples, StoreMeta, check_views, checksums, mismatch_error, view_checksum
 from . import tar
 from .base import Backend, register_backend
+from ..backend_choices import IMAGE_FORMATS
 
 META_FILE = "meta.json"
 PREFIX = "shard"
-IMAGE_FORMATS = ("png", "npy")
 # Members a dfkd shard may hold; anything else (notably pickles: .pyd, .pkl) is refused, never decoded.
-IMAGE_EXTS = {"png", "npy"}
+IMAGE_EXTS = set(IMAGE_FORMATS)
 KNOWN_EXTS = IMAGE_EXTS | {"logits.npy", "views.npy", "cls", "json"}
 
 

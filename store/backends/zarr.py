@@ -16,9 +16,9 @@ from ..toolbox import fs
 from ..toolbox.errors import StoreError
 from ..schema import Samples, StoreMeta, check_views, checksums, mismatch_error, view_checksum
 from .base import Backend, register_backend
+from ..backend_choices import COMPRESSORS
 
 ATTR_KEY = "dfkd"
-COMPRESSORS = ("lz4", "zstd", "none")
 
 
 def _codec(name: str) -> Any:
