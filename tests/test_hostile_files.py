@@ -368,8 +368,8 @@ def test_resuming_a_finished_store_writes_nothing(tmp_path):
     assert not os.path.exists(tmp_path / ".s.zarr.lock")  # let go when the run ended
 
 
-def test_a_link_inside_a_zarr_store_is_refused_to_writers_and_flagged_by_verify(tmp_path):
-    """A symlinked chunk folder made synth --resume write outside the store."""
+def test_a_link_inside_a_zarr_store_is_refused_to_writers_readers_and_verify(tmp_path):
+    """A symlinked chunk folder made synth --resume write outside the store (and readers read from outside it)."""
     path = str(tmp_path / "s.zarr")
     w = store.create(path, small_meta())
     fill(w, units=[0, 1])
@@ -381,8 +381,12 @@ def test_a_link_inside_a_zarr_store_is_refused_to_writers_and_flagged_by_verify(
     os.symlink(str(outside / "c"), chunks)
     with pytest.raises(store.StoreError, match="is a link or special file inside the store"):
         store.create_or_resume(path, small_meta(), resume=True)
+    with pytest.raises(store.StoreError, match="is a link or special file inside the store"):
+        store.open(path)
     res = invoke("store", "verify", path)
     assert res.exit_code == 1 and "is a link or special file inside the store" in res.output, res.output
+    res = invoke("distill", "--store", path, "--student", "mlp", "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert res.exit_code != 0 and "is a link or special file inside the store" in res.output, res.output
     assert sorted(os.listdir(outside / "c")) == ["0", "1"]  # nothing written there
 
 

@@ -138,11 +138,10 @@ class ZarrBackend(Backend):
                              "the store is corrupt or foreign, re-create it") from None
         meta = StoreMeta.from_json(attrs.get(ATTR_KEY), path)
         cls._check_layout(path, group, meta)
-        if writable:  # zarr follows links when it writes a chunk: one inside the store would write outside it
-            links = fs.links_inside(path)
-            if links:
-                raise StoreError(f"{links[0]} is a link or special file inside the store; a store holds only regular "
-                                 "files and folders: remove it (and finish the store with --resume)")
+        links = fs.links_inside(path)  # zarr follows links: a reader would read (a writer write) outside the store
+        if links:
+            raise StoreError(f"{links[0]} is a link or special file inside the store; a store holds only regular "
+                             "files and folders: remove it (and finish the store with --resume)")
         return cls(path, meta, writable, group)
 
     def audit(self) -> list[tuple[bool, str]]:
