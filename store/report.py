@@ -73,13 +73,18 @@ def verify(path: str) -> VerifyReport:
     m = reader.meta
     for is_problem, msg in reader.backend.audit():
         (report.problems if is_problem else report.notes).append(msg)
-    done = reader.done_mask()
+    try:
+        done = reader.done_mask()
+        views_done = reader.backend.views_done_mask() if m.views else None
+    except StoreError as exc:  # the flags themselves are damaged: nothing more can be said unit by unit
+        report.problems.append(str(exc))
+        return report
     missing = np.flatnonzero(~done).tolist()
     if missing:
         report.problems.append(f"{len(missing)} of {m.num_units} units are not finished (units {_ranges(missing)}); "
                                "finish the store by rerunning its synthesis with --resume")
     if m.views:
-        unlabelled = np.flatnonzero(done & ~reader.backend.views_done_mask()).tolist()
+        unlabelled = np.flatnonzero(done & ~views_done).tolist()
         if unlabelled:
             report.problems.append(f"{len(unlabelled)} finished units lack their {m.views} view labels (units "
                                    f"{_ranges(unlabelled)}); add them with `dfkd store label {path} --resume`")

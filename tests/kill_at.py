@@ -6,31 +6,62 @@ python -m tests.kill_at N module:Class.method dfkd-arguments...
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, Iterator
 
 KILLED = 9  # the exit status of a run this ends
 
 
-def kill_after(n: int, target: str) -> None:
-    """Patch `target` (module:attribute.path) so its n-th call returns and the process ends at once."""
+def _owner(target: str) -> tuple[Any, str]:
+    """The object holding `target` (module:attribute.path) and the attribute's name."""
     module, qualname = target.split(":")
     owner: Any = importlib.import_module(module)
     *parents, name = qualname.split(".")
     for p in parents:
         owner = getattr(owner, p)
-    real, calls = getattr(owner, name), [0]
+    return owner, name
 
-    def counted(*a: Any, **k: Any) -> Any:
-        out = real(*a, **k)
-        calls[0] += 1
-        if calls[0] == n:
+
+def _patch(targets: tuple[str, ...], after: Callable[[int], None]) -> list[tuple[Any, str, Any]]:
+    """Wrap every target so `after(total calls so far)` runs when one returns; returns what to restore."""
+    calls, saved = [0], []
+    for target in targets:
+        owner, name = _owner(target)
+        real = getattr(owner, name)
+
+        def counted(*a: Any, _real: Any = real, **k: Any) -> Any:
+            out = _real(*a, **k)
+            calls[0] += 1
+            after(calls[0])
+            return out
+
+        saved.append((owner, name, real))
+        setattr(owner, name, counted)
+    return saved
+
+
+def kill_after(n: int, *targets: str) -> None:
+    """Patch the targets so that the n-th call of any of them returns and the process ends at once."""
+    def die(k: int) -> None:
+        if k == n:
             os._exit(KILLED)
-        return out
 
-    setattr(owner, name, counted)
+    _patch(targets, die)
+
+
+@contextlib.contextmanager
+def count_calls(*targets: str) -> Iterator[list[int]]:
+    """How many calls of the targets a block makes ([count], filled as it runs): the kill points a run has."""
+    calls = [0]
+    saved = _patch(targets, lambda k: calls.__setitem__(0, k))
+    try:
+        yield calls
+    finally:
+        for owner, name, real in reversed(saved):
+            setattr(owner, name, real)
 
 
 if __name__ == "__main__":
