@@ -9,6 +9,7 @@ import os
 import random
 import resource
 import signal
+import tracemalloc
 import shutil
 
 import pytest
@@ -22,6 +23,7 @@ from tests.synth_helpers import save_tiny_teacher
 
 CASES = 500  # mutated inputs per reader
 SECONDS = 5  # each read must end within this
+OVERHEAD = 1 << 20  # what reading any store costs whatever its size (parsed metadata, zarr's objects): peak ~140 KB
 
 
 class Hang(Exception):
@@ -86,10 +88,13 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
-def run_bounded(fn, what: str, failures: list) -> None:
-    """fn() must return, or raise a one-line DfkdError, within SECONDS."""
+def run_bounded(fn, what: str, failures: list, memory: int | None = None) -> None:
+    """fn() must return, or raise a one-line DfkdError, within SECONDS (and, given `memory`, allocate at most that
+    many bytes at its peak, as tracemalloc counts Python's and numpy's allocations)."""
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(SECONDS)
+    if memory is not None:
+        tracemalloc.start()
     try:
         fn()
     except DfkdError as e:
@@ -101,6 +106,15 @@ def run_bounded(fn, what: str, failures: list) -> None:
         failures.append(f"{what}: {type(e).__name__}: {e!s:.200}")
     finally:
         signal.alarm(0)
+        if memory is not None:
+            if tracemalloc.get_traced_memory()[1] > memory:
+                failures.append(f"{what}: allocated {tracemalloc.get_traced_memory()[1]:,} bytes, over {memory:,}")
+            tracemalloc.stop()
+
+
+def tree_size(root: str) -> int:
+    """Bytes of every file under `root`."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(root) for f in names)
 
 
 def read_everything(path: str) -> None:
@@ -153,7 +167,8 @@ def test_mutated_store_files_give_a_result_or_one_line(tmp_path, originals, targ
             data = mutate_bytes(original, rng)
         with open(target_file, "wb") as f:
             f.write(data)
-        run_bounded(lambda: read_everything(work), f"{target} seed {seed}", failures)
+        run_bounded(lambda: read_everything(work), f"{target} seed {seed}", failures,
+                    memory=10 * tree_size(work) + OVERHEAD)  # 10x the bytes on disk: nothing a header merely declares
     _check(failures, before)
 
 

@@ -4,6 +4,7 @@ non-finite setting; each gets one line and nothing is lost."""
 import json
 import os
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -12,7 +13,7 @@ from dfkd.pipelines.cli import cli
 from dfkd.store.backends import tar
 from dfkd.store.toolbox import fs
 from dfkd.synth.methods import MethodError, method_config
-from tests.helpers import fill, small_meta
+from tests.helpers import fill, small_meta, unit_content
 
 
 def invoke(*args):
@@ -433,3 +434,22 @@ def test_a_synthesis_whose_loss_becomes_nan_says_so_and_writes_nothing_of_that_u
         synthesize(teacher, "deepinversion", SynthConfig(num_images=16, out=out, batch_size=16),
                    image_shape=SHAPE, num_classes=10, mean=MEAN, std=STD, hparams={"iterations": 2})
     assert not store.open(out).done_mask().any()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])  # one chunk a unit, or a shard of two inner chunks
+def test_a_compressed_chunk_declaring_gigabytes_is_refused_before_decoding(tmp_path, chunk_size):
+    """A 336-byte Zarr chunk whose Blosc header was damaged to declare 1.8 GB made every reader allocate it."""
+    path = str(tmp_path / "s.zarr")
+    w = store.create(path, small_meta(num_samples=40, unit_size=16), chunk_size=chunk_size)
+    fill(w)
+    w.finalize()
+    chunk = os.path.join(path, "logits", "c", "1", "0")
+    data = bytearray(open(chunk, "rb").read())
+    data[4:8] = (2**31 - 1).to_bytes(4, "little")  # the first (inner) chunk's declared decoded size
+    open(chunk, "wb").write(bytes(data))
+    with pytest.raises(store.StoreError, match="unit 1's logits chunk is damaged") as e:
+        store.open(path).read(16, 32)
+    assert "\n" not in str(e.value)
+    report = invoke("store", "verify", path)
+    assert report.exit_code == 1 and "unit 1's logits chunk is damaged" in report.output
+    np.testing.assert_array_equal(store.open(path).read(0, 16).images, unit_content(store.open(path).meta, 0).images)

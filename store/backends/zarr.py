@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import warnings
 import zlib
 from typing import Any
@@ -210,6 +211,8 @@ class ZarrBackend(Backend):
                       check: bool = True) -> list[np.ndarray]:
         """One unit's blocks of `arrays`, refused when they do not match the checksums written with its flag."""
         lo, hi = self.meta.unit_range(unit)
+        for a in arrays:
+            self._check_declared_sizes(a, unit)
         try:
             parts = self._read_together(lo, hi, arrays)
             expected = self._expected(unit)
@@ -222,6 +225,41 @@ class ZarrBackend(Backend):
             if bad:
                 raise mismatch_error(self.path, self.meta, unit, bad)
         return parts
+
+    def _check_declared_sizes(self, array: zarr.Array, unit: int) -> None:
+        """Refuse a unit's compressed chunk whose Blosc header declares more decoded bytes than the chunk holds: the
+        codec allocates what the header says before decoding (a damaged 336-byte chunk asked for 1.8 GB). Local
+        stores; a shard's inner chunks are found through its index."""
+        if fs.is_url(self.path) or not array.compressors:
+            return
+        file = os.path.join(self.path, array.path, *array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))
+                            .split("/"))
+        try:
+            size = os.path.getsize(file)
+        except OSError:
+            return  # no chunk file: zarr reads the fill value, and the unit's checksums say the rest
+        decoded = int(np.prod(array.chunks)) * array.dtype.itemsize
+        with open(file, "rb") as f:
+            spans = [(0, size)]
+            if array.shards is not None and tuple(array.shards) != tuple(array.chunks):
+                inner = int(np.prod(array.shards) // np.prod(array.chunks))
+                f.seek(max(0, size - inner * 16 - 4))
+                index = np.frombuffer(f.read(inner * 16), "<u8")
+                if len(index) != inner * 2:
+                    self._bomb(unit, array, "its shard index is cut short")
+                spans = [(int(o), int(n)) for o, n in index.reshape(-1, 2) if o != 2**64 - 1]
+            for offset, length in spans:
+                if offset + length > size or length < 16:
+                    self._bomb(unit, array, "an inner chunk lies outside its shard")
+                f.seek(offset)
+                head = f.read(16)
+                nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
+                if nbytes > decoded or cbytes > length:
+                    self._bomb(unit, array, f"its header declares {nbytes} bytes where the chunk holds {decoded}")
+
+    def _bomb(self, unit: int, array: zarr.Array, why: str) -> None:
+        raise StoreError(f"{self.path}: unit {unit}'s {array.basename} chunk is damaged ({why}); rerun the synthesis "
+                         "with --resume to re-make it")
 
     def _expected(self, unit: int) -> np.ndarray | None:
         """The checksums written with `unit`'s flag; the table is re-read only for a unit not in the cached one
@@ -252,6 +290,7 @@ class ZarrBackend(Backend):
 
     def read_views(self, unit: int, check: bool = True) -> np.ndarray:
         lo, hi = self.meta.unit_range(unit)
+        self._check_declared_sizes(self.view_logits, unit)
         try:
             views = np.asarray(self.view_logits[lo:hi])
             if self._vsums is None or not self._vsums[unit]:
