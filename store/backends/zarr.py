@@ -245,12 +245,10 @@ class ZarrBackend(Backend):
                 inner = int(np.prod(array.shards) // np.prod(array.chunks))
                 f.seek(max(0, size - inner * 16 - 4))
                 index = np.frombuffer(f.read(inner * 16), "<u8")
-                if len(index) != inner * 2:
-                    self._bomb(unit, array, "its shard index is cut short")
-                spans = [(int(o), int(n)) for o, n in index.reshape(-1, 2) if o != 2**64 - 1]
+                spans = [(int(o), int(n)) for o, n in index.reshape(-1, 2)] if len(index) == inner * 2 else []
             for offset, length in spans:
                 if offset + length > size or length < 16:
-                    self._bomb(unit, array, "an inner chunk lies outside its shard")
+                    continue  # cut short or outside the shard: the decoder refuses it, allocating nothing
                 f.seek(offset)
                 head = f.read(16)
                 nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
