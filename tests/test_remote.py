@@ -129,3 +129,20 @@ def test_convert_never_replaces_a_store_at_a_url(s3, tmp_path):
     with pytest.raises(store.StoreError, match="cannot swap a finished copy into place"):
         convert(src, f"{s3}/c.zarr", overwrite=True)
     assert store.open(f"{s3}/c.zarr").complete
+
+
+def test_a_second_writer_process_at_a_url_is_refused_by_the_lease(s3):
+    """Object stores have no locks: the writer's lease object beside the store turns another process away (one
+    line naming the holder) until the writer is done, then lets the next one in."""
+    url = f"{s3}/leased.zarr"
+    first = store.create(url, small_meta())
+    code = ("import sys\nfrom dfkd import store\ntry:\n    store.open_writer(sys.argv[1]).finalize()\n"
+            "except store.StoreError as e:\n    print(e)\n    sys.exit(3)\n")
+    second = [sys.executable, "-c", code, url]
+    proc = subprocess.run(second, capture_output=True, text=True, timeout=120, env=os.environ)
+    assert proc.returncode == 3 and f"process {os.getpid()} on" in proc.stdout, proc.stdout + proc.stderr
+    fill(first)
+    first.finalize()  # done: the lease is gone
+    proc = subprocess.run(second, capture_output=True, text=True, timeout=120, env=os.environ)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert store.open(url).complete

@@ -253,11 +253,9 @@ class ZarrBackend(Backend):
                 head = f.read(16)
                 nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
                 if nbytes > decoded or cbytes > length:
-                    self._bomb(unit, array, f"its header declares {nbytes} bytes where the chunk holds {decoded}")
-
-    def _bomb(self, unit: int, array: zarr.Array, why: str) -> None:
-        raise StoreError(f"{self.path}: unit {unit}'s {array.basename} chunk is damaged ({why}); rerun the synthesis "
-                         "with --resume to re-make it")
+                    raise StoreError(f"{self.path}: unit {unit} cannot be decoded (its {array.basename} chunk declares "
+                                     f"{nbytes} bytes where it holds {decoded}); the chunk is damaged, rerun the "
+                                     "synthesis with --resume to re-make it")
 
     def _expected(self, unit: int) -> np.ndarray | None:
         """The checksums written with `unit`'s flag; the table is re-read only for a unit not in the cached one
