@@ -96,6 +96,15 @@ class Method:
     def load_trained(self, store_path: str) -> None:
         """Load what `prepare` trained on rank 0 (the other ranks of a torchrun job)."""
 
+    def begin_chain(self, store_path: str, state_path: str, units: list[int], done: Any, *, seed: int,
+                    resume: bool, bank: tuple[str, ...] = ()) -> int:
+        """A `sequential` method: start (or continue from `state_path`) the chain making `units` in order; returns
+        how many of them it has made already. `end_unit` follows each unit's `synthesize`."""
+        raise NotImplementedError(f"{self.name} is not sequential: it makes each unit from its seed alone")
+
+    def end_unit(self, unit: int, images: torch.Tensor) -> None:
+        """A `sequential` method: the unit's stored uint8 images, after it was written (its memory bank grows)."""
+
     def close(self) -> None:
         """Release hooks and anything else attached to the teacher."""
 
