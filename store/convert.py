@@ -17,18 +17,24 @@ from .access import check_target, create, open_writer
 from .lock import acquire
 from .access import open as open_store
 from .backends import backend_for_new
+from .schema import unchecked_error
 from .toolbox.errors import StoreError
 from .toolbox.progress import progress
 from .writer import StoreWriter
 
 
 def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | None = None,
-            overwrite: bool = False, **options: Any) -> StoreWriter:
-    """Write every sample of `src` into a new store at `dst`; the destination backend comes from its path."""
+            overwrite: bool = False, trust_unchecked: bool = False, **options: Any) -> StoreWriter:
+    """Write every sample of `src` into a new store at `dst`; the destination backend comes from its path.
+
+    A source written without checksums is refused (the copy's fresh checksums would vouch for content nothing
+    checked) unless `trust_unchecked`: its owner vouches for it, and the copy is a checked store."""
     if fs.same_location(src, dst):
         raise StoreError(f"{dst} is the source store itself; converting in place would destroy it, "
                          "give another destination")
     reader = open_store(src)
+    if not reader.backend.checked and not trust_unchecked:
+        raise unchecked_error(src)
     meta = reader.meta
     if unit_size is not None and unit_size != meta.unit_size:
         if not reader.complete:
@@ -40,13 +46,13 @@ def convert(src: str, dst: str, *, backend: str | None = None, unit_size: int | 
                          "`dfkd store label --resume` before converting (the copy keeps every unit's views)")
     held = acquire(dst)  # one writer of dst; the writer returned holds its own lease
     try:
-        return _convert_into(reader, meta, dst, backend, overwrite, **options)
+        return _convert_into(reader, meta, dst, backend, overwrite, check=reader.backend.checked, **options)
     finally:
         if held is not None:
             held.release()
 
 
-def _convert_into(reader: Any, meta: Any, dst: str, backend: str | None, overwrite: bool,
+def _convert_into(reader: Any, meta: Any, dst: str, backend: str | None, overwrite: bool, check: bool = True,
                   **options: Any) -> StoreWriter:
     """convert's work once dst is locked: check it, copy into a temporary, publish."""
     replace = check_target(dst, overwrite)  # refused now, before any work, if dst may not be replaced
@@ -63,7 +69,7 @@ def _convert_into(reader: Any, meta: Any, dst: str, backend: str | None, overwri
         same_units = meta.unit_size == reader.meta.unit_size
         units = reader.done_units() if same_units else range(meta.num_units)
         for u in progress(units, desc=f"converting to {writer.backend.name}", unit="unit"):
-            rec = reader.read_unit(u) if same_units else reader.read(*meta.unit_range(u))
+            rec = reader.read_unit(u, check) if same_units else reader.read(*meta.unit_range(u), check=check)
             writer.write_unit(u, rec.images, rec.logits, rec.labels, rec.views)
         writer.finalize()
         if not remote:

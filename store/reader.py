@@ -50,16 +50,16 @@ class StoreReader:
         """Whether every unit is done."""
         return bool(self.done_mask().all())
 
-    def read_unit(self, unit: int) -> Samples:
-        """One whole unit; refused when the unit is not done."""
+    def read_unit(self, unit: int, check: bool = True) -> Samples:
+        """One whole unit; refused when the unit is not done (or, with `check`, not as its checksums say)."""
         self.meta.unit_range(unit)  # bounds check
         if not self.done_mask()[unit] and not self.done_mask(refresh=True)[unit]:
             lo, hi = self.meta.unit_range(unit)
             raise StoreError(f"{self.path}: unit {unit} (samples {lo}..{hi - 1}) is not finished; "
                              "finish the store with --resume or read only done units")
-        return self.backend.read_unit(unit)
+        return self.backend.read_unit(unit, check=check)
 
-    def read(self, lo: int, hi: int) -> Samples:
+    def read(self, lo: int, hi: int, check: bool = True) -> Samples:
         """Samples [lo, hi) by global index; every unit the range touches must be done."""
         n = self.meta.num_samples
         if not 0 <= lo <= hi <= n:
@@ -70,7 +70,7 @@ class StoreReader:
         parts = []
         for u in range(u0, u1 + 1):
             ulo, _ = self.meta.unit_range(u)
-            rec = self.read_unit(u)
+            rec = self.read_unit(u, check)
             parts.append(rec.take(slice(max(lo, ulo) - ulo, min(hi - ulo, len(rec)))))
         return parts[0] if len(parts) == 1 else Samples.concat(parts)
 

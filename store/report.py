@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .access import open as open_store
+from .schema import unchecked_error
 from .toolbox.errors import StoreError
 from .toolbox.progress import progress
 
@@ -62,8 +63,10 @@ def _ranges(units: list[int]) -> str:
     return text + (", ..." if len(runs) > 8 else "")
 
 
-def verify(path: str) -> VerifyReport:
-    """Open, audit and decode every finished unit: schema, dtypes, shapes, finite logits, label range."""
+def verify(path: str, allow_unchecked: bool = False) -> VerifyReport:
+    """Open, audit and decode every finished unit: schema, dtypes, shapes, finite logits, label range. A store
+    written without checksums is a problem (its content cannot be verified) unless `allow_unchecked`, where it is
+    a note and its units are checked for everything but their bytes."""
     report = VerifyReport(path)
     try:
         reader = open_store(path)
@@ -88,11 +91,16 @@ def verify(path: str) -> VerifyReport:
         if unlabelled:
             report.problems.append(f"{len(unlabelled)} finished units lack their {m.views} view labels (units "
                                    f"{_ranges(unlabelled)}); add them with `dfkd store label {path} --resume`")
+    check = reader.backend.checked
+    if not check:
+        text = str(unchecked_error(path)).replace(f"{path} carries", "unverifiable: it carries")
+        (report.notes if allow_unchecked else report.problems).append(
+            text if allow_unchecked else text + " (or pass --allow-unchecked to check the rest)")
     c, h, w = m.image_shape
     for u in progress(np.flatnonzero(done).tolist(), desc="verifying", unit="unit"):
         lo, hi = m.unit_range(u)
         try:
-            rec = reader.backend.read_unit(u)
+            rec = reader.backend.read_unit(u, check=check)
         except StoreError as exc:
             report.problems.append(str(exc))
             try:  # a checksum mismatch: still say what the unit's content holds

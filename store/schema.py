@@ -211,6 +211,13 @@ def mismatch_error(path: str, meta: StoreMeta, unit: int, parts: list[str]) -> S
                       "missing or damaged); rerun the synthesis with --resume, which re-makes exactly the damaged units")
 
 
+def unchecked_error(path: str) -> StoreError:
+    """The one line for a store whose units carry no checksums: nothing can tell its content from a tampered one."""
+    return StoreError(f"{path} carries no checksums (made before dfkd wrote them, or stripped of them), so nothing "
+                      f"tells its content from a tampered one; if you made it and trust it, `dfkd store convert "
+                      f"{path} NEW --trust-unchecked` writes a checked copy")
+
+
 def check_samples(meta: StoreMeta, rec: Samples, n: int, what: str) -> Samples:
     """Validate samples before anything is written; returns them in the store's dtypes."""
     c, h, w = meta.image_shape

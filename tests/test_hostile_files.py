@@ -453,3 +453,57 @@ def test_a_compressed_chunk_declaring_gigabytes_is_refused_before_decoding(tmp_p
     report = invoke("store", "verify", path)
     assert report.exit_code == 1 and "unit 1 cannot be decoded (its logits chunk declares" in report.output
     np.testing.assert_array_equal(store.open(path).read(0, 16).images, unit_content(store.open(path).meta, 0).images)
+
+
+def _strip_every_checksum(path: str) -> None:
+    """What an attacker (or a dfkd before checksums) leaves: no checksums anywhere and no flag saying there were."""
+    import shutil
+
+    if path.endswith(".zarr"):
+        shutil.rmtree(os.path.join(path, "checksums"))
+        doc = json.loads(open(os.path.join(path, "zarr.json")).read())
+        del doc["attributes"]["unit_checksums"]
+        doc["consolidated_metadata"]["metadata"].pop("checksums")
+        open(os.path.join(path, "zarr.json"), "w").write(json.dumps(doc))
+        return
+    meta = json.loads(open(os.path.join(path, "meta.json")).read())
+    del meta["webdataset"]["unit_checksums"]
+    open(os.path.join(path, "meta.json"), "w").write(json.dumps(meta))
+    for shard in (f for f in os.listdir(path) if f.endswith(".tar")):
+        members = []
+        for name, data in tar.members(open(os.path.join(path, shard), "rb").read(), shard):
+            data = bytes(data)
+            if name.endswith(".json"):
+                doc = json.loads(data)
+                doc.pop("unit_checksums", None)
+                data = json.dumps(doc).encode()
+            members.append((name, data))
+        open(os.path.join(path, shard), "wb").write(tar.pack(members))
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".wds"])
+def test_a_store_without_any_checksums_is_unverifiable_until_its_owner_vouches_for_it(tmp_path, suffix):
+    """Checksums and the flag saying a store has them both stripped passed for a store made before checksums:
+    verify said OK and every reader read it, so tampering went unseen. Now it is unverifiable (exit 1) unless
+    --allow-unchecked, readers refuse it, and convert --trust-unchecked makes a checked copy of it."""
+    path = str(tmp_path / f"s{suffix}")
+    w = store.create(path, small_meta())
+    fill(w)
+    w.finalize()
+    _strip_every_checksum(path)
+    res = invoke("store", "verify", path)
+    assert res.exit_code == 1 and "unverifiable: it carries no checksums" in res.output, res.output
+    res = invoke("store", "verify", path, "--allow-unchecked")
+    assert res.exit_code == 0 and "note: unverifiable" in res.output, res.output
+    with pytest.raises(store.StoreError, match="carries no checksums .* --trust-unchecked") as e:
+        store.open(path).read(0, 16)
+    assert "\n" not in str(e.value)
+    res = invoke("distill", "--store", path, "--student", "mlp", "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert res.exit_code != 0 and "carries no checksums" in res.output and len(res.output.strip().splitlines()) == 1
+    checked = str(tmp_path / f"checked{suffix}")
+    res = invoke("store", "convert", path, checked)
+    assert res.exit_code == 2 and "carries no checksums" in res.output and not os.path.exists(checked)
+    res = invoke("store", "convert", path, checked, "--trust-unchecked")
+    assert res.exit_code == 0, res.output
+    assert invoke("store", "verify", checked).exit_code == 0
+    np.testing.assert_array_equal(store.open(checked).read(0, 100).images, store.open(path).read(0, 100, check=False).images)

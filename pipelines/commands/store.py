@@ -58,11 +58,13 @@ def store_info(path: str, as_json: bool) -> None:
 
 @store_group.command("verify")
 @click.argument("path")
-def store_verify(path: str) -> None:
+@click.option("--allow-unchecked", is_flag=True,
+              help="A store written without checksums (an old dfkd's) passes if all else holds; its bytes go unchecked.")
+def store_verify(path: str, allow_unchecked: bool) -> None:
     """Check every finished unit of PATH; exit 1 when anything is wrong or unfinished."""
     from ...store.report import verify
 
-    report = verify(path)
+    report = verify(path, allow_unchecked=allow_unchecked)
     for note in report.notes:
         click.echo(f"note: {note}")
     for problem in report.problems:
@@ -82,8 +84,10 @@ def store_verify(path: str) -> None:
 @click.option("--compressor", type=click.Choice(COMPRESSORS), default=None, help="Zarr compressor.")
 @click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default=None, help="WebDataset image encoding.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dfkd store at DST.")
+@click.option("--trust-unchecked", is_flag=True,
+              help="SRC has no checksums (an old dfkd's store) and you vouch for it: DST is written with fresh ones.")
 def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None, compressor: str | None,
-                  image_format: str | None, overwrite: bool) -> None:
+                  image_format: str | None, overwrite: bool, trust_unchecked: bool) -> None:
     """Copy the store SRC to DST in another backend (Zarr <-> WebDataset), content identical."""
     from ...store.backends import backend_for_new
     from ...store.convert import convert
@@ -98,7 +102,8 @@ def store_convert(src: str, dst: str, backend: str | None, unit_size: int | None
         if target != "webdataset":
             raise UserError("--image-format applies to a webdataset destination only")
         options["image_format"] = image_format
-    writer = convert(src, dst, backend=target, unit_size=unit_size, overwrite=overwrite, **options)
+    writer = convert(src, dst, backend=target, unit_size=unit_size, overwrite=overwrite,
+                     trust_unchecked=trust_unchecked, **options)
     click.echo(f"wrote {dst} ({writer.backend.name}, {writer.meta.num_units} units of {writer.meta.unit_size})")
 
 

@@ -119,6 +119,12 @@ class Backend(ABC):
         """Every unit's checksums as kept with its done flag (None where the backend keeps none)."""
         return None
 
+    @property
+    def checked(self) -> bool:
+        """Whether the store was written with checksums beside every unit's done flag (reads refuse units without
+        them unless asked not to check: a store without any is reported unverifiable)."""
+        return True
+
     def mark_pending(self, unit: int) -> None:
         """Take back a unit's done mark (its data were found damaged), so a resume writes it again."""
         raise NotImplementedError

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ..toolbox import fs
 from ..toolbox.errors import StoreError
-from ..schema import Samples, StoreMeta, check_views, checksums, mismatch_error, view_checksum
+from ..schema import (Samples, StoreMeta, check_views, checksums, mismatch_error, unchecked_error,
+                      view_checksum)
 from . import tar
 from .base import Backend, register_backend
 from ..backend_choices import IMAGE_FORMATS
@@ -111,6 +112,10 @@ class WebDatasetBackend(Backend):
         self.image_format = image_format
         # every shard's first JSON holds its CRC-32s: a shard without them was altered, not merely old
         self.checksummed = checksummed
+
+    @property
+    def checked(self) -> bool:
+        return self.checksummed
 
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -295,8 +300,10 @@ class WebDatasetBackend(Backend):
                                  "shard is corrupt, label the store again with `dfkd store label --resume`")
             views = None  # a shard written before the store kept views: its views are pending
         rec = Samples(images, logits, labels, views)
-        if check and self.checksummed and not (isinstance(expected, list) and len(expected) == 3
-                                               and (views is None or expected_views is not None)):
+        if check and not (isinstance(expected, list) and len(expected) == 3
+                          and (views is None or expected_views is not None)):
+            if not self.checksummed:
+                raise unchecked_error(self.path)
             raise StoreError(f"{where} carries no checksums though every shard of this store is written with them: it "
                              "was altered after writing; delete it and finish the store with --resume")
         if check and isinstance(expected, list) and len(expected) == 3:

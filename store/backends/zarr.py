@@ -15,7 +15,8 @@ from zarr.codecs import BloscCodec
 
 from ..toolbox import fs
 from ..toolbox.errors import StoreError
-from ..schema import Samples, StoreMeta, check_views, checksums, mismatch_error, view_checksum
+from ..schema import (Samples, StoreMeta, check_views, checksums, mismatch_error, unchecked_error,
+                      view_checksum)
 from .base import Backend, register_backend
 from ..backend_choices import COMPRESSORS
 
@@ -219,7 +220,9 @@ class ZarrBackend(Backend):
         except Exception as exc:
             raise StoreError(f"{self.path}: unit {unit} cannot be decoded ({type(exc).__name__}: {exc}); the chunk "
                              "is damaged, rerun the synthesis with --resume to re-make it") from None
-        if check and expected is not None:
+        if check and expected is None:
+            raise unchecked_error(self.path)
+        if check:
             names = ("images", "logits", "labels")
             bad = [names[i] for i, a in zip(which, parts) if zlib.crc32(np.ascontiguousarray(a)) != int(expected[i])]
             if bad:
@@ -315,6 +318,10 @@ class ZarrBackend(Backend):
     def read_targets(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
         logits, labels = self._read_checked(unit, (self.logits, self.labels), (1, 2))
         return logits, labels
+
+    @property
+    def checked(self) -> bool:
+        return self.checksums is not None
 
     def checksum_table(self) -> list[list[int]] | None:
         if self.checksums is None:
