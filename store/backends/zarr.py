@@ -60,6 +60,7 @@ class ZarrBackend(Backend):
         self.view_done = self.group["view_done"] if has else None
         self._vsums: np.ndarray | None = None
         self._vdone: np.ndarray | None = None
+        self._layouts: dict[str, tuple[bool, int, int]] = {}  # per array: compressed, decoded chunk bytes, inner chunks
 
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -233,7 +234,12 @@ class ZarrBackend(Backend):
         """Refuse a unit's compressed chunk whose Blosc header declares more decoded bytes than the chunk holds: the
         codec allocates what the header says before decoding (a damaged 336-byte chunk asked for 1.8 GB). Local
         stores; a shard's inner chunks are found through its index."""
-        if fs.is_url(self.path) or not array.compressors:
+        if array.path not in self._layouts:  # what the check needs of the array, once
+            self._layouts[array.path] = (not fs.is_url(self.path) and bool(array.compressors),
+                                         int(np.prod(array.chunks)) * array.dtype.itemsize,
+                                         int(np.prod(array.shards) // np.prod(array.chunks)) if array.shards else 1)
+        compressed, decoded, inner = self._layouts[array.path]
+        if not compressed:
             return
         file = os.path.join(self.path, array.path, *array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))
                             .split("/"))
@@ -241,11 +247,9 @@ class ZarrBackend(Backend):
             size = os.path.getsize(file)
         except OSError:
             return  # no chunk file: zarr reads the fill value, and the unit's checksums say the rest
-        decoded = int(np.prod(array.chunks)) * array.dtype.itemsize
         with open(file, "rb") as f:
             spans = [(0, size)]
-            if array.shards is not None and tuple(array.shards) != tuple(array.chunks):
-                inner = int(np.prod(array.shards) // np.prod(array.chunks))
+            if inner > 1:
                 f.seek(max(0, size - inner * 16 - 4))
                 index = np.frombuffer(f.read(inner * 16), "<u8")
                 spans = [(int(o), int(n)) for o, n in index.reshape(-1, 2)] if len(index) == inner * 2 else []
