@@ -204,6 +204,13 @@ def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tenso
     return Trainer(source, specs, cfg, teacher=teacher, eval_data=evaluation)
 
 
+def at_chance_warning(student: str, fix: str) -> str:
+    """The line for a student that ended agreeing with its targets at chance; `fix` says in the front end's words
+    (flags or pipeline keys) what to change."""
+    return (f"warning: student {student} ended agreeing with its targets at chance: it learned nothing; lower the "
+            f"learning rate, or try {fix}")
+
+
 def run_distill(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tensor] | None = None,
                 teacher: nn.Module | None = None, source: Any = None,
                 on_start: Callable[[Trainer], None] | None = None) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from ..distill.evaluate import accuracy
 from ..synth.methods import method_config
 
 from .real_data import RealData, load_data
-from .jobs import DistillJob, SynthJob, fill_real_store, make_record, run_distill, run_synth, train_teacher
+from .jobs import (DistillJob, SynthJob, at_chance_warning, fill_real_store, make_record, run_distill, run_synth,
+                   train_teacher)
 from .run_report import write_report
 from .settings import DistillSettings, SynthSettings, TeacherSettings, settings_of
 from .spec import Pipeline, PipelineError
@@ -322,8 +323,8 @@ class Runner:
                              model_code=self.p.model_code, **recipe)
             m = run_distill(job, (self.data.test_images, self.data.test_labels))
             for name in m["at_chance"]:
-                self.echo(f"warning: student {name} of distill:{d.name}/{store_name} ended agreeing with its targets at "
-                          "chance: it learned nothing; lower lr, or try optimizer = \"adam\", temperature = 4")
+                self.echo(at_chance_warning(f"{name} of distill:{d.name}/{store_name}",
+                                            'optimizer = "adam", temperature = 4'))
             return {"images": m["images"], "students": {k: {"arch": v["arch"], "parameters": v["parameters"],
                                                          "test_top1": v["final"].get("test_top1")}
                                                      for k, v in m["students"].items()}}

@@ -69,7 +69,7 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
     from ...distill.evaluate import accuracy
     from ...distill.sources import StoreSource, TensorSource
 
-    from ..jobs import DistillJob, run_distill
+    from ..jobs import DistillJob, at_chance_warning, run_distill
     from ..real_data import load_data
 
     t_model, t_spec = None, None
@@ -128,6 +128,5 @@ def _distill(store_path: list[str], kd_data: str | None, students: tuple[str, ..
                f"(each fed to {len(students)} student(s))")
     click.echo(table(rows, ("model", "arch", "parameters", "test top-1 (last epoch)", "train s")))
     for name in metrics["at_chance"]:
-        click.echo(f"warning: student {name} ended agreeing with its targets at chance: it learned nothing; lower --lr, "
-                   "or try --optimizer adam --temperature 4", err=True)
+        click.echo(at_chance_warning(name, "--optimizer adam --temperature 4"), err=True)
     click.echo(f"metrics: {os.path.join(out, 'metrics.json')}")
