@@ -31,9 +31,11 @@ from dfkd import store
 from dfkd.store.report import verify
 from tests.helpers import fill, small_meta
 from tests.kill_at import kill_after
-path, backend, n, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
+import json
+path, backend, n, steps, options = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(","), sys.argv[5]
 kill_after(n, *steps)
-w = store.create_or_resume(path, small_meta(num_samples=40, unit_size=16), resume=True, backend=backend)
+w = store.create_or_resume(path, small_meta(num_samples=40, unit_size=16), resume=True, backend=backend,
+                           **json.loads(options))
 fill(w)
 w.finalize()
 """
@@ -82,11 +84,12 @@ class BackendConformance:
 
     backend: ClassVar[str]
     suffix: ClassVar[str]
+    options: ClassVar[dict] = {}  # the backend's layout options (a Zarr store's chunk_size, ...)
     write_steps: ClassVar[tuple[str, ...]] = ("dfkd.store.toolbox.fs:write_atomic", "dfkd.store.toolbox.fs:rename")
 
     def whole(self, root, name: str = "s") -> str:
         path = str(root / f"{name}{self.suffix}")
-        w = store.create(path, small_meta(**META), backend=self.backend)
+        w = store.create(path, small_meta(**META), backend=self.backend, **self.options)
         fill(w)
         w.finalize()
         return path
@@ -137,9 +140,10 @@ class BackendConformance:
         for n in range(1, calls[0] + 1):
             path = str(tmp_path / f"k{n}{self.suffix}")
             proc = subprocess.run([sys.executable, "-c", _WRITE_KILLED, path, self.backend, str(n),
-                                   ",".join(self.write_steps)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                                   ",".join(self.write_steps), json.dumps(self.options)], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
             assert proc.returncode == KILLED, f"step {n}: {proc.stderr}"
-            w = store.create_or_resume(path, small_meta(**META), resume=True, backend=self.backend)
+            w = store.create_or_resume(path, small_meta(**META), resume=True, backend=self.backend, **self.options)
             fill(w)
             w.finalize()
             r = store.open(path)
@@ -150,7 +154,7 @@ class BackendConformance:
     def test_a_second_writer_is_refused_in_one_line_and_the_first_goes_on(self, tmp_path):
         """Another process opening the store to write (resume, overwrite, append) while this one writes it."""
         path = str(tmp_path / f"s{self.suffix}")
-        first = store.create(path, small_meta(**META), backend=self.backend)
+        first = store.create(path, small_meta(**META), backend=self.backend, **self.options)
         fill(first, units=[0])
         for second in ("store.open_writer(p)", "store.create(p, m, backend=b, overwrite=True)",
                        "store.create_or_resume(p, m, resume=True, backend=b)"):

@@ -10,5 +10,17 @@ class TestZarr(BackendConformance):
     write_steps = ("zarr.storage:LocalStore.set", "dfkd.store.toolbox.fs:write_atomic", "dfkd.store.toolbox.fs:rename")
 
 
+class TestZarrSharded(TestZarr):
+    options = {"chunk_size": 4}  # a unit is one shard of four inner chunks
+
+
+class TestZarrUncompressed(TestZarr):
+    options = {"compressor": "none"}
+
+
 class TestWebDataset(BackendConformance):
     backend, suffix = "webdataset", ".wds"
+
+
+class TestWebDatasetNpy(TestWebDataset):
+    options = {"image_format": "npy"}
