@@ -657,3 +657,23 @@ def test_units_in_flight_is_refused_for_a_method_that_makes_one_unit_at_a_time(t
                                    "--units-in-flight", "2", "--out", str(tmp_path / "n.zarr")])
     assert res.exit_code == 2 and "noise makes one unit at a time" in res.output and "deepinversion" in res.output
     assert not os.path.exists(tmp_path / "n.zarr")
+
+
+def test_a_kill_inside_a_group_in_flight_resumes_to_the_uninterrupted_store(tmp_path):
+    """Killed (no cleanup) after the first unit of the group (0, 1) is written and before the second: the resume
+    makes the group again, writes only unit 1, and the store is the one an uninterrupted run with the same
+    --units-in-flight makes, byte for byte."""
+    teacher_path = str(tmp_path / "t.pt")
+    save_tiny_teacher(teacher_path)
+    args = ["synth", "--teacher", teacher_path, "--method", "deepinversion", "--num-images", "72", "--batch-size", "16",
+            "--iterations", "5", "--units-in-flight", "2", "--views", "2", "--device", "cpu"]
+    killed, whole = str(tmp_path / "killed.zarr"), str(tmp_path / "whole.zarr")
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_at", "1", "dfkd.store.writer:StoreWriter.write_unit",
+                           *args, "--out", killed], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == KILLED, proc.stderr
+    assert store.open(killed).done_units(refresh=True) == [0]
+    assert CliRunner().invoke(cli, args + ["--out", killed, "--resume"]).exit_code == 0
+    assert CliRunner().invoke(cli, args + ["--out", whole]).exit_code == 0
+    a, b = store.open(killed).read(0, 72), store.open(whole).read(0, 72)
+    for field in ("images", "logits", "labels", "views"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
