@@ -21,7 +21,7 @@ def info(path: str) -> dict[str, Any]:
     by_label = np.zeros(m.num_classes + 1, np.int64)  # last slot: label -1
     by_argmax = np.zeros(m.num_classes, np.int64)
     for u in progress(done, desc="counting classes", unit="unit"):
-        logits, labels = reader.backend.read_targets(u)
+        logits, labels = reader.backend.read_targets(u, check=reader.backend.checked)  # unchecked: said, not refused
         by_label += np.bincount(np.where(labels < 0, m.num_classes, labels), minlength=m.num_classes + 1)
         by_argmax += np.bincount(np.asarray(logits, np.float32).argmax(1), minlength=m.num_classes)
     return {
@@ -34,6 +34,7 @@ def info(path: str) -> dict[str, Any]:
         "teacher_argmax_counts": by_argmax.tolist(), "provenance": m.provenance,
         "views": m.views, "view_recipe": m.view_recipe,
         "units_with_views": int((reader.backend.views_done_mask() & reader.done_mask()).sum()),
+        "checksums": reader.backend.checked,
     }
 
 

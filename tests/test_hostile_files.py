@@ -490,7 +490,10 @@ def test_a_store_without_any_checksums_is_unverifiable_until_its_owner_vouches_f
     w = store.create(path, small_meta())
     fill(w)
     w.finalize()
+    assert "checksums    CRC-32" in invoke("store", "info", path).output
     _strip_every_checksum(path)
+    res = invoke("store", "info", path)  # described, with the warning, not refused
+    assert res.exit_code == 0 and "checksums    NONE: its content cannot be verified" in res.output, res.output
     res = invoke("store", "verify", path)
     assert res.exit_code == 1 and "unverifiable: it carries no checksums" in res.output, res.output
     res = invoke("store", "verify", path, "--allow-unchecked")

@@ -47,6 +47,8 @@ def store_info(path: str, as_json: bool) -> None:
         f"labels       {_fmt_counts(d['label_counts'])}" + (f" unlabelled:{d['unlabelled']}" if d["unlabelled"] else ""),
         f"teacher top1 {_fmt_counts(d['teacher_argmax_counts'])}",
         f"base seed    {d['base_seed']}",
+        "checksums    " + ("CRC-32 of every unit's images, logits and labels, kept with its done flag" if d["checksums"]
+                           else "NONE: its content cannot be verified (`dfkd store verify` says what to do)"),
         "views        " + (f"{d['views']} per image ({d['view_recipe']['mode']}, pad {d['view_recipe']['pad']}), "
                             f"{d['units_with_views']}/{d['units_done']} finished units labelled" if d["views"]
                             else "none (add view labels with `dfkd store label`)"),

@@ -90,9 +90,9 @@ class Backend(ABC):
         checksums written with the unit's done flag, unless `check` is False (verify's content checks). Its
         view labels come too where they are written, unless `with_views` is False (then they are not read)."""
 
-    def read_targets(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, labels) of one unit; backends that can skip the images do."""
-        rec = self.read_unit(unit)
+    def read_targets(self, unit: int, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, labels) of one unit, checked as read_unit checks; backends that can skip the images do."""
+        rec = self.read_unit(unit, check=check)
         return rec.logits, rec.labels
 
     @abstractmethod
