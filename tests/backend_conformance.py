@@ -47,8 +47,11 @@ def _files(root: str) -> list[str]:
 
 
 def _damage(path: str, kind: str, outside: str) -> None:
-    """Damage one file of a store: cut it in half, flip a byte in its middle, delete it, or make it a link."""
-    if kind == "truncate":
+    """Damage one file of a store: cut it in half, flip a byte in its middle, swell it to a sparse gigabyte (a few
+    KB on disk, a gigabyte to read), delete it, or make it a link."""
+    if kind == "swell":
+        os.truncate(path, 1 << 30)
+    elif kind == "truncate":
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     elif kind == "flip":
@@ -102,17 +105,19 @@ class BackendConformance:
         assert verify(path).ok
 
     def test_any_file_damaged_any_way_never_reads_as_other_data(self, tmp_path):
-        """Each file of the store cut, flipped, deleted or made a link: a reader (and verify) gives one line, or
-        reads fewer finished units (to be re-made by --resume), but never returns a unit with other content."""
+        """Each file of the store cut, flipped, swollen, deleted or made a link: a reader (and verify) gives one
+        line, or reads fewer finished units (to be re-made by --resume), but never returns a unit with other
+        content, and never allocates more than a few times the store (a swollen file is not read whole)."""
         (tmp_path / "base").mkdir()
         base = self.whole(tmp_path / "base")
         meta = store.open(base).meta
         outcomes = set()
         for i, rel in enumerate(_files(base)):
-            for kind in ("truncate", "flip", "delete", "link"):
+            for kind in ("truncate", "flip", "swell", "delete", "link"):
                 case = str(tmp_path / f"case{i}-{kind}{self.suffix}")
                 shutil.copytree(base, case)
                 _damage(os.path.join(case, rel), kind, str(tmp_path / f"outside{i}-{kind}"))
+                tracemalloc.start()
                 try:
                     r = store.open(case)
                     done = r.done_units()
@@ -123,6 +128,9 @@ class BackendConformance:
                     assert _one_line(exc), f"{rel} {kind}: {exc!r}"
                     outcomes.add("refused")
                 report = verify(case)
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                assert peak < 32 << 20, f"{rel} {kind}: {peak / 2**20:.0f} MiB allocated reading a store of a few KB"
                 assert all("\n" not in p.strip() for p in report.problems), f"{rel} {kind}: {report.problems}"
                 if kind == "link":
                     assert not report.ok, f"{rel} made a link: verify said OK"

@@ -27,13 +27,27 @@ IMAGE_EXTS = set(IMAGE_FORMATS)
 KNOWN_EXTS = IMAGE_EXTS | {"logits.npy", "views.npy", "cls", "json"}
 
 
-def _read(where: str) -> bytes:
-    """One of the store's files, which must be a regular file inside it (never a link, FIFO or device)."""
+META_LIMIT = 64 << 20  # meta.json: the plan and provenance, kilobytes in practice
+
+
+def shard_limit(meta: StoreMeta) -> int:
+    """The most bytes one shard of this plan can take: each sample's image at twice its raw size (PNG of noise
+    grows a little), its logits and view logits at 8 bytes a value, 8 KB of tar headers, padding and JSON."""
+    per_sample = 2 * int(np.prod(meta.image_shape)) + (1 + meta.views) * meta.num_classes * 8 + 8192
+    return meta.unit_size * per_sample + (1 << 20)
+
+
+def _read(where: str, most: int) -> bytes:
+    """One of the store's files, which must be a regular file inside it (never a link, FIFO or device) and no
+    longer than `most` bytes (a sparse file of a few KB on disk can read as gigabytes)."""
     try:
-        return fs.read_bytes(where, regular=True)
+        return fs.read_bytes(where, regular=True, most=most)
     except fs.NotRegularFile as exc:
         raise StoreError(f"{where} is {exc.strerror}; a store holds only regular files: remove it (and finish the "
                          "store with --resume if it was a shard)") from None
+    except fs.TooLarge as exc:
+        raise StoreError(f"{where} is {exc.strerror}; it is damaged or foreign: remove it (and finish the store "
+                         "with --resume if it was a shard)") from None
 
 
 def shard_name(unit: int) -> str:
@@ -159,7 +173,7 @@ class WebDatasetBackend(Backend):
         their checksum. Reads the shard but decodes no image; a damaged shard counts as without."""
         where = fs.join(self.path, shard_name(unit))
         try:
-            for name, data in tar.members(_read(where), where):
+            for name, data in tar.members(_read(where, shard_limit(self.meta)), where):
                 if name.endswith(".json"):
                     doc = json.loads(bytes(data))
                     return isinstance(doc, dict) and "view_checksum" in doc
@@ -182,7 +196,7 @@ class WebDatasetBackend(Backend):
     @classmethod
     def open(cls, path: str, writable: bool = False) -> "WebDatasetBackend":
         try:
-            doc = json.loads(_read(fs.join(path, META_FILE)))
+            doc = json.loads(_read(fs.join(path, META_FILE), META_LIMIT))
         except StoreError:
             raise
         except (OSError, ValueError) as exc:
@@ -236,7 +250,7 @@ class WebDatasetBackend(Backend):
         lo, hi = self.meta.unit_range(unit)
         where = fs.join(self.path, shard_name(unit))
         try:
-            buf = _read(where)
+            buf = _read(where, shard_limit(self.meta))
         except FileNotFoundError:
             raise StoreError(f"{where} is missing: unit {unit} is not written; finish the store with --resume") from None
         n, (c, h, w), k = hi - lo, self.meta.image_shape, self.meta.num_classes

@@ -23,6 +23,48 @@ from ..backend_choices import COMPRESSORS
 ATTR_KEY = "dfkd"
 
 
+META_LIMIT = 64 << 20  # a zarr.json: the plan, provenance and the arrays' metadata, kilobytes in practice
+
+
+def _local_files(path: str) -> dict[str, int]:
+    """Every file under a local store with its size (relative path -> bytes), refusing a link or special file (zarr
+    follows links: a reader would read, a writer write, outside the store) and a zarr.json over META_LIMIT; {} at
+    a URL (object stores have neither links nor sparse files)."""
+    if fs.is_url(path):
+        return {}
+    files, todo = {}, [("", path)]  # one scandir walk: a chunk lies four folders deep, one folder per chunk
+    while todo:
+        rel, folder = todo.pop()
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_symlink() or not (e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)):
+                    raise StoreError(f"{e.path} is a link or special file inside the store; a store holds only "
+                                     "regular files and folders: remove it (and finish the store with --resume)")
+                if e.is_dir(follow_symlinks=False):
+                    todo.append((rel + e.name + os.sep, e.path))
+                    continue
+                files[rel + e.name] = size = e.stat(follow_symlinks=False).st_size
+                if e.name == "zarr.json" and size > META_LIMIT:
+                    raise StoreError(f"{e.path} is {size:,} bytes, more than any store's metadata; the store is "
+                                     "damaged or foreign, re-create it")
+    return files
+
+
+def _check_chunk_files(path: str, group: zarr.Group, files: dict[str, int]) -> None:
+    """Refuse a chunk file larger than its array's chunk (or shard) can be, encoded: zarr reads a chunk file whole,
+    and a sparse file of a few KB on disk can read as gigabytes."""
+    limits = {}
+    for name in group.array_keys():
+        arr = group[name]
+        inner = int(np.prod(arr.shards) // np.prod(arr.chunks)) if arr.shards else 1
+        limits[name] = inner * (int(np.prod(arr.chunks)) * arr.dtype.itemsize + 1024) + 4096  # + codec headers, index
+    for rel, size in files.items():
+        head, _, rest = rel.partition(os.sep)
+        if rest and not rel.endswith("zarr.json") and head in limits and size > limits[head]:
+            raise StoreError(f"{os.path.join(path, rel)} is {size:,} bytes, more than a chunk of '{head}' can be "
+                             f"({limits[head]:,}); it is damaged: delete it and finish the store with --resume")
+
+
 def _codec(name: str) -> Any:
     """The compressor list for zarr's `compressors=` argument."""
     if name not in COMPRESSORS:
@@ -133,6 +175,7 @@ class ZarrBackend(Backend):
 
     @classmethod
     def open(cls, path: str, writable: bool = False) -> "ZarrBackend":
+        files = _local_files(path)  # before zarr reads anything: no links, no metadata file of absurd size
         try:
             group = zarr.open_group(store=path, mode="r+" if writable else "r")
             attrs = dict(group.attrs)
@@ -141,10 +184,7 @@ class ZarrBackend(Backend):
                              "the store is corrupt or foreign, re-create it") from None
         meta = StoreMeta.from_json(attrs.get(ATTR_KEY), path)
         cls._check_layout(path, group, meta)
-        links = fs.links_inside(path)  # zarr follows links: a reader would read (a writer write) outside the store
-        if links:
-            raise StoreError(f"{links[0]} is a link or special file inside the store; a store holds only regular "
-                             "files and folders: remove it (and finish the store with --resume)")
+        _check_chunk_files(path, group, files)
         return cls(path, meta, writable, group)
 
     def audit(self) -> list[tuple[bool, str]]:

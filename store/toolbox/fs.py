@@ -78,16 +78,25 @@ class NotRegularFile(OSError):
     """A path read with `regular=True` is a link, FIFO, device or folder, not a regular file."""
 
 
-def read_bytes(path: str, regular: bool = False) -> bytes:
+class TooLarge(OSError):
+    """A file read with `most=N` is longer than N bytes (nothing of it was held in memory beyond N + 1)."""
+
+
+def read_bytes(path: str, regular: bool = False, most: int | None = None) -> bytes:
     """A whole file; FileNotFoundError when it is absent, as for local files.
 
     With `regular` (a store's own files, which anyone may have made): a local path must itself be a regular file,
     never followed through a link nor opened as a FIFO or device (NotRegularFile), and is read up to the size it
-    had when opened, so such a file can neither point a reader out of the store nor make it read forever."""
+    had when opened, so such a file can neither point a reader out of the store nor make it read forever. With
+    `most`, a file longer than that many bytes is refused (TooLarge) before it is read (a sparse file of a few KB
+    on disk can read as gigabytes)."""
     if not is_url(path):
         if not regular:
             with open(path, "rb") as f:
-                return f.read()
+                data = f.read() if most is None else f.read(most + 1)
+            if most is not None and len(data) > most:
+                raise TooLarge(errno.EFBIG, f"larger than the {most:,} bytes it can hold", path)
+            return data
         try:  # no O_NOFOLLOW (Windows): the fstat below still refuses what is not a regular file
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:
@@ -98,9 +107,16 @@ def read_bytes(path: str, regular: bool = False) -> bytes:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise NotRegularFile(errno.EINVAL, "not a regular file (a FIFO, device or folder)", path)
+            if most is not None and st.st_size > most:
+                raise TooLarge(errno.EFBIG, f"{st.st_size:,} bytes, larger than the {most:,} it can hold", path)
             return f.read(st.st_size)
     fs, p = _fs(path)
-    return fs.cat_file(p)
+    if most is None:
+        return fs.cat_file(p)
+    data = fs.cat_file(p, start=0, end=most + 1)  # one request, and never more than the limit held
+    if len(data) > most:
+        raise TooLarge(errno.EFBIG, f"larger than the {most:,} bytes it can hold", path)
+    return data
 
 
 def links_inside(path: str, most: int = 3) -> list[str]:
