@@ -145,10 +145,16 @@ def _section(cls: type, raw: Any, where: str) -> Any:
         raise PipelineError(f"{where} key '{e.key}' {e.reason}") from None
 
 
+PIPELINE_FILE_LIMIT = 1 << 20  # the shipped Fashion-MNIST pipeline, every method and setting, is 10 KB
+
+
 def load_pipeline(path: str) -> Pipeline:
     """Parse and validate a pipeline file; every problem is one line naming file, section and key."""
     if not os.path.isfile(path):
         raise PipelineError(f"pipeline file {path} does not exist; see pipelines/demo.toml for an example")
+    size = os.path.getsize(path)
+    if size > PIPELINE_FILE_LIMIT:  # a sparse file of a few KB on disk read as 3 GB, and parsing took 6.6 GB
+        raise PipelineError(f"{path} is {size:,} bytes; a pipeline file is a few KB of TOML: is it the right file?")
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)

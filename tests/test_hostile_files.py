@@ -510,3 +510,28 @@ def test_a_store_without_any_checksums_is_unverifiable_until_its_owner_vouches_f
     assert res.exit_code == 0, res.output
     assert invoke("store", "verify", checked).exit_code == 0
     np.testing.assert_array_equal(store.open(checked).read(0, 100).images, store.open(path).read(0, 100, check=False).images)
+
+
+def test_a_swollen_checkpoint_or_pipeline_file_is_refused_without_being_read(tmp_path):
+    """Sparse files (a few KB on disk, gigabytes to read): a 3 GB checkpoint took 3.5 GB of memory before its
+    'cannot be read' line, a 3 GB pipeline file 6.6 GB before 'not valid TOML'."""
+    import subprocess
+    import sys
+
+    from tests.synth_helpers import save_tiny_teacher
+
+    t = str(tmp_path / "t.pt")
+    save_tiny_teacher(t)
+    os.truncate(t, 4 << 30)
+    code = ("import resource, sys\nfrom dfkd.distill.checkpoint import load_model\nfrom dfkd import DfkdError\n"
+            "try:\n    load_model(sys.argv[1], 'teacher')\nexcept DfkdError as e:\n    print(e)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", code, t], capture_output=True, text=True, timeout=120).stdout
+    line, peak_kib = out.strip().splitlines()
+    assert "cannot be read as a checkpoint" in line
+    assert int(peak_kib) < 2 << 20, f"{int(peak_kib) >> 10} MiB to refuse a 4 GiB sparse checkpoint"
+    toml = tmp_path / "p.toml"
+    toml.write_text('[run]\nname = "x"\n')
+    os.truncate(toml, 3 << 30)
+    res = invoke("run", str(toml), "--dry-run")
+    assert res.exit_code == 2 and "a pipeline file is a few KB of TOML" in res.output, res.output

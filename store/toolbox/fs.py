@@ -185,12 +185,18 @@ def save_torch(obj: Any, path: str) -> None:
 
 
 def load_torch(path: str, map_location: Any = "cpu") -> Any:
-    """torch.load(weights_only=True) of a local path or fsspec URL: tensors and plain values only, never code."""
+    """torch.load(weights_only=True) of a local path or fsspec URL: tensors and plain values only, never code. A
+    local file is read by torch from its path, which reads the zip's directory first, so a file swollen with zeros
+    (sparse: a few KB on disk, gigabytes to read) is refused without being read; a FIFO or device, never opened."""
     import io
 
     import torch
 
-    return torch.load(io.BytesIO(read_bytes(path)), map_location=map_location, weights_only=True)
+    if is_url(path):
+        return torch.load(io.BytesIO(read_bytes(path)), map_location=map_location, weights_only=True)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotRegularFile(errno.EINVAL, "not a regular file (a FIFO, device or folder)", path)
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def rename(src: str, dst: str) -> None:
