@@ -150,6 +150,19 @@ def _folder_pixels(paths: list[str]) -> np.ndarray:
     return np.ascontiguousarray(x[:, :1]) if gray else x
 
 
+def _refuse_folder_loops(root: str) -> None:
+    """Refuse a folder reached twice through links (one leading back up, or two class folders onto one): torchvision
+    walks a dataset following links, so two links to `..` made it walk forever, and a link into another class's
+    folder gave that class's images a second label."""
+    seen: dict[str, str] = {}
+    for folder, _, _ in os.walk(root, followlinks=True):  # top-down: a folder is seen before anything under it
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DataError(f"{folder} is {seen[real]} again, through a link: a dataset folder must not reach a "
+                            "folder twice (a link loop, or two classes sharing images); remove the link")
+        seen[real] = folder
+
+
 def image_folder(path: str) -> RealData:
     """An ImageFolder tree with train/ and test/ (or val/) subfolders of class folders; images of one size.
     Gray images stay one channel; the default augmentation is FOLDER_AUGMENT."""
@@ -161,6 +174,7 @@ def image_folder(path: str) -> RealData:
         raise DataError(f"{path} needs train/ and test/ (or val/) subfolders, each with one folder per class")
 
     def listing(d: str) -> tuple[list[str], np.ndarray, list[str]]:
+        _refuse_folder_loops(d)
         try:
             ds = torchvision.datasets.ImageFolder(d)  # the class folders and the files in them; nothing decoded
         except (FileNotFoundError, RuntimeError):  # torchvision's words for no class folders or no image files

@@ -55,3 +55,28 @@ def test_a_file_that_is_no_image_is_named_in_one_line(tmp_path):
     (tmp_path / "train" / "a" / "9.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"cannot read .*9.png as an image .*; remove or replace it"):
         load_data(path)
+
+
+def test_link_loops_and_shared_class_folders_are_refused_in_one_line_and_outside_links_work(tmp_path):
+    """Two links to `..` in a class folder made torchvision's walk run forever (a hang in train-teacher, record,
+    distill --kd-data/--eval); a link into another class's folder gave its images a second label."""
+    import os
+    import subprocess
+    import sys
+
+    gray = lambda k, i: Image.fromarray(_pixels(k, i, 1), mode="L")
+    loop = _tree(tmp_path / "loop", gray)
+    os.symlink("..", os.path.join(loop, "train", "a", "up"))
+    os.symlink("..", os.path.join(loop, "train", "a", "up2"))
+    code = ("import sys\nfrom dfkd.pipelines.real_data import DataError, load_data\n"
+            "try:\n    load_data(sys.argv[1])\nexcept DataError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, loop], capture_output=True, text=True, timeout=120).stdout
+    assert "is " in out and "again, through a link" in out and out.count("\n") == 1, out
+    shared = _tree(tmp_path / "shared", gray)
+    os.symlink(os.path.join(shared, "train", "b"), os.path.join(shared, "train", "a", "more"))
+    with pytest.raises(DataError, match="again, through a link"):
+        load_data(shared)
+    outside = _tree(tmp_path / "outside", gray)  # a class folder that is a link to images kept elsewhere: fine
+    os.rename(os.path.join(outside, "train", "b"), str(tmp_path / "kept-b"))
+    os.symlink(str(tmp_path / "kept-b"), os.path.join(outside, "train", "b"))
+    assert len(load_data(outside).train_images) == 6
