@@ -162,6 +162,8 @@ def load_pipeline(path: str) -> Pipeline:
         raise PipelineError(f"{path}: not valid TOML ({e})") from None
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not valid TOML (not UTF-8 text: byte {e.object[e.start]:#04x} at {e.start})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively: 50,000 '[' took it past the stack
+        raise PipelineError(f"{path}: values nested too deeply to be a pipeline file") from None
     allowed = {"run", "data", "teacher", "synth", "distill"}
     unknown = sorted(set(raw) - allowed)
     if unknown:

@@ -94,7 +94,7 @@ def _read_lease(where: str) -> dict | None:
     """The lease at `where`, or None where there is none (or only an unreadable one, which binds nobody)."""
     try:
         lease = json.loads(fs.read_bytes(where, most=1 << 16))
-    except (FileNotFoundError, fs.TooLarge, ValueError, UnicodeDecodeError):
+    except (FileNotFoundError, fs.TooLarge, ValueError, RecursionError):
         return None
     ok = isinstance(lease, dict) and isinstance(lease.get("expires"), (int, float)) and "token" in lease
     return lease if ok else None

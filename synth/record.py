@@ -77,10 +77,16 @@ class TeacherStats:
             raise RecordError(f"{path} cannot be read as a safetensors record ({type(exc).__name__}); re-create it with dfkd record") from None
         if meta.get("format") != FORMAT:
             raise RecordError(f"{path} is not a dfkd record (no '{FORMAT}' metadata); make one with dfkd record")
-        layers = json.loads(meta["layers"])
-        pick = lambda suffix: {l: tensors[f"{l}/{suffix}"] for l in layers if f"{l}/{suffix}" in tensors}
-        return cls(meta["teacher_fingerprint"], layers, pick("mean"), pick("var"), pick("amplitude"),
-                   pick("class_amplitude"), int(meta.get("num_images", 0)), meta.get("data", ""))
+        try:
+            layers = json.loads(meta["layers"])
+            if not isinstance(layers, list) or not all(isinstance(l, str) for l in layers):
+                raise ValueError("layers is not a list of layer paths")
+            pick = lambda suffix: {l: tensors[f"{l}/{suffix}"] for l in layers if f"{l}/{suffix}" in tensors}
+            return cls(meta["teacher_fingerprint"], layers, pick("mean"), pick("var"), pick("amplitude"),
+                       pick("class_amplitude"), int(meta.get("num_images", 0)), meta.get("data", ""))
+        except (KeyError, ValueError, TypeError, RecursionError) as exc:
+            raise RecordError(f"{path} has damaged dfkd record metadata ({type(exc).__name__}: {exc}); re-create it "
+                              "with dfkd record") from None
 
     def check_teacher(self, fp: str, where: str) -> None:
         """Refuse a record made with another teacher."""

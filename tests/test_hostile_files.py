@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from dfkd import store
@@ -535,3 +536,38 @@ def test_a_swollen_checkpoint_or_pipeline_file_is_refused_without_being_read(tmp
     os.truncate(toml, 3 << 30)
     res = invoke("run", str(toml), "--dry-run")
     assert res.exit_code == 2 and "a pipeline file is a few KB of TOML" in res.output, res.output
+
+
+def test_values_nested_past_the_stack_are_one_line(tmp_path):
+    """JSON or TOML nested 50,000 deep (a few hundred KB) raised RecursionError tracebacks: from a WebDataset
+    meta.json or shard member and from a pipeline file; a record's layer list is checked too."""
+    deep = "[" * 50000 + "]" * 50000
+    path = str(tmp_path / "s.wds")
+    fill(store.create(path, small_meta()))
+    meta = open(os.path.join(path, "meta.json")).read()
+    open(os.path.join(path, "meta.json"), "w").write(meta.replace('"provenance": {', '"provenance": {"x": ' + deep + ", ", 1))
+    with pytest.raises(store.StoreError, match="meta.json cannot be read .RecursionError") as e:
+        store.open(path)
+    assert "\n" not in str(e.value)
+    path = str(tmp_path / "t.wds")
+    fill(store.create(path, small_meta()))
+    shard = os.path.join(path, "shard-000001.tar")
+    members = [(n, bytes(d)) for n, d in tar.members(open(shard, "rb").read(), shard)]
+    first = next(i for i, (n, _) in enumerate(members) if n.endswith(".json"))  # the shard's done record
+    members[first] = (members[first][0], deep.encode())
+    open(shard, "wb").write(tar.pack(members))
+    with pytest.raises(store.StoreError, match="cannot be decoded .RecursionError"):
+        store.open(path).read(16, 32)
+    toml = tmp_path / "p.toml"
+    toml.write_text("[run]\nname = " + deep + "\n")
+    res = invoke("run", str(toml), "--dry-run")
+    assert res.exit_code == 2 and "nested too deeply" in res.output and "Traceback" not in res.output, res.output
+    from safetensors.torch import save_file
+
+    from dfkd.synth.record import RecordError, TeacherStats
+
+    rec = str(tmp_path / "r.safetensors")
+    for layers in (deep, "7", "[1, 2]"):
+        save_file({"x": torch.zeros(1)}, rec, metadata={"format": "dfkd-record", "layers": layers, "teacher_fingerprint": "f"})
+        with pytest.raises(RecordError, match="damaged dfkd record metadata"):
+            TeacherStats.load(rec)

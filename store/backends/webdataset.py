@@ -177,7 +177,7 @@ class WebDatasetBackend(Backend):
                 if name.endswith(".json"):
                     doc = json.loads(bytes(data))
                     return isinstance(doc, dict) and "view_checksum" in doc
-        except (OSError, ValueError, StoreError):
+        except (OSError, ValueError, RecursionError, StoreError):  # json nested past the stack: damaged too
             pass
         return False
 
@@ -199,8 +199,9 @@ class WebDatasetBackend(Backend):
             doc = json.loads(_read(fs.join(path, META_FILE), META_LIMIT))
         except StoreError:
             raise
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{path}/{META_FILE} cannot be read ({exc}); the store is corrupt, re-create it") from None
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested past the stack
+            raise StoreError(f"{path}/{META_FILE} cannot be read ({type(exc).__name__}: {exc}); the store is corrupt, "
+                             "re-create it") from None
         if not isinstance(doc, dict):
             raise StoreError(f"{path} is not a dfkd store ({META_FILE} is not a JSON object)")
         meta = StoreMeta.from_json(doc.get("dfkd"), path)
@@ -301,7 +302,7 @@ class WebDatasetBackend(Backend):
                     expected_views = doc.get("view_checksum") if isinstance(doc, dict) else None
             except StoreError:
                 raise
-            except (OSError, ValueError, SyntaxError) as exc:  # PIL and np.load report bad bytes this way
+            except (OSError, ValueError, SyntaxError, RecursionError) as exc:  # PIL, np.load, json: bad bytes
                 raise StoreError(f"{where}: member {name!r} cannot be decoded ({type(exc).__name__}: {exc}); "
                                  "the shard is corrupt, delete it and finish the store with --resume") from None
         if not seen.all():
