@@ -273,7 +273,6 @@ def test_one_writer_per_store_and_a_killed_writer_leaves_no_stale_lock(tmp_path,
     import signal
     import subprocess
     import sys
-    import time
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dfkd import store; "
                                f"w = store.open_writer({wds_store!r}); print('held', flush=True); time.sleep(60)"],
@@ -437,17 +436,21 @@ def test_a_synthesis_whose_loss_becomes_nan_says_so_and_writes_nothing_of_that_u
     assert not store.open(out).done_mask().any()
 
 
-@pytest.mark.parametrize("chunk_size", [None, 8])  # one chunk a unit, or a shard of two inner chunks
-def test_a_compressed_chunk_declaring_gigabytes_is_refused_before_decoding(tmp_path, chunk_size):
-    """A 336-byte Zarr chunk whose Blosc header was damaged to declare 1.8 GB made every reader allocate it."""
-    path = str(tmp_path / "s.zarr")
+@pytest.mark.parametrize("where,chunk_size", [("local", None), ("local", 8), ("url", None), ("url", 8)])
+def test_a_compressed_chunk_declaring_gigabytes_is_refused_before_decoding(tmp_path, where, chunk_size):
+    """A 336-byte Zarr chunk whose Blosc header was damaged to declare 1.8 GB made every reader allocate it; the
+    check is on the bytes zarr fetched, so a store at a URL (memory:// here) gets it too; chunk_size 8: a shard of
+    two inner chunks."""
+    import uuid
+
+    path = str(tmp_path / "s.zarr") if where == "local" else f"memory://bomb-{uuid.uuid4().hex}/s.zarr"
     w = store.create(path, small_meta(num_samples=40, unit_size=16), chunk_size=chunk_size)
     fill(w)
     w.finalize()
-    chunk = os.path.join(path, "logits", "c", "1", "0")
-    data = bytearray(open(chunk, "rb").read())
+    chunk = fs.join(path, "logits", "c", "1", "0")
+    data = bytearray(fs.read_bytes(chunk))
     data[4:8] = (2**31 - 1).to_bytes(4, "little")  # the first (inner) chunk's declared decoded size
-    open(chunk, "wb").write(bytes(data))
+    fs.write_atomic(chunk, bytes(data))
     with pytest.raises(store.StoreError, match="unit 1 cannot be decoded .its logits chunk declares 2147483647 bytes") as e:
         store.open(path).read(16, 32)
     assert "\n" not in str(e.value)

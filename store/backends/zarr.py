@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.abc.store import SuffixByteRequest
 from zarr.codecs import BloscCodec
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ..toolbox import fs
 from ..toolbox.errors import StoreError
@@ -65,6 +67,68 @@ def _check_chunk_files(path: str, group: zarr.Group, files: dict[str, int]) -> N
                              f"({limits[head]:,}); it is damaged: delete it and finish the store with --resume")
 
 
+class _BoundedStore(WrapperStore):
+    """The store as zarr reads it, each compressed chunk's Blosc header checked against the chunk's size before zarr
+    decodes it: the codec allocates what a header declares (a damaged 336-byte chunk asked for 1.8 GB). The check
+    reads nothing more (the bytes zarr fetched), so it holds at a local path and at a URL alike; a shard's inner
+    chunks are found through its index. `limits`: array name -> (decoded bytes of one chunk, chunks per shard)."""
+
+    def __init__(self, store: Any, limits: dict[str, tuple[int, int]] | None = None) -> None:
+        super().__init__(store)
+        self.limits = {} if limits is None else limits
+
+    def _with_store(self, store: Any) -> "_BoundedStore":
+        return type(self)(store, self.limits)
+
+    def _check(self, key: str, buf: Any, byte_range: Any) -> None:
+        name, _, rest = key.partition("/")
+        if buf is None or name not in self.limits or not rest.startswith("c") or isinstance(byte_range, SuffixByteRequest):
+            return  # not a compressed data chunk, or a shard's index
+        decoded, inner = self.limits[name]
+        data = buf.as_numpy_array().view(np.uint8).reshape(-1)
+        spans = [(0, len(data))]
+        if inner > 1 and byte_range is None:  # a whole shard: its inner chunks through the index at its end
+            index = data[len(data) - inner * 16 - 4:len(data) - 4] if len(data) >= inner * 16 + 4 else data[:0]
+            spans = index.view("<u8").reshape(-1, 2).tolist() if len(index) == inner * 16 else []
+        for offset, length in spans:
+            if length < 16 or offset + length > len(data):
+                continue  # cut short or outside the shard: the decoder refuses it, allocating nothing
+            head = data[offset:offset + 16].tobytes()
+            nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
+            if nbytes > decoded or cbytes > length:
+                raise StoreError(f"its {name} chunk declares {nbytes} bytes where it holds {decoded}")
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        buf = await self._store.get(key, prototype, byte_range)
+        self._check(key, buf, byte_range)
+        return buf
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+        key_ranges = list(key_ranges)
+        bufs = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, byte_range), buf in zip(key_ranges, bufs):
+            self._check(key, buf, byte_range)
+        return bufs
+
+
+def _chunk_limits(group: zarr.Group) -> dict[str, tuple[int, int]]:
+    """For each compressed array: the decoded bytes of one chunk and the chunks in one shard."""
+    out = {}
+    for name in group.array_keys():
+        arr = group[name]
+        if arr.compressors:
+            out[name] = (int(np.prod(arr.chunks)) * arr.dtype.itemsize,
+                         int(np.prod(arr.shards) // np.prod(arr.chunks)) if arr.shards else 1)
+    return out
+
+
+def _open_bounded(path: str, writable: bool, **kwargs: Any) -> zarr.Group:
+    """zarr.open_group through a _BoundedStore (its limits set once the layout is known)."""
+    inner = (FsspecStore.from_url(path, read_only=not writable) if fs.is_url(path) else
+             LocalStore(path, read_only=not writable))
+    return zarr.open_group(store=_BoundedStore(inner), mode="r+" if writable else "r", **kwargs)
+
+
 def _codec(name: str) -> Any:
     """The compressor list for zarr's `compressors=` argument."""
     if name not in COMPRESSORS:
@@ -102,7 +166,6 @@ class ZarrBackend(Backend):
         self.view_done = self.group["view_done"] if has else None
         self._vsums: np.ndarray | None = None
         self._vdone: np.ndarray | None = None
-        self._layouts: dict[str, tuple[bool, int, int]] = {}  # per array: compressed, decoded chunk bytes, inner chunks
 
     @classmethod
     def recognizes(cls, path: str) -> bool:
@@ -169,7 +232,8 @@ class ZarrBackend(Backend):
         self._create_view_arrays(self.group, meta)
         self.group.attrs[ATTR_KEY] = meta.to_json()  # after the arrays: a kill leaves the old metadata, no views
         self.meta = meta
-        self.group = zarr.open_group(store=self.path, mode="r+", use_consolidated=False)  # sees the new arrays
+        self.group = _open_bounded(self.path, True, use_consolidated=False)  # sees the new arrays
+        self.group.store.limits.update(_chunk_limits(self.group))
         self._bind_views()
         self.finalize()
 
@@ -177,7 +241,7 @@ class ZarrBackend(Backend):
     def open(cls, path: str, writable: bool = False) -> "ZarrBackend":
         files = _local_files(path)  # before zarr reads anything: no links, no metadata file of absurd size
         try:
-            group = zarr.open_group(store=path, mode="r+" if writable else "r")
+            group = _open_bounded(path, writable)
             attrs = dict(group.attrs)
         except Exception as exc:  # zarr raises many types for unreadable metadata
             raise StoreError(f"{path} cannot be opened as a Zarr group ({type(exc).__name__}: {exc}); "
@@ -185,6 +249,7 @@ class ZarrBackend(Backend):
         meta = StoreMeta.from_json(attrs.get(ATTR_KEY), path)
         cls._check_layout(path, group, meta)
         _check_chunk_files(path, group, files)
+        group.store.limits.update(_chunk_limits(group))
         return cls(path, meta, writable, group)
 
     def audit(self) -> list[tuple[bool, str]]:
@@ -253,14 +318,13 @@ class ZarrBackend(Backend):
                       check: bool = True) -> list[np.ndarray]:
         """One unit's blocks of `arrays`, refused when they do not match the checksums written with its flag."""
         lo, hi = self.meta.unit_range(unit)
-        for a in arrays:
-            self._check_declared_sizes(a, unit)
         try:
             parts = self._read_together(lo, hi, arrays)
             expected = self._expected(unit)
         except Exception as exc:
-            raise StoreError(f"{self.path}: unit {unit} cannot be decoded ({type(exc).__name__}: {exc}); the chunk "
-                             "is damaged, rerun the synthesis with --resume to re-make it") from None
+            why = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"  # ours says it all
+            raise StoreError(f"{self.path}: unit {unit} cannot be decoded ({why}); the chunk is damaged, rerun the "
+                             "synthesis with --resume to re-make it") from None
         if check and expected is None:
             raise unchecked_error(self.path)
         if check:
@@ -269,40 +333,6 @@ class ZarrBackend(Backend):
             if bad:
                 raise mismatch_error(self.path, self.meta, unit, bad)
         return parts
-
-    def _check_declared_sizes(self, array: zarr.Array, unit: int) -> None:
-        """Refuse a unit's compressed chunk whose Blosc header declares more decoded bytes than the chunk holds: the
-        codec allocates what the header says before decoding (a damaged 336-byte chunk asked for 1.8 GB). Local
-        stores; a shard's inner chunks are found through its index."""
-        if array.path not in self._layouts:  # what the check needs of the array, once
-            self._layouts[array.path] = (not fs.is_url(self.path) and bool(array.compressors),
-                                         int(np.prod(array.chunks)) * array.dtype.itemsize,
-                                         int(np.prod(array.shards) // np.prod(array.chunks)) if array.shards else 1)
-        compressed, decoded, inner = self._layouts[array.path]
-        if not compressed:
-            return
-        file = os.path.join(self.path, array.path, *array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))
-                            .split("/"))
-        try:
-            size = os.path.getsize(file)
-        except OSError:
-            return  # no chunk file: zarr reads the fill value, and the unit's checksums say the rest
-        with open(file, "rb") as f:
-            spans = [(0, size)]
-            if inner > 1:
-                f.seek(max(0, size - inner * 16 - 4))
-                index = np.frombuffer(f.read(inner * 16), "<u8")
-                spans = [(int(o), int(n)) for o, n in index.reshape(-1, 2)] if len(index) == inner * 2 else []
-            for offset, length in spans:
-                if offset + length > size or length < 16:
-                    continue  # cut short or outside the shard: the decoder refuses it, allocating nothing
-                f.seek(offset)
-                head = f.read(16)
-                nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
-                if nbytes > decoded or cbytes > length:
-                    raise StoreError(f"{self.path}: unit {unit} cannot be decoded (its {array.basename} chunk declares "
-                                     f"{nbytes} bytes where it holds {decoded}); the chunk is damaged, rerun the "
-                                     "synthesis with --resume to re-make it")
 
     def _expected(self, unit: int) -> np.ndarray | None:
         """The checksums written with `unit`'s flag; the table is re-read only for a unit not in the cached one
@@ -333,7 +363,6 @@ class ZarrBackend(Backend):
 
     def read_views(self, unit: int, check: bool = True) -> np.ndarray:
         lo, hi = self.meta.unit_range(unit)
-        self._check_declared_sizes(self.view_logits, unit)
         try:
             views = np.asarray(self.view_logits[lo:hi])
             if self._vsums is None or not self._vsums[unit]:
