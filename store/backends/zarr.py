@@ -52,14 +52,20 @@ def _local_files(path: str) -> dict[str, int]:
     return files
 
 
-def _check_chunk_files(path: str, group: zarr.Group, files: dict[str, int]) -> None:
-    """Refuse a chunk file larger than its array's chunk (or shard) can be, encoded: zarr reads a chunk file whole,
-    and a sparse file of a few KB on disk can read as gigabytes."""
-    limits = {}
+def _chunk_sizes(group: zarr.Group) -> dict[str, tuple[int, int, bool]]:
+    """Each array's decoded bytes of one chunk, chunks in one shard (1 unsharded), and whether it is compressed."""
+    out = {}
     for name in group.array_keys():
         arr = group[name]
-        inner = int(np.prod(arr.shards) // np.prod(arr.chunks)) if arr.shards else 1
-        limits[name] = inner * (int(np.prod(arr.chunks)) * arr.dtype.itemsize + 1024) + 4096  # + codec headers, index
+        out[name] = (int(np.prod(arr.chunks)) * arr.dtype.itemsize,
+                     int(np.prod(arr.shards) // np.prod(arr.chunks)) if arr.shards else 1, bool(arr.compressors))
+    return out
+
+
+def _check_chunk_files(path: str, sizes: dict[str, tuple[int, int, bool]], files: dict[str, int]) -> None:
+    """Refuse a chunk file larger than its array's chunk (or shard) can be, encoded: zarr reads a chunk file whole,
+    and a sparse file of a few KB on disk can read as gigabytes."""
+    limits = {name: inner * (decoded + 1024) + 4096 for name, (decoded, inner, _) in sizes.items()}  # + headers, index
     for rel, size in files.items():
         head, _, rest = rel.partition(os.sep)
         if rest and not rel.endswith("zarr.json") and head in limits and size > limits[head]:
@@ -111,15 +117,9 @@ class _BoundedStore(WrapperStore):
         return bufs
 
 
-def _chunk_limits(group: zarr.Group) -> dict[str, tuple[int, int]]:
-    """For each compressed array: the decoded bytes of one chunk and the chunks in one shard."""
-    out = {}
-    for name in group.array_keys():
-        arr = group[name]
-        if arr.compressors:
-            out[name] = (int(np.prod(arr.chunks)) * arr.dtype.itemsize,
-                         int(np.prod(arr.shards) // np.prod(arr.chunks)) if arr.shards else 1)
-    return out
+def _header_limits(sizes: dict[str, tuple[int, int, bool]]) -> dict[str, tuple[int, int]]:
+    """_BoundedStore's limits: (decoded bytes of one chunk, chunks per shard) of each compressed array."""
+    return {name: (decoded, inner) for name, (decoded, inner, compressed) in sizes.items() if compressed}
 
 
 def _open_bounded(path: str, writable: bool, **kwargs: Any) -> zarr.Group:
@@ -233,7 +233,7 @@ class ZarrBackend(Backend):
         self.group.attrs[ATTR_KEY] = meta.to_json()  # after the arrays: a kill leaves the old metadata, no views
         self.meta = meta
         self.group = _open_bounded(self.path, True, use_consolidated=False)  # sees the new arrays
-        self.group.store.limits.update(_chunk_limits(self.group))
+        self.group.store.limits.update(_header_limits(_chunk_sizes(self.group)))
         self._bind_views()
         self.finalize()
 
@@ -248,8 +248,9 @@ class ZarrBackend(Backend):
                              "the store is corrupt or foreign, re-create it") from None
         meta = StoreMeta.from_json(attrs.get(ATTR_KEY), path)
         cls._check_layout(path, group, meta)
-        _check_chunk_files(path, group, files)
-        group.store.limits.update(_chunk_limits(group))
+        sizes = _chunk_sizes(group)
+        _check_chunk_files(path, sizes, files)
+        group.store.limits.update(_header_limits(sizes))
         return cls(path, meta, writable, group)
 
     def audit(self) -> list[tuple[bool, str]]:
