@@ -39,7 +39,7 @@ class TrainError(DfkdError):
 
 @dataclass
 class StudentSpec:
-    """One student: architecture and its optimizer. lr None: the distillation default (DISTILL_LR: 0.02 SGD, 1e-3 Adam)."""
+    """One student: architecture and its optimizer; lr None: the distillation default (DISTILL_LR)."""
 
     arch: str
     optimizer: str = "sgd"

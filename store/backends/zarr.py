@@ -88,8 +88,9 @@ class _BoundedStore(WrapperStore):
 
     def _check(self, key: str, buf: Any, byte_range: Any) -> None:
         name, _, rest = key.partition("/")
-        if buf is None or name not in self.limits or not rest.startswith("c") or isinstance(byte_range, SuffixByteRequest):
-            return  # not a compressed data chunk, or a shard's index
+        index_read = isinstance(byte_range, SuffixByteRequest)  # a shard's index, at its end
+        if buf is None or name not in self.limits or not rest.startswith("c") or index_read:
+            return
         decoded, inner = self.limits[name]
         data = buf.as_numpy_array().view(np.uint8).reshape(-1)
         spans = [(0, len(data))]
