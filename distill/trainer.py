@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     augment: str = "none"
     objective: Objective = field(default_factory=Objective)
+    clip_grad_norm: float = 0.0  # each step's gradient scaled down to this total norm when above it; 0: never
     device: str = "cpu"
     out_dir: str | None = None
     resume: bool = False
@@ -190,6 +191,7 @@ class Trainer:
         c = self.cfg
         return plain({"source": self.source.identity(), "students": [asdict(s.student) for s in self.students],
                       "epochs": c.epochs, "seed": c.seed, "augment": c.augment, "objective": asdict(c.objective),
+                      **({"clip_grad_norm": c.clip_grad_norm} if c.clip_grad_norm else {}),  # runs from before it resume
                       "compute": {"device": self.device.type, "amp": str(self.amp), "world_size": self.world,
                                   **({"cuda_graphs": True} if self.graphs else {})},  # fused optimizers: other rounding
                       "teacher": None if self.teacher is None else weights_fingerprint(self.teacher.state_dict())})
@@ -337,6 +339,9 @@ class Trainer:
             loss = self.cfg.objective(out.float(), teacher, y)
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
+        if self.cfg.clip_grad_norm:  # no host sync: the norm and the scale stay on the device (graph-safe)
+            s.scaler.unscale_(s.optimizer)
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), self.cfg.clip_grad_norm, foreach=True)
         s.scaler.step(s.optimizer)
         s.scaler.update()
         with torch.no_grad():

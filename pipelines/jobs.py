@@ -198,7 +198,7 @@ def distill_trainer(job: DistillJob, evaluation: tuple[torch.Tensor, torch.Tenso
                              views=job.views and teacher is None)
     cfg = TrainConfig(epochs=job.epochs, seed=job.seed, augment=job.augment, device=job.device, out_dir=job.out,
                       resume=job.resume, progress=job.progress, eval_every=job.eval_every or job.epochs,
-                      amp=job.amp, compile=job.compile, cuda_graphs=job.cuda_graphs,
+                      amp=job.amp, compile=job.compile, cuda_graphs=job.cuda_graphs, clip_grad_norm=job.clip_grad_norm,
                       objective=Objective(kd=job.kd, ce_teacher=job.ce_teacher, temperature=job.temperature))
     specs = [StudentSpec(s, job.optimizer, job.peak_lr, weight_decay=job.weight_decay) for s in job.students]
     return Trainer(source, specs, cfg, teacher=teacher, eval_data=evaluation)

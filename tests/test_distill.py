@@ -169,6 +169,42 @@ def test_students_stepped_as_graphs_train_as_without(monkeypatch, digits_store):
             assert rb["train_agreement"] == pytest.approx(ra["train_agreement"], abs=1e-3)
 
 
+def test_a_clipped_step_moves_the_weights_along_the_gradient_by_the_rate_times_the_norm(digits_store):
+    """--clip-grad-norm: the first SGD step (Nesterov, momentum 0.9, no weight decay) moves the weights by 1.9 lr x the
+    clipped gradient, in the direction of the unclipped one; a norm above the gradient's changes nothing."""
+    def first_step(clip: float) -> torch.Tensor:
+        src = StoreSource(digits_store, batch_size=64, seed=1)
+        tr = Trainer(src, [StudentSpec("mlp", lr=0.1, weight_decay=0.0)], TrainConfig(epochs=1, clip_grad_norm=clip))
+        s = tr.students[0]
+        s.sums = [torch.zeros(()), torch.zeros(())]
+        before = torch.cat([p.detach().flatten().clone() for p in s.model.parameters()])
+        images, stored, _ = next(iter(src))
+        x = (images.float() / 255 - torch.tensor(src.mean).view(1, -1, 1, 1)) / torch.tensor(src.std).view(1, -1, 1, 1)
+        tr._step(s, (x, stored.float(), None, stored.argmax(1)))
+        return torch.cat([p.detach().flatten() for p in s.model.parameters()]) - before
+
+    free, clipped, loose = first_step(0.0), first_step(1e-3), first_step(1e6)
+    assert free.norm() > 1.9 * 0.1 * 1e-2  # the gradient is far above the clip, so clipping has something to do
+    assert clipped.norm().item() == pytest.approx(1.9 * 0.1 * 1e-3, rel=1e-4)
+    assert torch.nn.functional.cosine_similarity(clipped, free, dim=0) > 0.9999  # (weights' float32 steps: 1e-8)
+    torch.testing.assert_close(loose, free, rtol=1e-6, atol=1e-9)
+
+
+def test_a_run_resumes_only_with_its_own_gradient_clip(tmp_path, digits_store):
+    """The clip shapes the weights, so it is part of the run's identity (absent when off, as in runs before it)."""
+    def run(clip: float) -> Trainer:
+        return Trainer(StoreSource(digits_store, batch_size=100, seed=5), [StudentSpec("mlp")],
+                       TrainConfig(epochs=2, out_dir=str(tmp_path), resume=True, clip_grad_norm=clip))
+
+    assert "clip_grad_norm" not in run(0.0).identity and run(5.0).identity["clip_grad_norm"] == 5.0
+    first = run(5.0)
+    first.cfg.epochs = 1
+    first.fit()
+    assert run(5.0).start_epoch == 1
+    with pytest.raises(Exception, match="original settings"):
+        run(0.0)
+
+
 class Stop(Exception):
     pass
 
