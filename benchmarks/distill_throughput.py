@@ -6,7 +6,8 @@ a store's view labels (one of 8 stored flip-crop views per image, pixels re-crea
         [--cuda-graphs]
 
 --cuda-graphs (CUDA): the trainer replays each student's step as a CUDA graph, and the floors are captured as
-graphs too (the compute floor, no host in the way).
+graphs too (the compute floor, no host in the way). The trainer clips gradients as `dfkd distill` does by default
+(--clip-grad-norm; 0 off); the floors do not clip.
 
 Teacher LeNet-5-BN and students LeNet-5-half (DAFL), LeNet-5-half (ZSKD), LeNet-5 at 1×28×28, random
 weights and random pixels (speed does not depend on them). Times are medians over epochs after a
@@ -31,11 +32,12 @@ from dfkd.distill.losses import Objective
 from dfkd.distill.models import create_model
 from dfkd.distill.sources import StoreSource, TensorSource
 from dfkd.distill.trainer import StudentSpec, TrainConfig, Trainer
+from dfkd.pipelines.settings import DistillSettings
 
 SHAPE, K = (1, 28, 28), 10
 MEAN, STD = (0.286,), (0.353,)
 STUDENTS = ["lenet5_half", "lenet5_half_zskd", "lenet5"]
-RUN = {"device": "cpu", "amp": "off", "cuda_graphs": False}  # set from the command line
+RUN = {"device": "cpu", "amp": "off", "cuda_graphs": False, "clip_grad_norm": 0.0}  # set from the command line
 
 
 def make_store(path: str, images: np.ndarray, logits: np.ndarray, views: int = 0) -> None:
@@ -135,10 +137,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="off", help="off, auto, bf16 or fp16 (CUDA only)")
     p.add_argument("--cuda-graphs", action="store_true", help="students' steps (and the floors) as CUDA graphs")
+    p.add_argument("--clip-grad-norm", type=float, default=DistillSettings().clip_grad_norm,
+                   help="the trainer's gradient clip (dfkd distill's default; 0 off)")
     p.add_argument("--only", action="append", default=None,
                    help="run only the cases whose name contains this (repeatable; the floors always run)")
     args = p.parse_args()
-    RUN.update(device=args.device, amp=args.amp, cuda_graphs=args.cuda_graphs)
+    RUN.update(device=args.device, amp=args.amp, cuda_graphs=args.cuda_graphs, clip_grad_norm=args.clip_grad_norm)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.num_samples, *SHAPE), dtype=np.uint8)
