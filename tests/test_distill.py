@@ -141,19 +141,25 @@ class EagerGraph:
         self.step(*inputs)
 
 
-def test_students_stepped_as_graphs_train_as_without(monkeypatch, digits_store):
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_students_stepped_as_graphs_train_as_without(monkeypatch, digits_store, clip):
     """What CUDA graphs run, on the CPU: a rate tensor the scheduler writes, fused optimizers, sums on the device,
-    the capture's warm-up undone, other batch sizes eager: the weights and metrics of a run without graphs."""
+    the capture's warm-up undone, other batch sizes eager, a gradient clip: the weights and metrics of a run
+    without graphs."""
     import dfkd.distill.trainer as trainer_module
     import dfkd.store.toolbox.cuda_graph as cuda_graph
 
-    def run(graphs: bool) -> Trainer:
+    def run(graphs: bool, clip: float = clip) -> Trainer:
         tr = Trainer(StoreSource(digits_store, batch_size=96, seed=2), [StudentSpec("lenet5_half"),
-                     StudentSpec("mlp", "adam")], TrainConfig(epochs=2, augment="flip-crop", seed=2, cuda_graphs=graphs))
+                     StudentSpec("mlp", "adam")], TrainConfig(epochs=2, augment="flip-crop", seed=2, cuda_graphs=graphs,
+                                                              clip_grad_norm=clip))
         tr.fit()
         return tr
 
     plain = run(False)
+    if clip:  # the clip bites: both students end elsewhere without it
+        for a, b in zip(plain.students, run(False, 0.0).students):
+            assert not torch.equal(next(a.model.parameters()), next(b.model.parameters())), a.name
     monkeypatch.setattr(trainer_module, "graphs_on", lambda config, *a: config.cuda_graphs)
     monkeypatch.setattr(cuda_graph, "GraphedStep", EagerGraph)
     graphed = run(True)
