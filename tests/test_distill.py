@@ -259,6 +259,19 @@ def test_cli_distill_with_eval_reports_accuracy(tmp_path, digits_store, digits_t
     load_model(str(out / "lenet5_half.pt"))  # a student checkpoint rebuilds from the file alone
     again = invoke("distill", "--store", digits_store, "--student", "mlp", "--epochs", "3", "--out", str(out))
     assert again.exit_code == 2 and "--resume" in again.output
+    assert m["config"]["clip_grad_norm"] == 10.0  # the default clip reaches the trainer
+
+
+def test_cli_clip_grad_norm_reaches_the_trainer_and_zero_turns_it_off(tmp_path, digits_store):
+    for clip in ("2.5", "0"):
+        out = tmp_path / clip
+        res = invoke("distill", "--store", digits_store, "--student", "mlp", "--epochs", "1", "--clip-grad-norm", clip,
+                     "--out", str(out))
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "metrics.json").read_text())["config"]["clip_grad_norm"] == float(clip)
+    res = invoke("distill", "--store", digits_store, "--student", "mlp", "--clip-grad-norm", "-1", "--out",
+                 str(tmp_path / "bad"))
+    assert res.exit_code == 2 and "clip-grad-norm" in res.output
 
 
 def test_eval_every_scores_only_those_epochs_and_trains_the_same(tmp_path, digits_store):
